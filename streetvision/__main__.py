@@ -1,0 +1,3 @@
+from streetvision.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The exported bundle: ``bundle.json`` plus the files it names, all by relative paths with checksums.
+
+:func:`verify_bundle` is what every loader calls first: schema, every checksum and size, and no path that
+is absolute, has a ``..`` component, or is a symlink leading outside the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from streetvision.errors import StreetVisionError
+from streetvision.io.atomic import compute_file_sha256
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_SCHEMA = 1
+POLICY_TYPES = ("threshold",)  # gate and scrc join when their phases exist
+REQUIRED = (
+    "schema_version",
+    "files",
+    "model",
+    "policy",
+    "splits",
+    "backbone",
+    "num_classes",
+    "class_names",
+    "preprocessing",
+    "created_at",
+    "code_version",
+)
+
+
+class BundleError(StreetVisionError):
+    """A bundle is malformed, tampered with, or names a path outside itself."""
+
+
+def safe_member(root: Path, name: str) -> Path:
+    """Resolve ``name`` inside ``root``; refuse absolute paths, ``..`` and links that lead out."""
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{root}: empty or non-string path {name!r} in {BUNDLE_FILE}")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or name.startswith("\\") or ":" in pure.parts[0]:
+        raise BundleError(f"{root}: absolute path {name!r} in {BUNDLE_FILE}; bundles use relative paths")
+    if ".." in pure.parts:
+        raise BundleError(f"{root}: path {name!r} in {BUNDLE_FILE} has a '..' component")
+    target = (root / pure).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise BundleError(f"{root}: {name!r} is a link that leads outside the bundle (to {target})")
+    return target
+
+
+def referenced_paths(bundle: dict[str, Any]) -> list[str]:
+    """Every path the bundle names, wherever it names it."""
+    return [bundle["model"]["weights"], bundle["model"]["config"], bundle["policy"]["file"], bundle["splits"]]
+
+
+def load_bundle_json(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / BUNDLE_FILE
+    if not path.is_file():
+        raise BundleError(f"{root}: no {BUNDLE_FILE}; not a StreetVision bundle")
+    try:
+        bundle = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in REQUIRED if k not in bundle]
+    if missing:
+        raise BundleError(f"{path}: missing field(s) {', '.join(missing)}")
+    if bundle["schema_version"] != BUNDLE_SCHEMA:
+        raise BundleError(f"{path}: unsupported schema_version {bundle['schema_version']!r}")
+    if bundle["policy"].get("type") not in POLICY_TYPES:
+        raise BundleError(f"{path}: unknown policy type {bundle['policy'].get('type')!r}")
+    return bundle
+
+
+def verify_bundle(root: str | Path) -> dict[str, Any]:
+    """Return ``bundle.json`` of an intact bundle, or raise naming the first offending entry."""
+    root = Path(root)
+    bundle = load_bundle_json(root)
+    files = bundle["files"]
+    for name in referenced_paths(bundle):
+        if name not in files:
+            raise BundleError(f"{root}: {name!r} is used but has no checksum in {BUNDLE_FILE}")
+    for name, meta in files.items():
+        target = safe_member(root, name)
+        if not target.is_file():
+            raise BundleError(f"{root}: {name}: missing")
+        if target.stat().st_size != meta.get("size"):
+            raise BundleError(
+                f"{root}: {name}: size {target.stat().st_size} != {meta.get('size')} in {BUNDLE_FILE}"
+            )
+        if compute_file_sha256(target) != meta.get("sha256"):
+            raise BundleError(f"{root}: {name}: sha256 differs from {BUNDLE_FILE}")
+    return bundle

@@ -1,0 +1,132 @@
+"""Command line: ``python -m streetvision <step> [--flags] [key=value ...]``.
+
+The only module that parses arguments. Step modules are imported only when their subcommand runs, so
+``--help``, ``verify`` and the torch-free phases never import torch. Bad input exits non-zero with one line on
+stderr; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from streetvision import __version__
+from streetvision.errors import StreetVisionError
+
+EXIT_BAD_INPUT = 2
+
+
+def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file (repeatable)")
+    p.add_argument(
+        "--executor-input",
+        default=None,
+        metavar="JSON",
+        help="KFP executor input ({{$}}); the step then writes the executor output for the Kubeflow UI",
+    )
+    p.add_argument("--run-id", default=None, help="run id recorded in the manifest")
+    if overrides:
+        p.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lr=0.001"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streetvision",
+        description="StreetVision: crash-safe training, calibration and export of a roadwork classifier.",
+    )
+    parser.add_argument("--version", action="version", version=f"streetvision {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo-data", help="generate the deterministic demo dataset (JPEGs + labels.csv)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=240, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=96, help="image side in pixels")
+
+    p = sub.add_parser("make-splits", help="phase 0: stratified train/val_select/val_calib/val_test splits")
+    p.add_argument("--dataset", required=True, help="dataset folder or s3:// prefix holding labels.csv")
+    p.add_argument("--out", required=True)
+    _common(p)
+
+    p = sub.add_parser("train-baseline", help="phase 1: train the timm + Lightning classifier")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--splits", required=True, help="make_splits output directory or URI")
+    p.add_argument("--out", required=True)
+    _common(p)
+
+    p = sub.add_parser("sweep-thresholds", help="phase 2: exact threshold sweep, max-MCC policy, report")
+    p.add_argument("--phase1", required=True, help="train_baseline output directory or URI")
+    p.add_argument("--out", required=True)
+    _common(p)
+
+    p = sub.add_parser("export-bundle", help="phase 6: export a verified, portable bundle")
+    p.add_argument("--phase1", required=True)
+    p.add_argument("--policy", required=True, help="policy step output (e.g. sweep_thresholds)")
+    p.add_argument("--splits", required=True)
+    p.add_argument("--out", required=True)
+    _common(p)
+
+    p = sub.add_parser("verify", help="verify a step directory or bundle (local or s3://) by its checksums")
+    p.add_argument("path")
+
+    p = sub.add_parser("predict", help="classify images with an exported bundle (JSON line per image)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument(
+        "--served-probability",
+        action="store_true",
+        help="also print a probability remapped so the policy threshold lands on 0.5",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+
+    p = sub.add_parser("run", help="run the default pipeline locally (demo data when no dataset is given)")
+    p.add_argument("--out", default="runs/local", help="output folder or s3:// prefix")
+    p.add_argument("--dataset", default=None, help="dataset folder or s3:// prefix (default: demo data)")
+    p.add_argument("--force", action="store_true", help="re-run every step even when committed")
+    _common(p)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "verify":
+        from streetvision.verify import verify_path
+
+        print(json.dumps(verify_path(args.path)))
+        return 0
+    if cmd == "demo-data":
+        from streetvision.data.demo import write_demo_dataset
+
+        path = write_demo_dataset(args.out, n=args.n, seed=args.seed, size=args.size)
+        print(f"wrote {args.n} images and labels.csv to {path}")
+        return 0
+    if cmd == "predict":
+        from streetvision.predict import predict_cli
+
+        return predict_cli(args.bundle, args.images, served=args.served_probability)
+    if cmd == "run":
+        from streetvision.pipeline import run_local
+
+        run_local(
+            args.out, dataset=args.dataset, files=args.config, overrides=args.overrides, force=args.force
+        )
+        return 0
+    from streetvision.steps import run_from_cli
+
+    run_from_cli(cmd.replace("-", "_"), vars(args))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except StreetVisionError as e:
+        print(f"streetvision {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"streetvision {args.command}: interrupted; nothing was committed", file=sys.stderr)
+        return 130

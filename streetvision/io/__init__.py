@@ -1,0 +1,1 @@
+"""Crash-safe artifact IO: atomic writes, manifests, and the object store."""

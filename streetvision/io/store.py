@@ -1,0 +1,278 @@
+"""One API over local paths and ``s3://`` URIs.
+
+Only this module talks to the object store. It is configured by the standard AWS variables alone
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
+``AWS_DEFAULT_REGION``), which boto3 reads itself. Transfers go through boto3's transfer manager; retries
+come from botocore's retry configuration. A step directory is uploaded objects first, ``manifest.json``
+last, and downloaded manifest first, then verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+from streetvision.errors import StreetVisionError
+from streetvision.io import atomic
+from streetvision.io.manifests import MANIFEST, Manifest, ManifestError, check_relative, verify_dir
+
+MiB = 1024 * 1024
+
+
+class StoreError(StreetVisionError):
+    """The object store refused or failed a request; the message never contains credentials."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(uri, *parts))
+
+
+@cache
+def client():
+    """An S3 client from the environment, with botocore's standard retry mode for transient errors."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        config=Config(
+            retries={"mode": "standard", "max_attempts": 8},
+            max_pool_connections=32,
+            s3={"addressing_style": "path"},
+            # Integrity is end to end: every download is checked against the manifest's SHA-256, so the
+            # per-request CRC (CPU spent twice on every byte) is left to the operations that require it.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=32 * MiB, multipart_chunksize=32 * MiB, max_concurrency=8, use_threads=True
+    )
+
+
+@contextmanager
+def _errors(action: str, uri: str) -> Iterator[None]:
+    """Turn botocore failures into one line naming the URI and the remedy, never a credential."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except NoCredentialsError:
+        raise StoreError(
+            f"{action} {uri}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from None
+    except ClientError as e:
+        err = e.response.get("Error", {})
+        code = err.get("Code", "?")
+        hint = ""
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            hint = "; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
+        elif code in ("NoSuchBucket",):
+            hint = "; create the bucket or fix the URI"
+        elif code in ("404", "NoSuchKey"):
+            hint = "; the object does not exist"
+        raise StoreError(f"{action} {uri}: {code}{hint}") from None
+    except BotoCoreError as e:
+        # These messages name endpoints and files, not secrets.
+        raise StoreError(f"{action} {uri}: {type(e).__name__}: {e}") from None
+
+
+def _manager():
+    from boto3.s3.transfer import create_transfer_manager
+
+    return create_transfer_manager(client(), _transfer_config())
+
+
+def exists(uri: str) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(uri)
+    from botocore.exceptions import ClientError
+
+    try:
+        with _errors("stat", uri):
+            client().head_object(Bucket=bucket, Key=key)
+    except StoreError as e:
+        if ": 404" in str(e) or "NoSuchKey" in str(e):
+            return False
+        raise
+    except ClientError:
+        return False
+    return True
+
+
+def list_files(uri: str) -> list[str]:
+    """Keys under an s3 prefix, relative to it."""
+    bucket, prefix = split_s3(uri)
+    prefix = prefix + "/" if prefix else ""
+    names: list[str] = []
+    with _errors("list", uri):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+    return names
+
+
+def upload_file(path: str | os.PathLike, uri: str) -> None:
+    bucket, key = split_s3(uri)
+    with _errors("upload to", uri):
+        client().upload_file(str(path), bucket, key, Config=_transfer_config())
+
+
+def download_file(uri: str, path: str | os.PathLike) -> atomic.Written:
+    """Download one object atomically (temp file, rename) and return its hash."""
+    bucket, key = split_s3(uri)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        with _errors("download", uri):
+            client().download_file(bucket, key, tmp, Config=_transfer_config())
+        written = atomic.copy_file(tmp, final)  # hashes while committing; the temp copy goes away
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return written
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    bucket, key = split_s3(uri)
+    with _errors("read", uri):
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def upload_dir(local: str | os.PathLike, uri: str) -> Manifest:
+    """Upload a committed step directory: every listed output first, ``manifest.json`` last.
+
+    Sizes and listing are checked here; content hashes are checked by every download, so a directory is
+    not read twice on its way out.
+    """
+    manifest = verify_dir(local, hashes=False)
+    bucket, prefix = split_s3(uri)
+    with _errors("upload to", uri):
+        # A stale manifest at the destination would vouch for a half-replaced set of objects.
+        client().delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+        with _manager() as tm:
+            futures = [
+                tm.upload(str(Path(local, name)), bucket, f"{prefix}/{name}") for name in manifest.outputs
+            ]
+            for f in futures:
+                f.result()
+        client().upload_file(str(Path(local, MANIFEST)), bucket, f"{prefix}/{MANIFEST}")
+    return manifest
+
+
+def download_dir(uri: str, local: str | os.PathLike) -> Manifest:
+    """Download a committed step directory and verify it; the local manifest is written last."""
+    bucket, prefix = split_s3(uri)
+    local = Path(local)
+    try:
+        raw = read_bytes(f"{uri.rstrip('/')}/{MANIFEST}")
+    except StoreError as e:
+        if "404" in str(e) or "NoSuchKey" in str(e):
+            raise ManifestError(f"{uri}: no {MANIFEST}; the step is not committed there") from None
+        raise
+    manifest = Manifest.from_dict(json.loads(raw), where=f"{uri}/{MANIFEST}")
+    local.mkdir(parents=True, exist_ok=True)
+    (local / MANIFEST).unlink(missing_ok=True)
+    with _errors("download", uri), _manager() as tm:
+        futures = []
+        for name in manifest.outputs:
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            futures.append(tm.download(bucket, f"{prefix}/{name}", str(local / name)))
+        for f in futures:
+            f.result()
+    atomic.write_bytes(local / MANIFEST, raw)
+    return verify_dir(local)
+
+
+def download_tree(uri: str, local: str | os.PathLike) -> list[str]:
+    """Download every object under a prefix (``manifest.json`` last), e.g. a bundle without a step manifest."""
+    bucket, prefix = split_s3(uri)
+    names = sorted(list_files(uri), key=lambda n: n == MANIFEST)
+    if not names:
+        raise StoreError(f"download {uri}: no objects under this prefix")
+    with _errors("download", uri), _manager() as tm:
+        futures = []
+        for name in names:
+            dest = Path(local, check_relative(name))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            futures.append(tm.download(bucket, f"{prefix}/{name}" if prefix else name, str(dest)))
+        for f in futures:
+            f.result()
+    return names
+
+
+def is_committed(uri: str) -> bool:
+    """True when a manifest exists at ``uri`` and every output it lists exists with its recorded size.
+
+    Content hashes are checked by :func:`download_dir`; this is the cheap check a scheduler makes.
+    """
+    if not is_s3(uri):
+        from streetvision.io.manifests import is_committed as local_committed
+
+        return local_committed(uri)
+    try:
+        manifest = Manifest.from_dict(json.loads(read_bytes(f"{uri.rstrip('/')}/{MANIFEST}")))
+    except (StoreError, ManifestError, json.JSONDecodeError):
+        return False
+    bucket, prefix = split_s3(uri)
+    for name, meta in manifest.outputs.items():
+        try:
+            with _errors("stat", uri):
+                head = client().head_object(Bucket=bucket, Key=f"{prefix}/{name}")
+        except StoreError:
+            return False
+        if head["ContentLength"] != meta.get("size"):
+            return False
+    return True
+
+
+@contextmanager
+def local_step(uri: str | os.PathLike) -> Iterator[Path]:
+    """A verified local copy of a step directory: the directory itself, or a download of an s3 one."""
+    if not is_s3(uri):
+        verify_dir(uri)
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="sv-in-") as tmp:
+        download_dir(str(uri), tmp)
+        yield Path(tmp)
+
+
+@contextmanager
+def output_step(uri: str | os.PathLike) -> Iterator[Path]:
+    """A local directory to write a step into; for an s3 URI it is uploaded (manifest last) afterwards."""
+    if not is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="sv-out-") as tmp:
+        yield Path(tmp)
+        upload_dir(tmp, str(uri))

