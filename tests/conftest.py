@@ -35,3 +35,21 @@ def s3(s3_server, monkeypatch):
     store.client.cache_clear()
     yield f"s3://{s3_server.bucket}/t-{uuid.uuid4().hex[:10]}"
     store.client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    """A small generated dataset (80 images, 64 px), shared read-only by the tests."""
+    from streetvision.data.demo import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n=80, seed=7, size=64)
+
+
+@pytest.fixture(scope="session")
+def demo_splits(demo_dataset, tmp_path_factory):
+    from streetvision.config import load_config
+    from streetvision.steps import make_splits
+
+    out = tmp_path_factory.mktemp("splits") / "make_splits"
+    make_splits.run(load_config(make_splits.Config), dataset=demo_dataset, out=out)
+    return out

@@ -230,6 +230,17 @@ def download_tree(uri: str, local: str | os.PathLike) -> list[str]:
     return names
 
 
+def upload_tree(local: str | os.PathLike, uri: str) -> list[str]:
+    """Upload every file under a local folder (e.g. a dataset) to an ``s3://`` prefix."""
+    bucket, prefix = split_s3(uri)
+    root = Path(local)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    with _errors("upload to", uri), _manager() as tm:
+        for f in [tm.upload(str(root / n), bucket, f"{prefix}/{n}" if prefix else n) for n in names]:
+            f.result()
+    return names
+
+
 def is_committed(uri: str) -> bool:
     """True when a manifest exists at ``uri`` and every output it lists exists with its recorded size.
 
@@ -275,4 +286,6 @@ def output_step(uri: str | os.PathLike) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="sv-out-") as tmp:
         yield Path(tmp)
-        upload_dir(tmp, str(uri))
+        # A step that committed nothing without failing is a non-zero DDP rank: rank 0 uploads.
+        if (Path(tmp) / MANIFEST).exists():
+            upload_dir(tmp, str(uri))

@@ -1,0 +1,1 @@
+"""Models: the timm backbone + head network, its Lightning module, and image data for it."""

@@ -1,0 +1,131 @@
+"""The Lightning side of training: the module (model logic only) and the callbacks the step uses.
+
+Data lives in plain loaders built by the step; the loop is the Trainer's. Selection and early stopping
+both watch ``val_select_mcc``, computed once per epoch over the whole val_select split (gathered across
+DDP ranks and de-duplicated by index, since the distributed sampler pads).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from streetvision.eval.metrics import compute_all_metrics
+from streetvision.models.network import RoadworkNet
+
+MONITOR = "val_select_mcc"
+
+
+class RoadworkModule(L.LightningModule):
+    def __init__(
+        self,
+        net: RoadworkNet,
+        *,
+        lr: float,
+        weight_decay: float,
+        warmup_epochs: float,
+        freeze_backbone: bool,
+        features_input: bool,
+    ):
+        super().__init__()
+        self.net = net
+        self.lr, self.weight_decay, self.warmup_epochs = lr, weight_decay, warmup_epochs
+        self.freeze_backbone, self.features_input = freeze_backbone, features_input
+        if freeze_backbone:
+            self.net.backbone.requires_grad_(False)
+        self.loss = nn.BCEWithLogitsLoss()
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.head(x) if self.features_input else self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        if self.freeze_backbone:
+            self.net.backbone.eval()  # frozen means frozen statistics too (BatchNorm, dropout)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        loss = self.loss(self(x).squeeze(1).float(), y)
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y)
+        )
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, i = batch
+        self._val.append((self(x).squeeze(1).float().detach(), y, i))
+
+    def on_validation_epoch_end(self) -> None:
+        logits, labels, idx = (torch.cat(t) for t in zip(*self._val, strict=True))
+        self._val.clear()
+        if self.trainer.world_size > 1:
+            logits, labels, idx = (self.all_gather(t).reshape(-1) for t in (logits, labels, idx))
+        idx_np, first = np.unique(idx.cpu().numpy(), return_index=True)  # padded duplicates out
+        logits, labels = logits[first], labels[first]
+        metrics = compute_all_metrics(
+            labels.cpu().numpy().astype(int), (logits > 0).cpu().numpy().astype(int)
+        )
+        self.log(MONITOR, metrics["mcc"], prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log("val_select_loss", self.loss(logits, labels), sync_dist=False)
+        self.log("val_select_accuracy", metrics["accuracy"], sync_dist=False)
+        self.log("val_select_n", float(len(idx_np)), sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(total - 1, int(self.warmup_epochs * per_epoch))
+
+        def factor(step: int) -> float:  # linear warmup, then cosine to zero
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class BestWeights(L.Callback):
+    """Keep an in-memory copy of the weights at the best ``val_select_mcc`` (first best wins ties).
+
+    In memory rather than a Lightning .ckpt: nothing is pickled, and the step saves safetensors itself.
+    """
+
+    def __init__(self) -> None:
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        score = float(trainer.callback_metrics[MONITOR])
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}
+
+
+class History(L.Callback):
+    """Per-epoch metrics for history.csv, and a plain log line per epoch when no progress bar is shown."""
+
+    def __init__(self, log_lines: bool) -> None:
+        self.rows: list[dict[str, float]] = []
+        self.log_lines = log_lines
+        self._t0 = time.time()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.time()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row = {"epoch": trainer.current_epoch, "seconds": round(time.time() - self._t0, 3), **m}
+        self.rows.append(row)
+        if self.log_lines and trainer.is_global_zero:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in m.items())
+            print(f"epoch {trainer.current_epoch}: {shown} ({row['seconds']:.1f}s)", flush=True)

@@ -1,0 +1,93 @@
+"""The classifier network: a timm backbone (pooled features) and a dropout + linear head with one logit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from streetvision.errors import StreetVisionError
+
+
+class ModelError(StreetVisionError):
+    """A backbone name or weights file cannot be used."""
+
+
+def create_backbone(name: str, *, pretrained: bool, weights_file: str = "") -> nn.Module:
+    """A timm backbone without its classifier; weights from the hub or from a local file."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelError(f"unknown timm backbone {name!r} (timm.list_models() lists the names)")
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise ModelError(f"backbone weights file {weights_file} does not exist")
+        # timm reads .safetensors itself, and .pth/.bin with torch.load(weights_only=True).
+        kwargs["pretrained_cfg_overlay"] = {"file": weights_file}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # timm raises many types here; the user needs to know which input was wrong
+        source = f"file {weights_file}" if weights_file else "the model hub"
+        raise ModelError(
+            f"could not load pretrained weights for {name} from {source} ({type(e).__name__}: {str(e)[:200]}); "
+            "set model.weights=FILE, or model.pretrained=false to start from random weights"
+        ) from None
+
+
+def preprocessing(backbone: nn.Module, image_size: int = 0) -> dict[str, Any]:
+    """The backbone's own eval preprocessing (timm's data config), optionally at another input size."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=backbone)
+    if image_size:
+        cfg["input_size"] = (3, image_size, image_size)
+    return {
+        "input_size": list(cfg["input_size"]),
+        "interpolation": cfg["interpolation"],
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": float(cfg["crop_pct"]),
+        "crop_mode": cfg.get("crop_mode", "center"),
+    }
+
+
+def create_transform(prep: dict[str, Any], *, training: bool = False):
+    """timm's transform for ``prep`` (the dict saved in model.json): eval, or training augmentation."""
+    from timm.data import create_transform as timm_transform
+
+    return timm_transform(
+        input_size=tuple(prep["input_size"]),
+        interpolation=prep["interpolation"],
+        mean=tuple(prep["mean"]),
+        std=tuple(prep["std"]),
+        crop_pct=prep["crop_pct"],
+        crop_mode=prep["crop_mode"],
+        is_training=training,
+    )
+
+
+def decode_side(prep: dict[str, Any]) -> int:
+    """The short side an image must keep after reduced-size JPEG decoding, for the resize that follows."""
+    return int(max(prep["input_size"][1:]) / prep["crop_pct"]) + 1
+
+
+class RoadworkNet(nn.Module):
+    """backbone -> pooled features -> dropout -> one roadwork logit."""
+
+    def __init__(self, backbone: nn.Module, dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def build_network(
+    backbone: str, *, pretrained: bool = False, weights_file: str = "", dropout: float = 0.0
+) -> RoadworkNet:
+    return RoadworkNet(create_backbone(backbone, pretrained=pretrained, weights_file=weights_file), dropout)

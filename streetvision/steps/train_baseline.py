@@ -1,0 +1,242 @@
+"""Phase 1, ``train_baseline``: a timm backbone + head trained with Lightning, selected on val_select MCC.
+
+Only ``train`` and ``val_select`` reach the optimizer and the stopping rule. After training the best
+weights are reloaded and logits are computed once, on rank 0, for val_select, val_calib and val_test.
+With a frozen backbone and no augmentation, backbone features are computed once and the head trains on
+them (same result as recomputing them every step, much faster).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streetvision.config import to_dict, to_yaml
+from streetvision.data.dataset import dataset_input, load_index
+from streetvision.eval.metrics import compute_all_metrics
+from streetvision.io import store
+from streetvision.io.manifests import Manifest, StepOutputs, input_record
+from streetvision.steps.make_splits import load_splits
+
+STEP = "train_baseline"
+EVAL_SPLITS = ("val_select", "val_calib", "val_test")
+CLASS_NAMES = ["no_roadwork", "roadwork"]
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_small_patch14_dinov2.lvd142m"  # any timm model name
+    pretrained: bool = True  # load the hub's pretrained weights
+    weights: str = ""  # or a local / s3:// weights file for the backbone (overrides the hub)
+    freeze_backbone: bool = True
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 32
+    num_workers: int = 0
+    image_size: int = 0  # 0: the backbone's own input size
+    augment: bool = False  # timm's training augmentation (disables feature caching)
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    patience: int = 3  # epochs without a better val_select MCC before stopping
+    accelerator: str = "auto"
+    devices: str = "auto"  # "auto", a count ("2"), or a list ("[0,1]")
+    strategy: str = "auto"  # e.g. "ddp"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    cache_features: bool = True  # when the backbone is frozen and augmentation is off
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+
+def _devices(spec: str):
+    spec = spec.strip()
+    if spec.isdigit():
+        return int(spec)
+    if spec.startswith("["):
+        return [int(v) for v in spec.strip("[]").split(",") if v.strip()]
+    return spec
+
+
+def _history_csv(rows: list[dict[str, float]]) -> str:
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run(
+    config: Config,
+    *,
+    dataset: Path,
+    splits: Path,
+    out: Path,
+    sources: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> Manifest | None:
+    """Train and commit; returns None on non-zero DDP ranks, which write nothing."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from streetvision.models import data as mdata
+    from streetvision.models.lightning import MONITOR, BestWeights, History, RoadworkModule
+    from streetvision.models.network import (
+        RoadworkNet,
+        create_backbone,
+        create_transform,
+        decode_side,
+        preprocessing,
+    )
+
+    ds = load_index(dataset)
+    parts = load_splits(splits)
+    label_of = ds.label_of()
+    unknown = [i for ids in parts.values() for i in ids if i not in label_of]
+    if unknown:
+        raise ValueError(
+            f"splits name {len(unknown)} id(s) missing from the dataset index (first: {unknown[0]})"
+        )
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+
+    with ExitStack() as stack:
+        weights = config.model.weights
+        if store.is_s3(weights):
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
+            weights = str(store.download_file(weights, tmp / Path(weights).name).path)
+        backbone = create_backbone(
+            config.model.backbone, pretrained=config.model.pretrained, weights_file=weights
+        )
+    net = RoadworkNet(backbone, config.model.dropout)
+    prep = preprocessing(backbone, config.data.image_size)
+    eval_tf = create_transform(prep)
+    side = decode_side(prep)
+
+    def images(split: str, transform=eval_tf):
+        ids = parts[split]
+        return mdata.ImageDataset(ds.root, ids, np.array([label_of[i] for i in ids]), transform, side)
+
+    bs, workers = config.data.batch_size, config.data.num_workers
+    cached = config.model.freeze_backbone and not config.data.augment and config.trainer.cache_features
+    if cached:
+        train_data = mdata.cached_features(
+            net.backbone, mdata.loader(images("train"), bs, num_workers=workers)
+        )
+        select_data = mdata.cached_features(
+            net.backbone, mdata.loader(images("val_select"), bs, num_workers=workers)
+        )
+    else:
+        train_data = images(
+            "train", create_transform(prep, training=True) if config.data.augment else eval_tf
+        )
+        select_data = images("val_select")
+
+    module = RoadworkModule(
+        net,
+        lr=config.model.lr,
+        weight_decay=config.model.weight_decay,
+        warmup_epochs=config.model.warmup_epochs,
+        freeze_backbone=config.model.freeze_backbone,
+        features_input=cached,
+    )
+    on_gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
+    precision = (
+        config.trainer.precision
+        if config.trainer.precision != "auto"
+        else ("bf16-mixed" if on_gpu else "32-true")
+    )
+    best, history = BestWeights(), History(log_lines=not sys.stderr.isatty())
+    trainer = L.Trainer(
+        max_epochs=config.trainer.max_epochs,
+        accelerator=config.trainer.accelerator,
+        devices=_devices(config.trainer.devices),
+        strategy=config.trainer.strategy,
+        precision=precision,
+        deterministic=not on_gpu,
+        callbacks=[EarlyStopping(MONITOR, mode="max", patience=config.trainer.patience), best, history],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        module,
+        train_dataloaders=mdata.loader(train_data, bs, shuffle=True, num_workers=workers, seed=config.seed),
+        val_dataloaders=mdata.loader(select_data, bs, num_workers=workers),
+    )
+    if not trainer.is_global_zero:
+        return None
+
+    net.load_state_dict(best.state)  # the best epoch's weights, not the last epoch's
+    net.cpu()
+    outputs = StepOutputs(out, STEP)
+    metrics: dict[str, float | int] = {"best_epoch": best.best_epoch, "epochs_run": len(history.rows)}
+    per_split = {}
+    for split in EVAL_SPLITS:
+        logits, labels, idx = mdata.predict(net, mdata.loader(images(split), bs, num_workers=workers))
+        ids = [parts[split][i] for i in idx]
+        outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
+        outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
+        outputs.write_json(f"ids_{split}.json", ids)
+        if split != "val_test":  # held out: evaluated once, by export_bundle
+            per_split[split] = compute_all_metrics(labels.astype(int), (logits[:, 0] > 0).astype(int))
+            metrics |= {
+                f"{split}_{k}": v
+                for k, v in per_split[split].items()
+                if k in ("mcc", "accuracy", "fnr", "fpr")
+            }
+
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    outputs.write_safetensors("model.safetensors", state, metadata={"backbone": config.model.backbone})
+    outputs.write_json(
+        "model.json",
+        {
+            "backbone": config.model.backbone,
+            "num_classes": 2,
+            "logit_columns": 1,
+            "class_names": CLASS_NAMES,
+            "dropout": config.model.dropout,
+            "preprocessing": prep,
+            "decode_min_side": side,
+            "weights": "model.safetensors",
+        },
+    )
+    outputs.write_text("history.csv", _history_csv(history.rows))
+    outputs.write_json("metrics.json", per_split)
+    outputs.write_text("config.yaml", to_yaml(config))
+    src = sources or {}
+    return outputs.commit(
+        config=to_dict(config),
+        inputs={
+            "dataset": dataset_input(ds, src.get("dataset")),
+            "splits": input_record(splits, src.get("splits")),
+        },
+        metrics=metrics,
+        run_id=run_id,
+        extra={"feature_cache": cached, "precision": precision, "world_size": trainer.world_size},
+    )
