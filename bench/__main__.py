@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["bench.core"]
+SUITES = ["bench.core", "bench.train"]
 
 
 def main(argv: list[str]) -> int:

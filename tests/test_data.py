@@ -133,7 +133,7 @@ def test_split_ratios_hold_for_awkward_sizes(seed):
     assert sorted(i for p in parts.values() for i in p) == sorted(ids)
     for name, ratio in zip(parts, ratios, strict=True):
         for cls in (0, 1):
-            members = {i for i, l in zip(ids, labels, strict=True) if l == cls}
+            members = {i for i, lab in zip(ids, labels, strict=True) if lab == cls}
             assert abs(len(members & set(parts[name])) - ratio * len(members)) <= 1
 
 

@@ -1,0 +1,183 @@
+"""Phase 0-1 benchmarks: Lightning step throughput, reduced-size JPEG decoding, cached frozen features."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import WORK, best_of, report
+
+
+def _demo(n: int, size: int) -> tuple[Path, Path]:
+    from streetvision.config import load_config
+    from streetvision.data.demo import write_demo_dataset
+    from streetvision.steps import make_splits
+
+    root = WORK / f"demo-{n}-{size}"
+    if not (root / "splits" / "manifest.json").exists():
+        write_demo_dataset(root / "data", n=n, seed=0, size=size)
+        make_splits.run(load_config(make_splits.Config), dataset=root / "data", out=root / "splits")
+    return root / "data", root / "splits"
+
+
+def bench_training_throughput() -> None:
+    import lightning as L
+    import torch
+
+    from streetvision.data.dataset import load_index
+    from streetvision.models import data as mdata
+    from streetvision.models.lightning import RoadworkModule
+    from streetvision.models.network import build_network, create_transform, decode_side, preprocessing
+    from streetvision.steps.make_splits import load_splits
+
+    torch.set_num_threads(2)
+    data, splits = _demo(320, 128)
+    ds, train_ids = load_index(data), load_splits(splits)["train"]
+    labels = ds.label_of()
+    epochs, bs = 2, 32
+
+    def dataset(net):
+        prep = preprocessing(net.backbone, 128)
+        y = np.array([labels[i] for i in train_ids])
+        return mdata.ImageDataset(ds.root, train_ids, y, create_transform(prep), decode_side(prep))
+
+    def lightning_fit():
+        torch.manual_seed(0)
+        net = build_network("test_resnet")
+        module = RoadworkModule(
+            net, lr=1e-3, weight_decay=0.05, warmup_epochs=1, freeze_backbone=False, features_input=False
+        )
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, train_dataloaders=mdata.loader(dataset(net), bs, shuffle=True))
+
+    def plain_loop():
+        torch.manual_seed(0)
+        net = build_network("test_resnet")
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        data_loader = mdata.loader(dataset(net), bs, shuffle=True)
+        net.train()
+        for _ in range(epochs):
+            for x, y, _ in data_loader:
+                opt.zero_grad()
+                loss = loss_fn(net(x).squeeze(1), y)
+                loss.backward()
+                opt.step()
+
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    t_plain, t_light = best_of(plain_loop, 3), best_of(lightning_fit, 3)
+    throughput = t_plain / t_light
+    print(
+        f"train_baseline (Lightning) step throughput vs hand-written PyTorch loop: ratio {throughput:.3f} "
+        f"(Lightning {t_light:.2f}s, plain {t_plain:.2f}s for {epochs} epochs of {len(train_ids)} images, "
+        f"batch {bs}, test_resnet 128px; target >= 0.9) {'OK' if throughput >= 0.9 else 'MISSED'}",
+        flush=True,
+    )
+
+
+def bench_draft_decode() -> None:
+    from PIL import Image, ImageOps
+
+    from streetvision.data.demo import _scene
+    from streetvision.data.images import load_rgb
+    from streetvision.models.network import create_transform, decode_side
+
+    folder = WORK / "phone-jpegs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(4):
+        p = folder / f"{i}.jpg"
+        if not p.exists():
+            scene = _scene(np.random.default_rng(i), 504, bool(i % 2)).resize((4032, 3024), Image.BILINEAR)
+            noisy = np.asarray(scene, dtype=np.int16) + np.random.default_rng(i).integers(
+                -8, 9, (3024, 4032, 3)
+            )
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
+            p.write_bytes(buf.getvalue())
+        paths.append(p)
+    prep = {
+        "input_size": [3, 224, 224],
+        "interpolation": "bicubic",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    transform, side = create_transform(prep), decode_side(prep)
+
+    def draft():
+        for p in paths:
+            transform(load_rgb(p, side))
+
+    def full():
+        for p in paths:
+            with Image.open(p) as im:
+                transform(ImageOps.exif_transpose(im).convert("RGB"))
+
+    t_full, t_draft = best_of(full, 3), best_of(draft, 3)
+    speedup = t_full / t_draft
+    print(
+        f"decode+preprocess 4032x3024 JPEG to 224px, draft vs full decode: {speedup:.1f}x faster "
+        f"(ratio {t_draft / t_full:.3f}; draft {t_draft / len(paths) * 1e3:.0f} ms/image, "
+        f"full {t_full / len(paths) * 1e3:.0f} ms/image; target >= 3x) {'OK' if speedup >= 3 else 'MISSED'}",
+        flush=True,
+    )
+
+
+def bench_feature_cache() -> None:
+    import logging
+
+    from streetvision.config import load_config
+    from streetvision.steps import train_baseline
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    data, splits = _demo(320, 128)
+    common = [
+        "model.backbone=test_resnet",
+        "model.pretrained=false",
+        "model.freeze_backbone=true",
+        "data.image_size=128",
+        "trainer.max_epochs=10",
+        "trainer.patience=100",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+    ]
+
+    def fit(cache: bool):
+        out = WORK / f"cache-{cache}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = load_config(
+            train_baseline.Config, [], [*common, f"trainer.cache_features={str(cache).lower()}"]
+        )
+        t0 = time.perf_counter()
+        train_baseline.run(cfg, dataset=data, splits=splits, out=out)
+        return time.perf_counter() - t0
+
+    t_recompute, t_cached = fit(False), fit(True)
+    speedup = t_recompute / t_cached
+    report(
+        f"frozen backbone, 10 epochs, cached features vs recomputed ({speedup:.1f}x less wall time)",
+        t_cached,
+        t_recompute,
+        ">= 5x less (ratio <= 0.2)",
+        speedup >= 5,
+    )
+
+
+BENCHMARKS = [bench_training_throughput, bench_draft_decode, bench_feature_cache]
