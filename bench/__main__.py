@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["bench.core", "bench.train"]
+SUITES = ["bench.core", "bench.train", "bench.sweep"]
 
 
 def main(argv: list[str]) -> int:

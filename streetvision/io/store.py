@@ -268,9 +268,11 @@ def is_committed(uri: str) -> bool:
 
 @contextmanager
 def local_step(uri: str | os.PathLike) -> Iterator[Path]:
-    """A verified local copy of a step directory: the directory itself, or a download of an s3 one."""
+    """A local step directory: the directory itself, or a verified download of an s3 one.
+
+    Steps verify their local inputs themselves (``verify_dir``) before reading them.
+    """
     if not is_s3(uri):
-        verify_dir(uri)
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory(prefix="sv-in-") as tmp:

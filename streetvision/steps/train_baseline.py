@@ -23,7 +23,7 @@ from streetvision.config import to_dict, to_yaml
 from streetvision.data.dataset import dataset_input, load_index
 from streetvision.eval.metrics import compute_all_metrics
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, StepOutputs, input_record
+from streetvision.io.manifests import Manifest, StepOutputs, input_record, verify_dir
 from streetvision.steps.make_splits import load_splits
 
 STEP = "train_baseline"
@@ -112,6 +112,7 @@ def run(
         preprocessing,
     )
 
+    verify_dir(splits)
     ds = load_index(dataset)
     parts = load_splits(splits)
     label_of = ds.label_of()

@@ -1,0 +1,78 @@
+"""Phase 2 benchmarks: exact sweep vs scikit-learn, and the whole sweep-thresholds process."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from bench.common import WORK, best_of, report
+
+
+def bench_exact_sweep() -> None:
+    from sklearn.metrics import confusion_matrix_at_thresholds
+
+    from streetvision.eval import sweep
+    from streetvision.eval.metrics import mcc_from_counts
+
+    rng = np.random.default_rng(0)
+    n = 10_000_000
+    labels = rng.integers(0, 2, n)
+    scores = np.clip(labels * 0.2 + rng.random(n) * 0.8, 0, 1).round(6)  # ties, as real scores have
+
+    def ours():
+        return sweep.choose_threshold(sweep.exact_sweep(scores, labels))
+
+    def sklearn():
+        tns, fps, fns, tps, thresholds = confusion_matrix_at_thresholds(labels, scores)
+        mcc = mcc_from_counts(tps, tns, fps, fns)
+        return thresholds[int(np.argmax(mcc))]
+
+    t_ref, t_ours = best_of(sklearn, 2), best_of(ours, 2)
+    report(
+        "exact sweep + max-MCC policy on 1e7 scores vs sklearn confusion_matrix_at_thresholds + MCC",
+        t_ours,
+        t_ref,
+        "<= 1",
+        t_ours <= t_ref,
+    )
+
+
+def bench_sweep_process() -> None:
+    sys.path.insert(0, "tests")
+    from phase1_fake import fake_phase1, separable_logits
+
+    root = WORK / "sweep-proc"
+    shutil.rmtree(root, ignore_errors=True)
+    logits, labels = separable_logits(100_000, seed=1, noise=1.5)
+    p1 = fake_phase1(root / "p1", logits, labels)
+    cmd = [
+        sys.executable,
+        "-m",
+        "streetvision",
+        "sweep-thresholds",
+        "--phase1",
+        str(p1),
+        "--out",
+        str(root / "out"),
+    ]
+
+    def step():
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def imports():
+        subprocess.run([sys.executable, "-c", "import numpy, sklearn"], check=True)
+
+    t_ref, t_ours = best_of(imports, 3), best_of(step, 3)
+    report(
+        "whole sweep-thresholds process on 1e5 scores vs python -c 'import numpy, sklearn'",
+        t_ours,
+        t_ref,
+        "< 3",
+        t_ours < 3 * t_ref,
+    )
+
+
+BENCHMARKS = [bench_exact_sweep, bench_sweep_process]

@@ -1,0 +1,100 @@
+"""The one module that knows Kubeflow Pipelines' executor JSON.
+
+Components pass ``{{$}}`` (the executor input) as ``--executor-input``. After a step has committed, this
+module writes the executor output (``outputs.outputFile``) so the Kubeflow UI shows the step's results:
+Metrics scalars, ClassificationMetrics (confusion matrix and ROC, in the shapes the KFP SDK's
+``ClassificationMetrics.log_confusion_matrix`` / ``log_roc_curve`` produce), and a Markdown report.
+Every declared output artifact is listed. It needs no KFP install: the base image carries no kfp.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from streetvision.errors import StreetVisionError
+from streetvision.io import atomic
+from streetvision.io.manifests import MANIFEST, Manifest
+
+CLASS_NAMES = ["no_roadwork", "roadwork"]
+_MOUNTS = {"gs://": "/gcs/", "minio://": "/minio/", "s3://": "/s3/"}
+
+
+def local_path(uri: str) -> str:
+    """Where the KFP launcher mounts an artifact URI inside the container (as kfp.dsl.Artifact.path)."""
+    for scheme, mount in _MOUNTS.items():
+        if uri.startswith(scheme):
+            return mount + uri[len(scheme) :]
+    return uri
+
+
+def parse(executor_input: str) -> dict[str, Any]:
+    try:
+        data = json.loads(executor_input)
+        data["outputs"]["outputFile"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise StreetVisionError(
+            f"--executor-input is not a KFP executor input ({type(e).__name__}: {e})"
+        ) from None
+    return data
+
+
+def _scalars(manifest: Manifest) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in manifest.metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def classification_metadata(out: Path) -> dict[str, Any]:
+    """Confusion matrix at the policy threshold and thinned ROC points, from a sweep's outputs."""
+    policy = json.loads((out / "thresholds.json").read_text())
+    m = policy["metrics"]
+    roc = json.loads((out / "roc.json").read_text())
+    return {
+        "confusionMatrix": {
+            "annotationSpecs": [{"displayName": c} for c in CLASS_NAMES],
+            "rows": [{"row": [m["tn"], m["fp"]]}, {"row": [m["fn"], m["tp"]]}],  # rows: true class
+        },
+        "confidenceMetrics": [
+            {"confidenceThreshold": t, "recall": r, "falsePositiveRate": f}
+            for f, r, t in zip(roc["fpr"], roc["tpr"], roc["threshold"], strict=True)
+        ],
+    }
+
+
+def _artifact_metadata(schema: str, path: str, out: Path, manifest: Manifest) -> dict[str, Any]:
+    if schema == "system.Metrics":
+        atomic.write_json(path, _scalars(manifest))
+        return _scalars(manifest)
+    if schema == "system.ClassificationMetrics":
+        meta = classification_metadata(out)
+        atomic.write_json(path, meta)
+        return meta
+    if schema in ("system.Markdown", "system.HTML"):
+        report = out / "report_inline.md"
+        atomic.write_text(path, report.read_text() if report.exists() else f"# {manifest.step}\n")
+        return {}
+    # The step directory itself (Model, Artifact, Dataset): identify it by its manifest.
+    digest = atomic.compute_file_sha256(out / MANIFEST)
+    return {"step": manifest.step, "manifest_sha256": digest, "code_version": manifest.code_version}
+
+
+def write_executor_output(executor_input: str, out: Path, manifest: Manifest | None) -> Path | None:
+    """Write ``outputs.outputFile``; returns its path (None on non-zero DDP ranks, which committed nothing)."""
+    if manifest is None:
+        return None
+    data = parse(executor_input)
+    artifacts: dict[str, Any] = {}
+    for name, entry in data["outputs"].get("artifacts", {}).items():
+        runtime = entry["artifacts"][0]
+        schema = runtime.get("type", {}).get("schemaTitle", "system.Artifact")
+        metadata = _artifact_metadata(schema, local_path(runtime["uri"]), out, manifest)
+        artifacts[name] = {
+            "artifacts": [{"name": runtime.get("name", name), "uri": runtime["uri"], "metadata": metadata}]
+        }
+    output_file = Path(data["outputs"]["outputFile"])
+    atomic.write_json(output_file, {"artifacts": artifacts})
+    return output_file

@@ -1,0 +1,162 @@
+"""Phase 2, ``sweep_thresholds``: the max-MCC threshold policy from val_calib, with its sweep and report.
+
+Reads only the val_calib logits and labels of a verified phase-1 directory; never imports torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from streetvision.config import to_dict, to_yaml
+from streetvision.eval import report, sweep
+from streetvision.io.manifests import Manifest, StepOutputs, input_record, verify_dir
+
+STEP = "sweep_thresholds"
+POLICY_FILE = "thresholds.json"
+SPLIT = "val_calib"
+
+
+@dataclass
+class PolicyConfig:
+    optimize: str = "mcc"
+    max_fnr: Optional[float] = None  # noqa: UP045 - OmegaConf reads Optional, not X | None
+    max_fpr: Optional[float] = None  # noqa: UP045
+    min_precision: Optional[float] = None  # noqa: UP045
+
+
+@dataclass
+class Config:
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    roc_points: int = 200  # ROC points kept for the Kubeflow UI
+
+
+def _csv(header: list[str], columns: list[np.ndarray], fmt: str) -> str:
+    buf = io.StringIO()
+    np.savetxt(buf, np.column_stack(columns), delimiter=",", header=",".join(header), comments="", fmt=fmt)
+    return buf.getvalue()
+
+
+def _load_calibration(phase1: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        logits = np.load(phase1 / f"logits_{SPLIT}.npy", allow_pickle=False)
+        labels = np.load(phase1 / f"labels_{SPLIT}.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise sweep.SweepError(f"{phase1}: cannot read {SPLIT} logits/labels ({e})") from None
+    return logits, labels
+
+
+def run(
+    config: Config,
+    *,
+    phase1: Path,
+    out: Path,
+    sources: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> Manifest:
+    if config.policy.optimize != "mcc":
+        raise sweep.SweepError(f"policy.optimize={config.policy.optimize!r}: only 'mcc' is supported")
+    verify_dir(phase1)  # before anything is read
+    logits, labels = _load_calibration(phase1)
+    scores = sweep.probabilities(logits)
+    labels = sweep.check_labels(scores, labels)
+    curve = sweep.exact_sweep(scores, labels)
+    constraint = sweep.Constraint(config.policy.max_fnr, config.policy.max_fpr, config.policy.min_precision)
+    threshold, k = sweep.choose_threshold(curve, constraint)
+    at = sweep.metrics_at(scores, labels, threshold)
+
+    predicted = (scores >= threshold).astype(np.int64)
+    confidence = np.maximum(scores, 1 - scores)
+    rc = sweep.risk_coverage(confidence, predicted == labels)
+    table = sweep.selective_table(confidence, predicted == labels)
+    policy = {
+        "policy_type": "threshold",
+        "threshold": threshold,
+        "score": "P(roadwork): sigmoid of the logit (softmax class 1 for two logits)",
+        "decision": "roadwork when score >= threshold",
+        "optimize": "mcc",
+        "constraint": constraint.active(),
+        "metrics": at,
+        "n": int(len(labels)),
+        "n_positive": int(labels.sum()),
+        "split": SPLIT,
+        "selected_score": float(curve.thresholds[k]),
+    }
+    m = curve.metrics()
+    roc = sweep.thin(len(curve.thresholds), config.roc_points)
+    outputs = StepOutputs(out, STEP)
+    outputs.write_json(POLICY_FILE, policy)
+    outputs.write_text(
+        "sweep.csv",
+        _csv(
+            [
+                "threshold",
+                "tp",
+                "fp",
+                "tn",
+                "fn",
+                "mcc",
+                "accuracy",
+                "precision",
+                "recall",
+                "f1",
+                "fnr",
+                "fpr",
+            ],
+            [
+                curve.thresholds,
+                curve.tp,
+                curve.fp,
+                curve.tn,
+                curve.fn,
+                *(m[c] for c in ("mcc", "accuracy", "precision", "recall", "f1", "fnr", "fpr")),
+            ],
+            "%.10g",
+        ),
+    )
+    outputs.write_text(
+        "risk_coverage.csv",
+        _csv(["confidence", "coverage", "risk"], [rc.confidence, rc.coverage, rc.risk], "%.10g"),
+    )
+    outputs.write_json("selective_table.json", table)
+    outputs.write_json(
+        "roc.json",
+        {
+            "fpr": m["fpr"][roc].tolist(),
+            "tpr": m["recall"][roc].tolist(),
+            "threshold": curve.thresholds[roc].tolist(),
+        },
+    )
+    pngs = report.plots(curve.thresholds, m["mcc"], threshold, at["mcc"], rc.coverage, rc.risk)
+    for name, data in pngs.items():
+        outputs.write_bytes(name, data)
+    outputs.write_text("report.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, {n: n for n in pngs}))
+    # The same report with the plots inlined, for viewers that show one file alone (the Kubeflow UI).
+    inline = {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()}
+    outputs.write_text("report_inline.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, inline))
+    outputs.write_text("config.yaml", to_yaml(config))
+    return outputs.commit(
+        config=to_dict(config),
+        inputs={"phase1": input_record(phase1, (sources or {}).get("phase1"))},
+        metrics={
+            "threshold": threshold,
+            "mcc": at["mcc"],
+            "accuracy": at["accuracy"],
+            "fnr": at["fnr"],
+            "fpr": at["fpr"],
+            "aurc": rc.aurc,
+            "e_aurc": rc.e_aurc,
+            "n": int(len(labels)),
+        },
+        run_id=run_id,
+    )
+
+
+def load_policy(step_dir: Path) -> dict:
+    return json.loads((Path(step_dir) / POLICY_FILE).read_text())
