@@ -35,6 +35,23 @@ class BundleError(StreetVisionError):
     """A bundle is malformed, tampered with, or names a path outside itself."""
 
 
+def apply_policy(kind: str, params: dict[str, Any], scores):
+    """Decisions (1 roadwork, 0 not) of a policy on P(roadwork) scores (a numpy array)."""
+    if kind == "threshold":
+        return (scores >= float(params["threshold"])).astype("int64")
+    raise BundleError(f"policy type {kind!r} cannot be applied")
+
+
+def served_probability(p: float, threshold: float) -> float:
+    """Monotone piecewise-linear remap of P(roadwork) that puts ``threshold`` at 0.5.
+
+    For consumers that cut at 0.5 (the StreetVision subnet validator rounds the returned float).
+    """
+    if p < threshold:
+        return 0.5 * p / threshold if threshold > 0 else 0.0
+    return 0.5 + 0.5 * (p - threshold) / (1 - threshold) if threshold < 1 else 1.0
+
+
 def safe_member(root: Path, name: str) -> Path:
     """Resolve ``name`` inside ``root``; refuse absolute paths, ``..`` and links that lead out."""
     if not isinstance(name, str) or not name:

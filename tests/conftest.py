@@ -53,3 +53,39 @@ def demo_splits(demo_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("splits") / "make_splits"
     make_splits.run(load_config(make_splits.Config), dataset=demo_dataset, out=out)
     return out
+
+
+TINY_TRAIN = [
+    "model.backbone=test_efficientnet",
+    "model.pretrained=false",
+    "model.freeze_backbone=false",
+    "data.image_size=64",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+]
+
+
+@pytest.fixture(scope="session")
+def trained(demo_dataset, demo_splits, tmp_path_factory):
+    """A real phase-1 and phase-2 output from a tiny model: {'phase1', 'policy', 'splits', 'dataset'}."""
+    from streetvision.config import load_config
+    from streetvision.steps import sweep_thresholds, train_baseline
+
+    root = tmp_path_factory.mktemp("trained")
+    train_baseline.run(
+        load_config(train_baseline.Config, [], TINY_TRAIN),
+        dataset=demo_dataset,
+        splits=demo_splits,
+        out=root / "train_baseline",
+    )
+    sweep_thresholds.run(
+        load_config(sweep_thresholds.Config), phase1=root / "train_baseline", out=root / "sweep_thresholds"
+    )
+    return {
+        "phase1": root / "train_baseline",
+        "policy": root / "sweep_thresholds",
+        "splits": demo_splits,
+        "dataset": demo_dataset,
+    }

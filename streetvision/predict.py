@@ -1,0 +1,110 @@
+"""``streetvision predict``: classify images with a verified bundle, one JSON line per image.
+
+Weights come from safetensors (no pickle); preprocessing and policy come from ``bundle.json``. An image
+that cannot be read is reported on its own line and the batch goes on; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streetvision.bundle import apply_policy, served_probability, verify_bundle
+from streetvision.io import store
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+BATCH = 32
+
+
+@contextmanager
+def local_bundle(uri: str) -> Iterator[Path]:
+    if not store.is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="sv-bundle-") as tmp:
+        store.download_tree(uri, tmp)
+        yield Path(tmp)
+
+
+class Predictor:
+    """A loaded bundle: network, preprocessing and policy."""
+
+    def __init__(self, root: Path):
+        import torch
+        from safetensors.torch import load_file
+
+        from streetvision.models.network import build_network, create_transform
+
+        self.bundle = verify_bundle(root)
+        b = self.bundle
+        self.net = build_network(b["backbone"], pretrained=False, dropout=b["model"]["dropout"])
+        self.net.load_state_dict(load_file(root / b["model"]["weights"]), strict=True)
+        self.net.eval()
+        self.transform = create_transform(b["preprocessing"])
+        self.min_side = int(b["decode_min_side"])
+        self.policy = b["policy"]
+        self._torch = torch
+
+    def probabilities(self, images: Sequence[Any]) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            batch = torch.stack([self.transform(im) for im in images])
+            return torch.sigmoid(self.net(batch).float()[:, 0]).numpy().astype(np.float64)
+
+
+def expand(inputs: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        else:
+            files.append(p)
+    return files
+
+
+def predict_files(
+    predictor: Predictor, files: Sequence[Path], served: bool = False
+) -> Iterator[dict[str, Any]]:
+    from streetvision.data.images import load_rgb
+
+    threshold = float(predictor.policy["params"]["threshold"])
+    for start in range(0, len(files), BATCH):
+        rows: list[dict[str, Any]] = []
+        images = []
+        for f in files[start : start + BATCH]:
+            try:
+                images.append(load_rgb(f, predictor.min_side))
+                rows.append({"id": str(f)})
+            except (OSError, SyntaxError, ValueError) as e:
+                rows.append({"id": str(f), "error": f"unreadable image: {type(e).__name__}: {e}"})
+        if images:
+            probs = predictor.probabilities(images)
+            decisions = apply_policy(predictor.policy["type"], predictor.policy["params"], probs)
+            readable = iter(zip(probs.tolist(), decisions.tolist(), strict=True))
+            for row in rows:
+                if "error" not in row:
+                    p, d = next(readable)
+                    row |= {"probability": p, "decision": "roadwork" if d else "no_roadwork"}
+                    if served:
+                        row["served_probability"] = served_probability(p, threshold)
+        yield from rows
+
+
+def predict_cli(bundle: str, inputs: Sequence[str], served: bool = False) -> int:
+    with local_bundle(bundle) as root:
+        predictor = Predictor(root)
+        failures = 0
+        for row in predict_files(predictor, expand(inputs), served):
+            failures += "error" in row
+            print(json.dumps(row), flush=True)
+    if failures:
+        print(f"streetvision predict: {failures} image(s) could not be read", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,140 @@
+"""Phase 6, ``export_bundle``: model + exactly one policy + splits as a portable, verified bundle.
+
+The bundle directory holds the files, ``bundle.json`` (relative paths, checksums, lineage, held-out
+metrics) and, as every step, ``manifest.json`` last. ``val_test`` is read here, to evaluate, and nowhere
+that fits anything. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from streetvision.bundle import (
+    BUNDLE_FILE,
+    BUNDLE_SCHEMA,
+    POLICY_TYPES,
+    BundleError,
+    apply_policy,
+    verify_bundle,
+)
+from streetvision.config import to_dict
+from streetvision.eval.metrics import compute_all_metrics
+from streetvision.eval.sweep import probabilities
+from streetvision.io.manifests import Manifest, StepOutputs, code_version, input_record, verify_dir
+from streetvision.steps.make_splits import SPLITS_FILE
+
+STEP = "export_bundle"
+# Each policy step and the one file it commits. The file's own policy_type must agree.
+POLICY_FILES = {"threshold": "thresholds.json", "gate": "gateparams.json", "scrc": "scrcparams.json"}
+
+
+@dataclass
+class ExportConfig:
+    min_test_mcc: Optional[float] = None  # noqa: UP045 - release gate on held-out MCC (OmegaConf reads Optional)
+
+
+@dataclass
+class Config:
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def find_policy(policy_dir: Path) -> tuple[str, str, dict[str, Any]]:
+    """(type, file name, content) of the one policy in a policy step's directory."""
+    present = [name for name in POLICY_FILES.values() if (policy_dir / name).is_file()]
+    if not present:
+        raise BundleError(
+            f"{policy_dir}: no policy file (expected one of {', '.join(POLICY_FILES.values())})"
+        )
+    if len(present) > 1:
+        raise BundleError(
+            f"{policy_dir}: {len(present)} policies ({', '.join(present)}); exactly one must be chosen"
+        )
+    content = json.loads((policy_dir / present[0]).read_text())
+    kind = content.get("policy_type")
+    if kind not in POLICY_TYPES:
+        raise BundleError(
+            f"{policy_dir / present[0]}: unknown policy_type {kind!r} (known: {', '.join(POLICY_TYPES)})"
+        )
+    if POLICY_FILES[kind] != present[0]:
+        raise BundleError(f"{policy_dir / present[0]}: policy_type {kind!r} does not belong in this file")
+    return kind, present[0], content
+
+
+def run(
+    config: Config,
+    *,
+    phase1: Path,
+    policy: Path,
+    splits: Path,
+    out: Path,
+    sources: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> Manifest:
+    p1_manifest = verify_dir(phase1)
+    verify_dir(policy)
+    verify_dir(splits)
+    kind, policy_file, policy_content = find_policy(policy)
+    model_info = json.loads((phase1 / "model.json").read_text())
+
+    scores = probabilities(np.load(phase1 / "logits_val_test.npy", allow_pickle=False))
+    labels = np.load(phase1 / "labels_val_test.npy", allow_pickle=False)
+    test = compute_all_metrics(labels, apply_policy(kind, policy_content, scores))
+    gate = config.export.min_test_mcc
+    if gate is not None and test["mcc"] < gate:
+        raise BundleError(
+            f"release gate: held-out val_test MCC {test['mcc']:.4f} < export.min_test_mcc {gate} "
+            f"(n={len(labels)}); no bundle written"
+        )
+
+    outputs = StepOutputs(out, STEP)
+    for name, src in (
+        ("model.safetensors", phase1 / "model.safetensors"),
+        ("model.json", phase1 / "model.json"),
+        (policy_file, policy / policy_file),
+        (SPLITS_FILE, splits / SPLITS_FILE),
+    ):
+        outputs.copy(name, src)
+    files = {n: {"sha256": w.sha256, "size": w.size} for n, w in outputs.files.items()}
+    src = sources or {}
+    lineage = {
+        "phase1": input_record(phase1, src.get("phase1")),
+        "policy": input_record(policy, src.get("policy")),
+        "splits": input_record(splits, src.get("splits")),
+        "dataset": p1_manifest.inputs.get("dataset", {}),
+    }
+    bundle = {
+        "schema_version": BUNDLE_SCHEMA,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "backbone": model_info["backbone"],
+        "num_classes": model_info["num_classes"],
+        "class_names": model_info["class_names"],
+        "preprocessing": model_info["preprocessing"],
+        "decode_min_side": model_info["decode_min_side"],
+        "model": {
+            "weights": "model.safetensors",
+            "config": "model.json",
+            "logit_columns": model_info["logit_columns"],
+            "dropout": model_info["dropout"],
+        },
+        "policy": {"type": kind, "file": policy_file, "params": {"threshold": policy_content["threshold"]}},
+        "splits": SPLITS_FILE,
+        "files": files,
+        "test_metrics": {**test, "split": "val_test", "n": int(len(labels))},
+        "lineage": lineage,
+    }
+    outputs.write_json(BUNDLE_FILE, bundle)
+    verify_bundle(out)  # what a loader will check, checked before the manifest commits it
+    return outputs.commit(
+        config=to_dict(config),
+        inputs=lineage,
+        metrics={f"test_{k}": v for k, v in test.items()},
+        run_id=run_id,
+        extra={"policy_type": kind},
+    )
