@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/local
 ARGS   ?=
+REGISTRY ?= ghcr.io/streetvision
+TAG      ?= 0.1.0
 
 .PHONY: venv test test-fast lint bench run compile submit clean
 
@@ -31,6 +33,14 @@ bench: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/streetvision run --out $(OUT) $(ARGS)
+
+# Regenerate pipelines/streetvision.yaml and components/*.yaml (REGISTRY / TAG override the images).
+compile: $(STAMP)
+	STREETVISION_REGISTRY=$(REGISTRY) STREETVISION_TAG=$(TAG) $(BIN)/python -m pipelines.compile $(COMPILE_ARGS)
+
+# Upload the compiled pipeline and start a run: make submit KFP_ENDPOINT=http://... PARAMS="dataset_uri=s3://..."
+submit: $(STAMP)
+	KFP_ENDPOINT=$(KFP_ENDPOINT) $(BIN)/python -m pipelines.submit $(PARAMS)
 
 clean:
 	rm -rf $(VENV) runs .bench .pytest_cache .ruff_cache

@@ -40,7 +40,9 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
                 raise ConfigError(f"config file {path} must hold a mapping of sections")
             base = OmegaConf.merge(base, loaded)
         if overrides:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+            # `key=` means the empty string (as a KFP launcher renders an empty parameter), not null.
+            dotlist = [o + '""' if o.endswith("=") else o for o in overrides]
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
         return OmegaConf.to_object(base)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""

@@ -63,3 +63,8 @@ def test_override_without_equals_sign_is_rejected():
 def test_missing_config_file_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Root, [tmp_path / "nope.yaml"])
+
+
+def test_an_empty_override_is_the_empty_string_not_null():
+    cfg = load_config(Root, [], ["model.backbone="])
+    assert cfg.model.backbone == ""

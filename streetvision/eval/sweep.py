@@ -89,7 +89,13 @@ class Constraint:
     min_precision: float | None = None
 
     def active(self) -> dict[str, float]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+        """The constraints that can bind (a rate bound of 1 or a precision floor of 0 never does)."""
+        vacuous = {"max_fnr": 1.0, "max_fpr": 1.0, "min_precision": 0.0}
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if v is not None and (v < 1.0 if k.startswith("max") else v > vacuous[k])
+        }
 
 
 def choose_threshold(sweep: Sweep, constraint: Constraint = Constraint()) -> tuple[float, int]:

@@ -23,20 +23,47 @@ STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def run_from_cli(stem: str, args: dict[str, Any]):
+def run_step(
+    stem: str,
+    config,
+    uris: dict[str, str],
+    out: str,
+    *,
+    run_id: str | None = None,
+    executor_input: str | None = None,
+):
+    """Run one step on local paths or ``s3://`` URIs; returns its manifest (None on non-zero DDP ranks)."""
     from streetvision.data.dataset import local_dataset
 
     module = importlib.import_module(f"streetvision.steps.{stem}")
-    config = load_config(module.Config, args.get("config") or [], args.get("overrides") or [])
     step_inputs, dataset_inputs = STEPS[stem]
     with ExitStack() as stack:
-        inputs = {name: stack.enter_context(store.local_step(args[name])) for name in step_inputs}
-        inputs |= {name: stack.enter_context(local_dataset(args[name])) for name in dataset_inputs}
-        sources = {name: str(args[name]) for name in (*step_inputs, *dataset_inputs)}
-        out = stack.enter_context(store.output_step(args["out"]))
-        manifest = module.run(config, **inputs, out=out, sources=sources, run_id=args.get("run_id"))
-        if args.get("executor_input"):
+        inputs = {name: stack.enter_context(store.local_step(uris[name])) for name in step_inputs}
+        inputs |= {name: stack.enter_context(local_dataset(uris[name])) for name in dataset_inputs}
+        sources = {name: str(uris[name]) for name in (*step_inputs, *dataset_inputs)}
+        local_out = stack.enter_context(store.output_step(out))
+        manifest = module.run(config, **inputs, out=local_out, sources=sources, run_id=run_id)
+        if executor_input:
             from streetvision.kfp_executor import write_executor_output
 
-            write_executor_output(args["executor_input"], out, manifest)
+            write_executor_output(executor_input, local_out, manifest)
     return manifest
+
+
+def step_config(stem: str, files=(), overrides=()):
+    """The resolved config of a step: its dataclass defaults, then files, then ``key=value`` overrides."""
+    module = importlib.import_module(f"streetvision.steps.{stem}")
+    return load_config(module.Config, files, overrides)
+
+
+def run_from_cli(stem: str, args: dict[str, Any]):
+    config = step_config(stem, args.get("config") or [], args.get("overrides") or [])
+    uris = {name: str(args[name]) for name in (*STEPS[stem][0], *STEPS[stem][1])}
+    return run_step(
+        stem,
+        config,
+        uris,
+        str(args["out"]),
+        run_id=args.get("run_id"),
+        executor_input=args.get("executor_input"),
+    )

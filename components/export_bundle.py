@@ -1,0 +1,43 @@
+from kfp import dsl
+
+from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
+
+
+@dsl.container_component
+def export_bundle(
+    phase1: dsl.Input[dsl.Model],
+    policy: dsl.Input[dsl.Artifact],
+    splits: dsl.Input[dsl.Artifact],
+    bundle: dsl.Output[dsl.Model],
+    test_metrics: dsl.Output[dsl.Metrics],
+    min_test_mcc: float = -1.0,
+):
+    """Phase 6: export model, policy and splits as a portable bundle, with held-out val_test metrics.
+
+    Args:
+        phase1: train_baseline output.
+        policy: The one policy step output to bundle (sweep_thresholds).
+        splits: make_splits output.
+        min_test_mcc: Release gate: fail without a bundle when held-out MCC is lower (-1.0: no gate).
+
+    Returns:
+        bundle: bundle.json plus the files it names (relative paths, sha256 each), and manifest.json.
+        test_metrics: Held-out val_test metrics of the bundled model and policy.
+    """
+    return dsl.ContainerSpec(
+        image=BASE_IMAGE,
+        command=[*ENTRYPOINT, "export-bundle"],
+        args=[
+            "--phase1",
+            phase1.path,
+            "--policy",
+            policy.path,
+            "--splits",
+            splits.path,
+            "--out",
+            bundle.path,
+            "--executor-input",
+            EXECUTOR_INPUT,
+            dsl.ConcatPlaceholder(["export.min_test_mcc=", min_test_mcc]),
+        ],
+    )

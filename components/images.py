@@ -1,0 +1,18 @@
+"""The container images every component references, in one place.
+
+Override at compile time with ``STREETVISION_REGISTRY`` and ``STREETVISION_TAG`` (``make compile
+REGISTRY=... TAG=...``), or pin digests with ``STREETVISION_BASE_IMAGE`` / ``STREETVISION_TRAIN_IMAGE``.
+"""
+
+import os
+
+REGISTRY = os.environ.get("STREETVISION_REGISTRY", "ghcr.io/streetvision")
+TAG = os.environ.get("STREETVISION_TAG", "0.1.0")
+
+# Phases without a neural network: numpy, scikit-learn, boto3, Pillow, safetensors; no torch.
+BASE_IMAGE = os.environ.get("STREETVISION_BASE_IMAGE", f"{REGISTRY}/streetvision-base:{TAG}")
+# Training and prediction: the base plus torch, Lightning and timm.
+TRAIN_IMAGE = os.environ.get("STREETVISION_TRAIN_IMAGE", f"{REGISTRY}/streetvision-train:{TAG}")
+
+ENTRYPOINT = ["python", "-m", "streetvision"]
+EXECUTOR_INPUT = "{{$}}"  # the KFP launcher substitutes the executor input JSON here

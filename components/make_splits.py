@@ -1,0 +1,36 @@
+from kfp import dsl
+
+from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
+
+
+@dsl.container_component
+def make_splits(
+    dataset: dsl.Input[dsl.Dataset],
+    splits: dsl.Output[dsl.Artifact],
+    seed: int = 0,
+    ratios: str = "[0.6,0.15,0.15,0.1]",
+):
+    """Phase 0: stratified, seeded split of a dataset into train / val_select / val_calib / val_test.
+
+    Args:
+        dataset: Folder with labels.csv (image,label; 1 = roadwork) and the images it lists.
+        seed: Seed of the per-class shuffle.
+        ratios: Shares of train, val_select, val_calib, val_test, as a list summing to 1.
+
+    Returns:
+        splits: Step directory with splits.json (disjoint id lists, seed, ratios) and manifest.json.
+    """
+    return dsl.ContainerSpec(
+        image=BASE_IMAGE,
+        command=[*ENTRYPOINT, "make-splits"],
+        args=[
+            "--dataset",
+            dataset.path,
+            "--out",
+            splits.path,
+            "--executor-input",
+            EXECUTOR_INPUT,
+            dsl.ConcatPlaceholder(["splits.seed=", seed]),
+            dsl.ConcatPlaceholder(["splits.ratios=", ratios]),
+        ],
+    )

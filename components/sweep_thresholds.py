@@ -1,0 +1,45 @@
+from kfp import dsl
+
+from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
+
+
+@dsl.container_component
+def sweep_thresholds(
+    phase1: dsl.Input[dsl.Model],
+    thresholds: dsl.Output[dsl.Artifact],
+    metrics: dsl.Output[dsl.Metrics],
+    classification: dsl.Output[dsl.ClassificationMetrics],
+    report: dsl.Output[dsl.Markdown],
+    max_fnr: float = 1.0,
+    max_fpr: float = 1.0,
+    min_precision: float = 0.0,
+):
+    """Phase 2: exact threshold sweep on val_calib; the max-MCC threshold policy, its curves and report.
+
+    Args:
+        phase1: train_baseline output (only its val_calib logits and labels are read).
+        max_fnr: Largest false-negative rate the policy may have (1.0: no constraint).
+        max_fpr: Largest false-positive rate the policy may have (1.0: no constraint).
+        min_precision: Smallest precision the policy may have (0.0: no constraint).
+
+    Returns:
+        thresholds: Step directory: thresholds.json (the policy), sweep.csv, risk_coverage.csv, plots, report.
+        metrics: MCC, accuracy, FNR, FPR, threshold and AURC at the policy.
+        classification: Confusion matrix at the threshold and the ROC curve.
+        report: The Markdown report with its plots.
+    """
+    return dsl.ContainerSpec(
+        image=BASE_IMAGE,
+        command=[*ENTRYPOINT, "sweep-thresholds"],
+        args=[
+            "--phase1",
+            phase1.path,
+            "--out",
+            thresholds.path,
+            "--executor-input",
+            EXECUTOR_INPUT,
+            dsl.ConcatPlaceholder(["policy.max_fnr=", max_fnr]),
+            dsl.ConcatPlaceholder(["policy.max_fpr=", max_fpr]),
+            dsl.ConcatPlaceholder(["policy.min_precision=", min_precision]),
+        ],
+    )

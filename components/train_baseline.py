@@ -1,0 +1,64 @@
+from kfp import dsl
+
+from components.images import ENTRYPOINT, EXECUTOR_INPUT, TRAIN_IMAGE
+
+
+@dsl.container_component
+def train_baseline(
+    dataset: dsl.Input[dsl.Dataset],
+    splits: dsl.Input[dsl.Artifact],
+    model: dsl.Output[dsl.Model],
+    metrics: dsl.Output[dsl.Metrics],
+    backbone: str = "vit_small_patch14_dinov2.lvd142m",
+    pretrained: bool = True,
+    weights_uri: str = "",
+    freeze_backbone: bool = True,
+    epochs: int = 10,
+    lr: float = 0.001,
+    batch_size: int = 32,
+    image_size: int = 0,
+    seed: int = 0,
+):
+    """Phase 1: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
+
+    Args:
+        dataset: The dataset folder (labels.csv + images).
+        splits: make_splits output.
+        backbone: timm model name.
+        pretrained: Load the hub's pretrained weights for the backbone.
+        weights_uri: Backbone weights file (local path or s3:// URI) used instead of the hub.
+        freeze_backbone: Train the head only (features are then computed once and cached).
+        epochs: Maximum epochs; early stopping may end sooner.
+        lr: AdamW learning rate (warmup, then cosine decay).
+        batch_size: Images per batch.
+        image_size: Input side in pixels; 0 keeps the backbone's own.
+        seed: Seed for initialisation and shuffling.
+
+    Returns:
+        model: Step directory: model.safetensors, model.json, logits/labels/ids for val_select, val_calib
+            and val_test, history.csv, metrics.json, config.yaml, manifest.json.
+        metrics: val_select and val_calib metrics for the Kubeflow UI.
+    """
+    return dsl.ContainerSpec(
+        image=TRAIN_IMAGE,
+        command=[*ENTRYPOINT, "train-baseline"],
+        args=[
+            "--dataset",
+            dataset.path,
+            "--splits",
+            splits.path,
+            "--out",
+            model.path,
+            "--executor-input",
+            EXECUTOR_INPUT,
+            dsl.ConcatPlaceholder(["model.backbone=", backbone]),
+            dsl.ConcatPlaceholder(["model.pretrained=", pretrained]),
+            dsl.ConcatPlaceholder(["model.weights=", weights_uri]),
+            dsl.ConcatPlaceholder(["model.freeze_backbone=", freeze_backbone]),
+            dsl.ConcatPlaceholder(["trainer.max_epochs=", epochs]),
+            dsl.ConcatPlaceholder(["model.lr=", lr]),
+            dsl.ConcatPlaceholder(["data.batch_size=", batch_size]),
+            dsl.ConcatPlaceholder(["data.image_size=", image_size]),
+            dsl.ConcatPlaceholder(["seed=", seed]),
+        ],
+    )

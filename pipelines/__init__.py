@@ -1,0 +1,1 @@
+"""The StreetVision Kubeflow pipeline and its compile / submit scripts."""

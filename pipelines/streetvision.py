@@ -1,0 +1,130 @@
+"""The default StreetVision pipeline: make_splits -> train_baseline -> sweep_thresholds -> export_bundle.
+
+``build_pipeline(options)`` returns the pipeline function; :class:`PlatformOptions` holds what is decided
+at compile time (credentials Secret, GPU request, node selector, tolerations). The committed
+``pipelines/streetvision.yaml`` is ``build_pipeline()`` with the defaults (CPU, no selectors).
+"""
+
+from dataclasses import dataclass, field
+
+from kfp import dsl, kubernetes
+
+from components.export_bundle import export_bundle
+from components.make_splits import make_splits
+from components.sweep_thresholds import sweep_thresholds
+from components.train_baseline import train_baseline
+
+
+@dataclass(frozen=True)
+class PlatformOptions:
+    # Secret with the object-store credentials, exposed to the steps as the standard AWS variables.
+    s3_secret: str = "streetvision-s3"
+    s3_secret_keys: dict[str, str] = field(
+        default_factory=lambda: {
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3",
+            "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
+        }
+    )
+    gpus: int = 0  # GPUs requested by the training step
+    gpu_resource: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = field(default_factory=dict)  # for the training step
+    tolerations: list[dict[str, str]] = field(default_factory=list)  # {key, operator, value, effect}
+
+
+def _with_credentials(task, options: PlatformOptions):
+    return kubernetes.use_secret_as_env(
+        task,
+        secret_name=options.s3_secret,
+        secret_key_to_env={k: v for k, v in options.s3_secret_keys.items()},
+    )
+
+
+def build_pipeline(options: PlatformOptions = PlatformOptions()):
+    @dsl.pipeline(
+        name="streetvision",
+        description="Train, calibrate and export the StreetVision roadwork classifier "
+        "(make_splits -> train_baseline -> sweep_thresholds -> export_bundle).",
+    )
+    def streetvision(
+        dataset_uri: str,
+        backbone: str = "vit_small_patch14_dinov2.lvd142m",
+        pretrained: bool = True,
+        weights_uri: str = "",
+        freeze_backbone: bool = True,
+        epochs: int = 10,
+        lr: float = 0.001,
+        batch_size: int = 32,
+        image_size: int = 0,
+        seed: int = 0,
+        max_fnr: float = 1.0,
+        min_test_mcc: float = -1.0,
+    ):
+        """StreetVision default pipeline.
+
+        Args:
+            dataset_uri: Object-store URI of the dataset folder (labels.csv + images), e.g. s3://bucket/roadwork.
+            backbone: timm model name of the backbone.
+            pretrained: Load the hub's pretrained backbone weights.
+            weights_uri: Backbone weights file (s3:// URI) used instead of the hub; empty for the hub.
+            freeze_backbone: Train the head only.
+            epochs: Maximum training epochs (early stopping on val_select MCC may end sooner).
+            lr: Learning rate.
+            batch_size: Training batch size.
+            image_size: Input side in pixels (0: the backbone's own).
+            seed: Seed for the splits and the training.
+            max_fnr: Policy constraint: largest false-negative rate on val_calib (1.0: none).
+            min_test_mcc: Release gate on held-out val_test MCC (-1.0: none).
+        """
+        dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
+        dataset.set_display_name("dataset")
+
+        splits = make_splits(dataset=dataset.output, seed=seed)
+        splits.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+
+        train = train_baseline(
+            dataset=dataset.output,
+            splits=splits.outputs["splits"],
+            backbone=backbone,
+            pretrained=pretrained,
+            weights_uri=weights_uri,
+            freeze_backbone=freeze_backbone,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            image_size=image_size,
+            seed=seed,
+        )
+        train.set_retry(num_retries=1, backoff_duration="60s")  # preemptible nodes, hub hiccups
+        if options.gpus:
+            train.set_accelerator_type(options.gpu_resource).set_accelerator_limit(options.gpus)
+        for key, value in options.node_selector.items():
+            kubernetes.add_node_selector(train, label_key=key, label_value=value)
+        for t in options.tolerations:
+            kubernetes.add_toleration(
+                train,
+                key=t.get("key"),
+                operator=t.get("operator", "Equal"),
+                value=t.get("value"),
+                effect=t.get("effect"),
+            )
+
+        sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr)
+        sweep.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+
+        export = export_bundle(
+            phase1=train.outputs["model"],
+            policy=sweep.outputs["thresholds"],
+            splits=splits.outputs["splits"],
+            min_test_mcc=min_test_mcc,
+        )
+        export.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+
+        for task in (splits, train, sweep, export):
+            _with_credentials(task, options)
+
+    return streetvision
+
+
+streetvision = build_pipeline()

@@ -1,0 +1,55 @@
+"""``python -m pipelines.submit``: upload pipelines/streetvision.yaml to a Kubeflow endpoint and start a run.
+
+The endpoint comes from ``KFP_ENDPOINT`` (e.g. http://localhost:8080 after ``kubectl port-forward``);
+run parameters are ``key=value`` arguments, e.g. ``dataset_uri=s3://bucket/roadwork epochs=20``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _value(text: str):
+    return yaml.safe_load(text) if text else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--package", type=Path, default=ROOT / "pipelines" / "streetvision.yaml")
+    p.add_argument("--experiment", default="streetvision")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("params", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    endpoint = os.environ.get("KFP_ENDPOINT")
+    if not endpoint:
+        print(
+            "pipelines.submit: set KFP_ENDPOINT to the Kubeflow Pipelines API (e.g. http://localhost:8080)",
+            file=sys.stderr,
+        )
+        return 2
+    params = dict(kv.split("=", 1) for kv in a.params)
+    if "dataset_uri" not in params:
+        print("pipelines.submit: dataset_uri=s3://bucket/prefix is required", file=sys.stderr)
+        return 2
+    import kfp
+
+    client = kfp.Client(host=endpoint)
+    run = client.create_run_from_pipeline_package(
+        str(a.package),
+        arguments={k: _value(v) for k, v in params.items()},
+        experiment_name=a.experiment,
+        run_name=a.run_name,
+    )
+    print(f"started run {run.run_id} on {endpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""``streetvision run``: the default pipeline on one machine, resumable, with the same step code and layout.
+
+Each phase runs as its own ``python -m streetvision <step>`` process (as in its container), writing
+``<out>/<stem>`` locally or under an ``s3://`` prefix. A phase whose committed manifest already records
+the same config hash and the same input checksums is skipped, so a re-run after a crash or Ctrl-C picks
+up where it stopped, and a changed parameter re-runs that phase and everything downstream.
+
+Overrides are the steps' own keys (``model.lr=0.001 data.batch_size=32 policy.max_fnr=0.1``), routed to
+the step that owns the section; ``pipeline.phases=[phase1,phase2,phase6]`` runs a subset whose inputs
+exist, and ``demo.n=...`` shapes the generated demo data used when no dataset is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streetvision.config import ConfigError, load_config, to_dict
+from streetvision.errors import StreetVisionError
+from streetvision.io import store
+from streetvision.io.manifests import MANIFEST, Manifest, ManifestError, redact, sha256_json, verify_dir
+from streetvision.steps import STEPS, step_config
+
+ORDER = ["make_splits", "train_baseline", "sweep_thresholds", "export_bundle"]
+PHASE_NAMES = {
+    "phase0": "make_splits",
+    "phase1": "train_baseline",
+    "phase2": "sweep_thresholds",
+    "phase6": "export_bundle",
+}
+DEMO_PROFILE = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class DemoConfig:
+    n: int = 1200
+    seed: int = 0
+    size: int = 96
+
+
+@dataclass
+class PipelineConfig:
+    phases: list[str] = field(default_factory=lambda: list(PHASE_NAMES))
+
+
+@dataclass
+class RunnerConfig:
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def _flatten(prefix: str, value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
+    return [f"{prefix}={json.dumps(value)}"]
+
+
+def _owners() -> dict[str, str]:
+    """Top-level config key -> the owner that reads it (a step stem, or the runner)."""
+    owners = {f.name: "runner" for f in dataclasses.fields(RunnerConfig)}
+    for stem in ORDER:
+        for f in dataclasses.fields(step_config(stem)):
+            owners.setdefault(f.name, stem)
+    return owners
+
+
+def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, list[str]]:
+    """Split YAML files and ``key=value`` overrides by the step (or the runner) that owns each key."""
+    from omegaconf import OmegaConf
+
+    entries: list[str] = []
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"config file {f} does not exist")
+        entries += _flatten("", OmegaConf.to_container(OmegaConf.load(f)))
+    entries += list(overrides)
+    owners, routed = _owners(), {"runner": [], **{stem: [] for stem in ORDER}}
+    for entry in entries:
+        key = entry.split("=", 1)[0]
+        head, _, rest = key.partition(".")
+        if head in ORDER and rest:  # explicit: train_baseline.model.lr=...
+            routed[head].append(entry.split(".", 1)[1])
+        elif head in owners:
+            routed[owners[head]].append(entry)
+        else:
+            raise ConfigError(
+                f"config key {key!r}: no step reads it (known sections: {', '.join(sorted(owners))})"
+            )
+    return routed
+
+
+def _phases(requested: list[str]) -> list[str]:
+    stems = []
+    for name in requested:
+        stem = PHASE_NAMES.get(name, name)
+        if stem not in ORDER:
+            raise ConfigError(
+                f"pipeline.phases: unknown phase {name!r} (use {', '.join(PHASE_NAMES)} or step names)"
+            )
+        stems.append(stem)
+    return [s for s in ORDER if s in stems]
+
+
+def committed(uri: str) -> tuple[Manifest, str] | None:
+    """(manifest, sha256 of manifest.json) of a committed step, or None."""
+    try:
+        if store.is_s3(uri):
+            if not store.is_committed(uri):
+                return None
+            raw = store.read_bytes(store.join(uri, MANIFEST))
+        else:
+            verify_dir(uri)
+            raw = Path(uri, MANIFEST).read_bytes()
+    except (ManifestError, store.StoreError):
+        return None
+    return Manifest.from_dict(json.loads(raw)), hashlib.sha256(raw).hexdigest()
+
+
+def _index_sha256(dataset: str) -> str:
+    return hashlib.sha256(store.read_bytes(store.join(dataset, "labels.csv"))).hexdigest()
+
+
+def up_to_date(stem: str, config, uris: dict[str, str], out: str) -> bool:
+    found = committed(out)
+    if found is None:
+        return False
+    manifest, _ = found
+    if manifest.config_sha256 != sha256_json(redact(to_dict(config))):
+        return False
+    step_inputs, dataset_inputs = STEPS[stem]
+    for name in step_inputs:
+        upstream = committed(uris[name])
+        if upstream is None or manifest.inputs.get(name, {}).get("manifest_sha256") != upstream[1]:
+            return False
+    return all(
+        manifest.inputs.get(n, {}).get("index_sha256") == _index_sha256(uris[n]) for n in dataset_inputs
+    )
+
+
+def _demo_data(out: str, demo: DemoConfig) -> str:
+    from streetvision.data.demo import write_demo_dataset
+
+    uri = store.join(out, "data")
+    marker = json.dumps(dataclasses.asdict(demo), sort_keys=True)
+    if store.is_s3(uri):
+        if (
+            store.exists(store.join(uri, "demo.json"))
+            and store.read_bytes(store.join(uri, "demo.json")).decode() == marker
+        ):
+            return uri
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="sv-demo-") as tmp:
+            write_demo_dataset(tmp, n=demo.n, seed=demo.seed, size=demo.size)
+            Path(tmp, "demo.json").write_text(marker)
+            store.upload_tree(tmp, uri)
+        return uri
+    if Path(uri, "demo.json").is_file() and Path(uri, "demo.json").read_text() == marker:
+        return uri
+    write_demo_dataset(uri, n=demo.n, seed=demo.seed, size=demo.size)
+    Path(uri, "demo.json").write_text(marker)
+    return uri
+
+
+def _launch(stem: str, uris: dict[str, str], out: str, overrides: list[str], run_id: str) -> None:
+    args = [sys.executable, "-m", "streetvision", stem.replace("_", "-")]
+    for name, uri in uris.items():
+        args += [f"--{name}", uri]
+    args += ["--out", out, "--run-id", run_id, *overrides]
+    code = subprocess.run(args).returncode  # noqa: S603 - our own CLI, arguments from the user's own command
+    if code != 0:
+        raise StreetVisionError(f"phase {stem} failed (exit {code}); its error is printed above")
+
+
+def run_local(
+    out: str,
+    *,
+    dataset: str | None = None,
+    files: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    force: bool = False,
+) -> dict[str, Any]:
+    files = list(files)
+    if dataset is None:
+        files.insert(0, str(DEMO_PROFILE))
+    routed = route(files, overrides)
+    runner = load_config(RunnerConfig, [], routed["runner"])
+    selected = _phases(runner.pipeline.phases)
+    configs = {stem: step_config(stem, [], routed[stem]) for stem in ORDER}  # all validated before any work
+    data = dataset or _demo_data(out, runner.demo)
+    outs = {stem: store.join(out, stem) for stem in ORDER}
+    available = {
+        "dataset": data,
+        "splits": outs["make_splits"],
+        "phase1": outs["train_baseline"],
+        "policy": outs["sweep_thresholds"],
+    }
+    run_id = uuid.uuid4().hex
+    done: dict[str, str] = {}
+    for stem in ORDER:
+        uris = {name: available[name] for name in (*STEPS[stem][0], *STEPS[stem][1])}
+        if stem not in selected:
+            done[stem] = "not selected" if committed(outs[stem]) else "absent"
+            continue
+        for name in STEPS[stem][0]:
+            if committed(uris[name]) is None:
+                raise StreetVisionError(
+                    f"phase {stem} needs a committed {name} at {uris[name]}; "
+                    "run its phase first (add it to pipeline.phases)"
+                )
+        if not force and up_to_date(stem, configs[stem], uris, outs[stem]):
+            done[stem] = "up to date, skipped"
+            continue
+        t0 = time.time()
+        print(f"== {stem} -> {outs[stem]}", flush=True)
+        _launch(stem, uris, outs[stem], routed[stem], run_id)
+        done[stem] = f"ran in {time.time() - t0:.1f}s"
+    summary = _summary(outs, done)
+    print(summary["text"], flush=True)
+    return summary
+
+
+def _summary(outs: dict[str, str], done: dict[str, str]) -> dict[str, Any]:
+    lines = ["", "StreetVision run summary"]
+    lines += [f"  {stem:<17} {state}" for stem, state in done.items()]
+    result: dict[str, Any] = {"steps": done}
+    sweep, export = committed(outs["sweep_thresholds"]), committed(outs["export_bundle"])
+    if sweep:
+        m = sweep[0].metrics
+        result["val_calib"] = m
+        lines.append(
+            f"  val_calib        MCC {m['mcc']:.3f}  accuracy {m['accuracy']:.3f}  FNR {m['fnr']:.3f}  "
+            f"FPR {m['fpr']:.3f}  at threshold {m['threshold']:.4f} (n={m['n']})"
+        )
+    if export:
+        m = export[0].metrics
+        result["test"] = m
+        result["bundle"] = outs["export_bundle"]
+        lines.append(
+            f"  val_test (held out) MCC {m['test_mcc']:.3f}  accuracy {m['test_accuracy']:.3f}  "
+            f"FNR {m['test_fnr']:.3f}  FPR {m['test_fpr']:.3f}"
+        )
+        lines.append(
+            f"  verified bundle: {outs['export_bundle']}  (check: streetvision verify {outs['export_bundle']})"
+        )
+    result["text"] = "\n".join(lines)
+    return result

@@ -1,0 +1,107 @@
+"""What the KFP launcher does to a compiled container command line, for contract tests.
+
+It substitutes the placeholders the launcher substitutes (artifact paths, parameter values, ``{{$}}``) and
+resolves ``{"Concat": [...]}`` / ``{"IfPresent": ...}`` arguments, from the compiled component spec.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PLACEHOLDER = re.compile(
+    r"\{\{\$\.(inputs|outputs)\.(artifacts|parameters)\['([^']+)'\](?:\.(path|uri))?\}\}"
+)
+
+
+def load_component(path: Path) -> dict[str, Any]:
+    spec = yaml.safe_load(path.read_text())
+    (comp,) = spec["components"].values()
+    (executor,) = spec["deploymentSpec"]["executors"].values()
+    return {"spec": comp, "container": executor["container"]}
+
+
+def _param_text(value: Any) -> str:
+    """A parameter as the Go launcher prints it (strconv.FormatFloat(v, 'f', -1, 64) for numbers)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def command_line(
+    component: dict[str, Any],
+    inputs: dict[str, Path],
+    outputs_root: Path,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """(argv, executor_input) with every placeholder replaced as the launcher would."""
+    spec = component["spec"]
+    params = {
+        k: v.get("defaultValue") for k, v in spec.get("inputDefinitions", {}).get("parameters", {}).items()
+    }
+    params |= parameters or {}
+    out_defs = spec.get("outputDefinitions", {}).get("artifacts", {})
+    in_defs = spec.get("inputDefinitions", {}).get("artifacts", {})
+    out_paths = {name: outputs_root / name for name in out_defs}
+    executor_input = {
+        "inputs": {
+            "artifacts": {
+                n: {
+                    "artifacts": [
+                        {"name": n, "uri": str(inputs[n]), "type": in_defs[n]["artifactType"], "metadata": {}}
+                    ]
+                }
+                for n in in_defs
+            },
+            "parameterValues": params,
+        },
+        "outputs": {
+            "artifacts": {
+                n: {"artifacts": [{"name": n, "uri": str(out_paths[n]), "type": d["artifactType"]}]}
+                for n, d in out_defs.items()
+            },
+            "outputFile": str(outputs_root / "executor_output.json"),
+        },
+    }
+
+    def substitute(text: str) -> str:
+        if text == "{{$}}":
+            return json.dumps(executor_input)
+
+        def one(m: re.Match) -> str:
+            direction, kind, name, _ = m.groups()
+            if kind == "parameters":
+                return _param_text(params[name])
+            return str(inputs[name] if direction == "inputs" else out_paths[name])
+
+        return PLACEHOLDER.sub(one, text)
+
+    def resolve(arg: Any) -> list[str]:
+        if isinstance(arg, str) and arg.startswith("{"):
+            try:
+                arg = json.loads(arg)
+            except json.JSONDecodeError:
+                return [substitute(arg)]
+        if isinstance(arg, dict) and "Concat" in arg:
+            return ["".join(part for a in arg["Concat"] for part in resolve(a))]
+        if isinstance(arg, dict) and "IfPresent" in arg:
+            branch = arg["IfPresent"]
+            chosen = (
+                branch.get("Then", [])
+                if params.get(branch["InputName"]) is not None
+                else branch.get("Else", [])
+            )
+            return [part for a in (chosen if isinstance(chosen, list) else [chosen]) for part in resolve(a)]
+        return [substitute(arg)]
+
+    container = component["container"]
+    argv = [part for a in [*container["command"], *container.get("args", [])] for part in resolve(a)]
+    for p in out_paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    return argv, executor_input

@@ -1,0 +1,208 @@
+"""Kubeflow: the committed YAML is what the code compiles to, parses strictly, and wires the phases;
+each component's compiled command line runs the real step (contract tests)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+from kfp_launcher import command_line, load_component
+
+from streetvision.io.manifests import verify_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+STEMS = ["make_splits", "train_baseline", "sweep_thresholds", "export_bundle"]
+
+
+def without_sdk_version(text):
+    return "\n".join(line for line in text.splitlines() if not line.startswith("sdkVersion:"))
+
+
+@pytest.fixture(scope="module")
+def recompiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    (out / "components").mkdir()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.compile",
+            "--output",
+            str(out / "streetvision.yaml"),
+            "--components-dir",
+            str(out / "components"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_committed_pipeline_yaml_is_what_the_code_compiles_to(recompiled):
+    committed = (ROOT / "pipelines" / "streetvision.yaml").read_text()
+    assert without_sdk_version((recompiled / "streetvision.yaml").read_text()) == without_sdk_version(
+        committed
+    ), "pipelines/streetvision.yaml is stale: run `make compile` and commit it"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_committed_component_yaml_is_what_the_code_compiles_to(recompiled, stem):
+    committed = (ROOT / "components" / f"{stem}.yaml").read_text()
+    assert without_sdk_version(
+        (recompiled / "components" / f"{stem}.yaml").read_text()
+    ) == without_sdk_version(committed)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    docs = list(yaml.safe_load_all((ROOT / "pipelines" / "streetvision.yaml").read_text()))
+    pipeline = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())  # strict: unknown fields fail
+    platform = json_format.ParseDict(docs[1], pipeline_spec_pb2.PlatformSpec())
+    return pipeline, platform
+
+
+def producer(task, kind, name):
+    sel = getattr(task.inputs, kind)[name]
+    return sel.task_output_artifact.producer_task, sel.task_output_artifact.output_artifact_key
+
+
+def test_dag_wires_each_output_to_the_right_input(spec):
+    pipeline, _ = spec
+    tasks = pipeline.root.dag.tasks
+    assert set(tasks) == {"importer", "make-splits", "train-baseline", "sweep-thresholds", "export-bundle"}
+    assert producer(tasks["make-splits"], "artifacts", "dataset") == ("importer", "artifact")
+    assert producer(tasks["train-baseline"], "artifacts", "dataset") == ("importer", "artifact")
+    assert producer(tasks["train-baseline"], "artifacts", "splits") == ("make-splits", "splits")
+    assert producer(tasks["sweep-thresholds"], "artifacts", "phase1") == ("train-baseline", "model")
+    assert producer(tasks["export-bundle"], "artifacts", "phase1") == ("train-baseline", "model")
+    assert producer(tasks["export-bundle"], "artifacts", "policy") == ("sweep-thresholds", "thresholds")
+    assert producer(tasks["export-bundle"], "artifacts", "splits") == ("make-splits", "splits")
+    train_params = tasks["train-baseline"].inputs.parameters
+    assert train_params["lr"].component_input_parameter == "lr"
+    assert train_params["backbone"].component_input_parameter == "backbone"
+    assert tasks["sweep-thresholds"].inputs.parameters["max_fnr"].component_input_parameter == "max_fnr"
+    assert (
+        tasks["export-bundle"].inputs.parameters["min_test_mcc"].component_input_parameter == "min_test_mcc"
+    )
+    for name in ("make-splits", "train-baseline", "sweep-thresholds", "export-bundle"):
+        assert tasks[name].caching_options.enable_cache
+        assert tasks[name].retry_policy.max_retry_count >= 1
+
+
+def test_images_and_credentials_come_from_one_place(spec):
+    from components.images import BASE_IMAGE, TRAIN_IMAGE
+
+    pipeline, platform = spec
+    executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
+    images = {name: e["container"]["image"] for name, e in executors.items() if "container" in e}
+    assert images["exec-train-baseline"] == TRAIN_IMAGE
+    assert {images[f"exec-{s}"] for s in ("make-splits", "sweep-thresholds", "export-bundle")} == {BASE_IMAGE}
+    assert all(":" in image.rsplit("/", 1)[-1] or "@sha256:" in image for image in images.values())
+    config = json_format.MessageToDict(platform)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-make-splits", "exec-train-baseline", "exec-sweep-thresholds", "exec-export-bundle"):
+        envs = {e["envVar"] for s in config[name]["secretAsEnv"] for e in s["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"} <= envs
+
+
+def test_gpu_and_node_placement_are_compile_options(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.compile",
+            "--output",
+            str(tmp_path / "p.yaml"),
+            "--components-dir",
+            str(tmp_path),
+            "--gpus",
+            "1",
+            "--node-selector",
+            "pool=gpu",
+            "--toleration",
+            "nvidia.com/gpu=present:NoSchedule",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    resources = docs[0]["deploymentSpec"]["executors"]["exec-train-baseline"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "1"
+    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-baseline"]
+    assert k8s["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert k8s["tolerations"][0]["effect"] == "NoSchedule"
+
+
+def test_component_descriptions_come_from_the_docstrings():
+    comp = load_component(ROOT / "components" / "sweep_thresholds.yaml")
+    outs = comp["spec"]["outputDefinitions"]["artifacts"]
+    assert "Confusion matrix" in outs["classification"]["description"]
+    assert comp["container"]["command"][:3] == ["python", "-m", "streetvision"]
+
+
+def run_component(stem, inputs, tmp_path, parameters=None):
+    component = load_component(ROOT / "components" / f"{stem}.yaml")
+    argv, executor_input = command_line(component, inputs, tmp_path / "outputs", parameters)
+    assert argv[:3] == ["python", "-m", "streetvision"]
+    r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "outputs" / "executor_output.json").read_text())
+    json_format.ParseDict(out, pipeline_spec_pb2.ExecutorOutput())
+    declared = set(component["spec"]["outputDefinitions"]["artifacts"])
+    assert set(out["artifacts"]) == declared, "every declared output is listed in the executor output"
+    return out, tmp_path / "outputs"
+
+
+def test_make_splits_component_runs_its_compiled_command(demo_dataset, tmp_path):
+    out, root = run_component("make_splits", {"dataset": demo_dataset}, tmp_path, {"seed": 3})
+    m = verify_dir(root / "splits")
+    assert m.config["splits"]["seed"] == 3
+    assert out["artifacts"]["splits"]["artifacts"][0]["metadata"]["step"] == "make_splits"
+
+
+@pytest.mark.slow
+def test_train_baseline_component_runs_its_compiled_command(demo_dataset, demo_splits, tmp_path):
+    params = {
+        "backbone": "test_vit",
+        "pretrained": False,
+        "freeze_backbone": False,
+        "epochs": 1,
+        "batch_size": 16,
+        "image_size": 32,
+    }
+    out, root = run_component(
+        "train_baseline", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path, params
+    )
+    m = verify_dir(root / "model")
+    assert m.config["model"]["backbone"] == "test_vit" and m.config["trainer"]["max_epochs"] == 1
+    metrics = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert "val_select_mcc" in metrics and "val_calib_mcc" in metrics
+
+
+@pytest.mark.slow
+def test_sweep_thresholds_component_runs_its_compiled_command(trained, tmp_path):
+    out, root = run_component("sweep_thresholds", {"phase1": trained["phase1"]}, tmp_path, {"max_fnr": 0.5})
+    m = verify_dir(root / "thresholds")
+    assert m.config["policy"]["max_fnr"] == 0.5
+    assert "mcc" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert "confusionMatrix" in out["artifacts"]["classification"]["artifacts"][0]["metadata"]
+    assert (root / "report").read_text().startswith("# Threshold sweep")
+
+
+@pytest.mark.slow
+def test_export_bundle_component_runs_its_compiled_command(trained, tmp_path):
+    inputs = {"phase1": trained["phase1"], "policy": trained["policy"], "splits": trained["splits"]}
+    out, root = run_component("export_bundle", inputs, tmp_path)
+    verify_dir(root / "bundle")
+    assert "test_mcc" in out["artifacts"]["test_metrics"]["artifacts"][0]["metadata"]
+    r = subprocess.run(
+        [sys.executable, "-m", "streetvision", "verify", str(root / "bundle")], capture_output=True
+    )
+    assert r.returncode == 0

@@ -1,0 +1,151 @@
+"""`streetvision run`: the default pipeline on one machine, resumable, re-running only what changed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY_TRAIN
+
+from streetvision.config import ConfigError
+from streetvision.io import store
+from streetvision.io.manifests import MANIFEST, verify_dir
+from streetvision.pipeline import route, run_local
+from streetvision.verify import verify_path
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = run_local(str(out), dataset=str(demo_dataset), overrides=TINY_TRAIN)
+    return out, summary
+
+
+def manifests(out):
+    return {
+        s: (out / s / MANIFEST).read_bytes()
+        for s in ("make_splits", "train_baseline", "sweep_thresholds", "export_bundle")
+    }
+
+
+def test_first_run_commits_every_phase_and_a_verified_bundle(first_run):
+    out, summary = first_run
+    assert all(state.startswith("ran") for state in summary["steps"].values())
+    assert verify_path(str(out / "export_bundle"))["bundle_files"] == 4
+    assert "val_test (held out) MCC" in summary["text"] and "verified bundle" in summary["text"]
+    runs = {verify_dir(out / s).run_id for s in summary["steps"]}
+    assert len(runs) == 1  # one run id across the phases
+
+
+def test_rerun_with_the_same_inputs_skips_every_phase(first_run, demo_dataset):
+    out, _ = first_run
+    before = manifests(out)
+    summary = run_local(str(out), dataset=str(demo_dataset), overrides=TINY_TRAIN)
+    assert set(summary["steps"].values()) == {"up to date, skipped"}
+    assert manifests(out) == before
+
+
+def test_changed_policy_reruns_that_phase_and_downstream_only(first_run, demo_dataset, tmp_path):
+    out, _ = first_run
+    before = manifests(out)
+    summary = run_local(str(out), dataset=str(demo_dataset), overrides=[*TINY_TRAIN, "policy.max_fnr=0.5"])
+    assert summary["steps"]["make_splits"] == summary["steps"]["train_baseline"] == "up to date, skipped"
+    assert summary["steps"]["sweep_thresholds"].startswith("ran")
+    assert summary["steps"]["export_bundle"].startswith("ran")
+    after = manifests(out)
+    assert (
+        after["train_baseline"] == before["train_baseline"]
+        and after["export_bundle"] != before["export_bundle"]
+    )
+
+
+def test_a_phase_that_crashed_before_its_manifest_is_rerun(first_run, demo_dataset):
+    out, _ = first_run
+    (out / "train_baseline" / MANIFEST).unlink()  # as if killed before committing
+    summary = run_local(str(out), dataset=str(demo_dataset), overrides=[*TINY_TRAIN, "policy.max_fnr=0.5"])
+    assert summary["steps"]["make_splits"] == "up to date, skipped"
+    assert all(
+        summary["steps"][s].startswith("ran") for s in ("train_baseline", "sweep_thresholds", "export_bundle")
+    )
+
+
+def test_a_subset_of_phases_runs_when_its_inputs_exist(first_run, demo_dataset):
+    out, _ = first_run
+    summary = run_local(
+        str(out),
+        dataset=str(demo_dataset),
+        overrides=[*TINY_TRAIN, "policy.max_fnr=0.3", "pipeline.phases=[phase2,phase6]"],
+    )
+    assert summary["steps"]["train_baseline"] == "not selected"
+    assert summary["steps"]["sweep_thresholds"].startswith("ran")
+
+
+def test_a_subset_without_its_inputs_fails_clearly(demo_dataset, tmp_path):
+    with pytest.raises(Exception, match="needs a committed phase1"):
+        run_local(str(tmp_path / "empty"), dataset=str(demo_dataset), overrides=["pipeline.phases=[phase2]"])
+
+
+def test_overrides_are_routed_to_the_step_that_owns_them():
+    routed = route(
+        [],
+        [
+            "model.lr=0.1",
+            "splits.seed=2",
+            "policy.max_fnr=0.2",
+            "export.min_test_mcc=0.1",
+            "seed=4",
+            "demo.n=50",
+            "train_baseline.data.batch_size=8",
+        ],
+    )
+    assert routed["train_baseline"] == ["model.lr=0.1", "seed=4", "data.batch_size=8"]
+    assert routed["make_splits"] == ["splits.seed=2"] and routed["runner"] == ["demo.n=50"]
+    with pytest.raises(ConfigError, match="modle"):
+        route([], ["modle.lr=0.1"])
+
+
+def test_whole_run_against_the_s3_server(s3, demo_dataset):
+    store.upload_tree(demo_dataset, f"{s3}/data")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streetvision",
+            "run",
+            "--out",
+            f"{s3}/run",
+            "--dataset",
+            f"{s3}/data",
+            *TINY_TRAIN,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stem in ("make_splits", "train_baseline", "sweep_thresholds", "export_bundle"):
+        assert store.is_committed(f"{s3}/run/{stem}")
+    assert json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "streetvision", "verify", f"{s3}/run/export_bundle"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )["ok"]
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streetvision",
+            "run",
+            "--out",
+            f"{s3}/run",
+            "--dataset",
+            f"{s3}/data",
+            *TINY_TRAIN,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4
