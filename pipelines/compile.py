@@ -28,9 +28,9 @@ COMPONENTS = {
 
 
 def compile_all(
-    pipeline_path: Path, components_dir: Path | None, options: PlatformOptions = PlatformOptions()
+    pipeline_path: Path, components_dir: Path | None, options: PlatformOptions | None = None
 ) -> None:
-    compiler.Compiler().compile(build_pipeline(options), str(pipeline_path))
+    compiler.Compiler().compile(build_pipeline(options or PlatformOptions()), str(pipeline_path))
     if components_dir is not None:
         for stem, component in COMPONENTS.items():
             compiler.Compiler().compile(component, str(components_dir / f"{stem}.yaml"))

@@ -18,7 +18,7 @@ from components.train_baseline import train_baseline
 @dataclass(frozen=True)
 class PlatformOptions:
     # Secret with the object-store credentials, exposed to the steps as the standard AWS variables.
-    s3_secret: str = "streetvision-s3"
+    s3_secret: str = "streetvision-s3"  # noqa: S105 - the Secret's name, not a secret
     s3_secret_keys: dict[str, str] = field(
         default_factory=lambda: {
             "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
@@ -41,7 +41,9 @@ def _with_credentials(task, options: PlatformOptions):
     )
 
 
-def build_pipeline(options: PlatformOptions = PlatformOptions()):
+def build_pipeline(options: PlatformOptions | None = None):
+    options = options or PlatformOptions()
+
     @dsl.pipeline(
         name="streetvision",
         description="Train, calibrate and export the StreetVision roadwork classifier "
