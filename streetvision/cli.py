@@ -18,8 +18,11 @@ from streetvision.errors import StreetVisionError
 EXIT_BAD_INPUT = 2
 
 
-def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, *, step: bool = True) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lr=0.001")
+    if not step:
+        return
     p.add_argument(
         "--executor-input",
         default=None,
@@ -27,10 +30,6 @@ def _common(p: argparse.ArgumentParser, *, overrides: bool = True) -> None:
         help="KFP executor input ({{$}}); the step then writes the executor output for the Kubeflow UI",
     )
     p.add_argument("--run-id", default=None, help="run id recorded in the manifest")
-    if overrides:
-        p.add_argument(
-            "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lr=0.001"
-        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/local", help="output folder or s3:// prefix")
     p.add_argument("--dataset", default=None, help="dataset folder or s3:// prefix (default: demo data)")
     p.add_argument("--force", action="store_true", help="re-run every step even when committed")
-    _common(p)
+    _common(p, step=False)
     return parser
 
 
