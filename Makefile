@@ -7,8 +7,12 @@ OUT    ?= runs/local
 ARGS   ?=
 REGISTRY ?= ghcr.io/streetvision
 TAG      ?= 0.1.0
+BASE_IMAGE  := $(REGISTRY)/streetvision-base:$(TAG)
+TRAIN_IMAGE := $(REGISTRY)/streetvision-train:$(TAG)
+GIT_SHA  := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+DOCKER_BUILD ?= DOCKER_BUILDKIT=0 docker build --network host
 
-.PHONY: venv test test-fast lint bench run compile submit clean
+.PHONY: venv test test-fast lint bench run compile submit images push clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +44,22 @@ compile: $(STAMP)
 
 # Upload the compiled pipeline and start a run: make submit KFP_ENDPOINT=http://... PARAMS="dataset_uri=s3://..."
 submit: $(STAMP)
-	KFP_ENDPOINT=$(KFP_ENDPOINT) $(BIN)/python -m pipelines.submit $(PARAMS)
+	KFP_ENDPOINT=$(KFP_ENDPOINT) $(BIN)/python -m pipelines.submit --service-account "$(SERVICE_ACCOUNT)" $(PARAMS)
+
+# Build both images with the tags the components reference. The training image's wheels are fetched
+# once into images/train/wheelhouse (pip download reuses the local cache), so rebuilds are offline.
+images: $(STAMP)
+	$(DOCKER_BUILD) -f images/base/Dockerfile --build-arg STREETVISION_GIT_SHA=$(GIT_SHA) \
+		--build-arg STREETVISION_VERSION=$(TAG) -t $(BASE_IMAGE) .
+	cp constraints.txt images/train/constraints.txt
+	$(BIN)/pip download -q --only-binary=:all: -d images/train/wheelhouse -c constraints.txt \
+		torch==2.14.1 torchvision==0.29.1 lightning timm
+	$(DOCKER_BUILD) --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(TRAIN_IMAGE) images/train
+	docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F -e $(BASE_IMAGE) -e $(TRAIN_IMAGE)
+
+push:
+	docker push $(BASE_IMAGE)
+	docker push $(TRAIN_IMAGE)
 
 clean:
 	rm -rf $(VENV) runs .bench .pytest_cache .ruff_cache

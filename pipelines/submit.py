@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--package", type=Path, default=ROOT / "pipelines" / "streetvision.yaml")
     p.add_argument("--experiment", default="streetvision")
     p.add_argument("--run-name", default=None)
+    p.add_argument("--service-account", default="", help="Kubernetes service account for the run's pods")
     p.add_argument("params", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     endpoint = os.environ.get("KFP_ENDPOINT")
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         arguments={k: _value(v) for k, v in params.items()},
         experiment_name=a.experiment,
         run_name=a.run_name,
+        service_account=a.service_account or None,
     )
     print(f"started run {run.run_id} on {endpoint}")
     return 0

@@ -126,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreetVisionError as e:
         print(f"streetvision {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except PermissionError as e:  # where the process may not write or read: the environment, not a bug
+        print(f"streetvision {args.command}: error: permission denied: {e.filename}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"streetvision {args.command}: interrupted; nothing was committed", file=sys.stderr)
         return 130
