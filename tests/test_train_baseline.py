@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN
 
 from streetvision.config import load_config
 from streetvision.io import store
@@ -16,20 +17,17 @@ from streetvision.steps import train_baseline
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.backbone=test_efficientnet",
-    "model.pretrained=false",
-    "model.freeze_backbone=false",
-    "data.image_size=64",
-    "data.batch_size=16",
-    "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-]
+TINY = TINY_TRAIN
 
 
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "streetvision", *args], capture_output=True, text=True)
+
+
+def cli_train(dataset, splits, out, *overrides):
+    return cli(
+        "train-baseline", "--dataset", str(dataset), "--splits", str(splits), "--out", str(out), *overrides
+    )
 
 
 def train(dataset, splits, out, *overrides):
@@ -60,16 +58,7 @@ EXPECTED = {
 
 def test_cli_run_commits_every_output_with_lineage(demo_dataset, demo_splits, tmp_path):
     out = tmp_path / "p1"
-    r = cli(
-        "train-baseline",
-        "--dataset",
-        str(demo_dataset),
-        "--splits",
-        str(demo_splits),
-        "--out",
-        str(out),
-        *TINY,
-    )
+    r = cli_train(demo_dataset, demo_splits, out, *TINY)
     assert r.returncode == 0, r.stderr
     m = verify_dir(out)
     assert set(m.outputs) == EXPECTED
@@ -186,17 +175,7 @@ def test_bad_weights_file_fails_with_one_line_and_no_manifest(demo_dataset, demo
     bad = tmp_path / "weights.safetensors"
     bad.write_bytes(b"garbage")
     out = tmp_path / "p1"
-    r = cli(
-        "train-baseline",
-        "--dataset",
-        str(demo_dataset),
-        "--splits",
-        str(demo_splits),
-        "--out",
-        str(out),
-        *TINY,
-        f"model.weights={bad}",
-    )
+    r = cli_train(demo_dataset, demo_splits, out, *TINY, f"model.weights={bad}")
     assert r.returncode != 0 and not (out / MANIFEST).exists()
     assert (
         "could not load pretrained weights" in r.stderr
