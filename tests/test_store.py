@@ -72,3 +72,9 @@ def test_local_and_s3_step_contexts_share_one_api(s3, tmp_path):
     with store.local_step(s3) as back:
         assert (back / MANIFEST).is_file()
         assert (back / "nested" / "small.bin").read_bytes() == b"abc"
+
+
+def test_exists_tells_a_present_object_from_an_absent_one(s3, tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    store.upload_file(tmp_path / "a.txt", f"{s3}/a.txt")
+    assert store.exists(f"{s3}/a.txt") and not store.exists(f"{s3}/missing.txt")

@@ -35,9 +35,6 @@ class Dataset:
     labels: np.ndarray  # int64, 0/1
     index_sha256: str
 
-    def path(self, image_id: str) -> Path:
-        return self.root / image_id
-
     def label_of(self) -> dict[str, int]:
         return dict(zip(self.ids, self.labels.tolist(), strict=True))
 

@@ -112,18 +112,16 @@ def _manager():
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return Path(uri).exists()
-    bucket, key = split_s3(uri)
     from botocore.exceptions import ClientError
 
+    bucket, key = split_s3(uri)
     try:
-        with _errors("stat", uri):
-            client().head_object(Bucket=bucket, Key=key)
-    except StoreError as e:
-        if ": 404" in str(e) or "NoSuchKey" in str(e):
+        client().head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
             return False
-        raise
-    except ClientError:
-        return False
+        with _errors("stat", uri):
+            raise
     return True
 
 

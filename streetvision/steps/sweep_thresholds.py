@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -156,7 +155,3 @@ def run(
         },
         run_id=run_id,
     )
-
-
-def load_policy(step_dir: Path) -> dict:
-    return json.loads((Path(step_dir) / POLICY_FILE).read_text())
