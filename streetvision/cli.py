@@ -130,5 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streetvision {args.command}: error: permission denied: {e.filename}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"streetvision {args.command}: interrupted; nothing was committed", file=sys.stderr)
+        print(
+            f"streetvision {args.command}: interrupted; an unfinished step has no manifest and re-runs",
+            file=sys.stderr,
+        )
         return 130

@@ -149,3 +149,18 @@ def test_whole_run_against_the_s3_server(s3, demo_dataset):
         text=True,
     )
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4
+
+
+def test_the_embedded_default_learns_the_demo_data_and_a_constant_guess_cannot(tmp_path):
+    """`make run` with no arguments: demo data, the tiny CNN, a held-out MCC clearly above 0.5."""
+    from streetvision.eval.metrics import compute_mcc
+
+    summary = run_local(str(tmp_path / "run"))
+    assert summary["test"]["test_mcc"] > 0.5, summary["text"]
+    assert verify_path(summary["bundle"])["bundle_files"] == 4
+    labels = json.loads((tmp_path / "run" / "make_splits" / "splits.json").read_text())["counts"]
+    assert labels["val_test"]["positive"] not in (0, labels["val_test"]["total"])
+    import numpy as np
+
+    y = np.load(tmp_path / "run" / "train_baseline" / "labels_val_test.npy")
+    assert compute_mcc(y, np.ones_like(y)) == compute_mcc(y, np.zeros_like(y)) == 0.0
