@@ -199,7 +199,10 @@ def run(
     metrics: dict[str, float | int] = {"best_epoch": best.best_epoch, "epochs_run": len(history.rows)}
     per_split = {}
     for split in EVAL_SPLITS:
-        logits, labels, idx = mdata.predict(net, mdata.loader(images(split), bs, num_workers=workers))
+        if cached and split == "val_select":  # its features are cached already: run the head only
+            logits, labels, idx = mdata.predict(net.head, mdata.loader(select_data, bs))
+        else:
+            logits, labels, idx = mdata.predict(net, mdata.loader(images(split), bs, num_workers=workers))
         ids = [parts[split][i] for i in idx]
         outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
         outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
