@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +19,6 @@ from streetvision.io import store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 BATCH = 32
-
-
-@contextmanager
-def local_bundle(uri: str) -> Iterator[Path]:
-    if not store.is_s3(uri):
-        yield Path(uri)
-        return
-    with tempfile.TemporaryDirectory(prefix="sv-bundle-") as tmp:
-        store.download_tree(uri, tmp)
-        yield Path(tmp)
 
 
 class Predictor:
@@ -99,7 +87,7 @@ def predict_files(
 
 
 def predict_cli(bundle: str, inputs: Sequence[str], served: bool = False) -> int:
-    with local_bundle(bundle) as root:
+    with store.local_tree(bundle, prefix="sv-bundle-") as root:
         predictor = Predictor(root)
         failures = 0
         for row in predict_files(predictor, expand(inputs), served):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,5 @@ def _verify_local(path: Path) -> dict[str, Any]:
 
 def verify_path(path: str) -> dict[str, Any]:
     """Verify ``path`` (a step directory or bundle, local or s3://); raise naming what is wrong."""
-    if not store.is_s3(path):
-        return _verify_local(Path(path))
-    with tempfile.TemporaryDirectory(prefix="sv-verify-") as tmp:
-        store.download_tree(path, tmp)
-        return {**_verify_local(Path(tmp)), "path": path}
+    with store.local_tree(path, prefix="sv-verify-") as root:
+        return {**_verify_local(root), "path": path}

@@ -106,48 +106,19 @@ def test_overrides_are_routed_to_the_step_that_owns_them():
         route([], ["modle.lr=0.1"])
 
 
+def streetvision_cli(*args):
+    return subprocess.run([sys.executable, "-m", "streetvision", *args], capture_output=True, text=True)
+
+
 def test_whole_run_against_the_s3_server(s3, demo_dataset):
     store.upload_tree(demo_dataset, f"{s3}/data")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streetvision",
-            "run",
-            "--out",
-            f"{s3}/run",
-            "--dataset",
-            f"{s3}/data",
-            *TINY_TRAIN,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = ["run", "--out", f"{s3}/run", "--dataset", f"{s3}/data", *TINY_TRAIN]
+    r = streetvision_cli(*run)
     assert r.returncode == 0, r.stderr[-3000:]
     for stem in ("make_splits", "train_baseline", "sweep_thresholds", "export_bundle"):
         assert store.is_committed(f"{s3}/run/{stem}")
-    assert json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "streetvision", "verify", f"{s3}/run/export_bundle"],
-            capture_output=True,
-            text=True,
-        ).stdout
-    )["ok"]
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streetvision",
-            "run",
-            "--out",
-            f"{s3}/run",
-            "--dataset",
-            f"{s3}/data",
-            *TINY_TRAIN,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    assert json.loads(streetvision_cli("verify", f"{s3}/run/export_bundle").stdout)["ok"]
+    again = streetvision_cli(*run)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4
 
 

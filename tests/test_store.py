@@ -1,5 +1,6 @@
 """Object store against a real S3 server (SeaweedFS on 127.0.0.1): round trip, commit rule, clear errors."""
 
+import hashlib
 import os
 
 import pytest
@@ -78,3 +79,13 @@ def test_exists_tells_a_present_object_from_an_absent_one(s3, tmp_path):
     (tmp_path / "a.txt").write_text("a")
     store.upload_file(tmp_path / "a.txt", f"{s3}/a.txt")
     assert store.exists(f"{s3}/a.txt") and not store.exists(f"{s3}/missing.txt")
+
+
+def test_download_file_commits_atomically_and_hashes_what_it_wrote(s3, tmp_path):
+    data = os.urandom(3 * store.MiB)
+    (tmp_path / "w.bin").write_bytes(data)
+    store.upload_file(tmp_path / "w.bin", f"{s3}/w.bin")
+    written = store.download_file(f"{s3}/w.bin", tmp_path / "dst" / "w.bin")
+    assert (tmp_path / "dst" / "w.bin").read_bytes() == data
+    assert written.size == len(data) and written.sha256 == hashlib.sha256(data).hexdigest()
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["w.bin"]  # no temp file left behind

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,14 +104,10 @@ def load_index(root: str | Path, *, check_images: bool = True) -> Dataset:
 @contextmanager
 def local_dataset(uri: str | Path) -> Iterator[Path]:
     """A local folder holding the dataset: the folder itself, or a download of an ``s3://`` prefix."""
-    if not store.is_s3(uri):
-        if not Path(uri).is_dir():
-            raise DataError(f"dataset {uri} is not a directory")
-        yield Path(uri)
-        return
-    with tempfile.TemporaryDirectory(prefix="sv-data-") as tmp:
-        store.download_tree(str(uri), tmp)
-        yield Path(tmp)
+    if not store.is_s3(uri) and not Path(uri).is_dir():
+        raise DataError(f"dataset {uri} is not a directory")
+    with store.local_tree(uri, prefix="sv-data-") as root:
+        yield root
 
 
 def dataset_input(ds: Dataset, uri: str | None = None) -> dict[str, str]:

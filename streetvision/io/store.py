@@ -143,7 +143,7 @@ def upload_file(path: str | os.PathLike, uri: str) -> None:
 
 
 def download_file(uri: str, path: str | os.PathLike) -> atomic.Written:
-    """Download one object atomically (temp file, rename) and return its hash."""
+    """Download one object atomically (temp file beside the target, then rename) and return its hash."""
     bucket, key = split_s3(uri)
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -152,10 +152,12 @@ def download_file(uri: str, path: str | os.PathLike) -> atomic.Written:
     try:
         with _errors("download", uri):
             client().download_file(bucket, key, tmp, Config=_transfer_config())
-        written = atomic.copy_file(tmp, final)  # hashes while committing; the temp copy goes away
+        digest, size = atomic.compute_file_sha256(tmp), Path(tmp).stat().st_size
+        os.replace(tmp, final)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return written
+    atomic.fsync_dir(final.parent)
+    return atomic.Written(final, size, digest)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -262,6 +264,17 @@ def is_committed(uri: str) -> bool:
         if head["ContentLength"] != meta.get("size"):
             return False
     return True
+
+
+@contextmanager
+def local_tree(uri: str | os.PathLike, prefix: str = "sv-in-") -> Iterator[Path]:
+    """A local folder: the folder itself, or a temporary download of every object under an s3 prefix."""
+    if not is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        download_tree(str(uri), tmp)
+        yield Path(tmp)
 
 
 @contextmanager
