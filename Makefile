@@ -46,15 +46,12 @@ compile: $(STAMP)
 submit: $(STAMP)
 	KFP_ENDPOINT=$(KFP_ENDPOINT) $(BIN)/python -m pipelines.submit --service-account "$(SERVICE_ACCOUNT)" $(PARAMS)
 
-# Build both images with the tags the components reference. The training image's wheels are fetched
-# once into images/train/wheelhouse (pip download reuses the local cache), so rebuilds are offline.
+# Build both images with the tags the components reference, from the repository root (the .dockerignore
+# keeps the context to pyproject.toml, constraints.txt, README.md and streetvision/).
 images: $(STAMP)
 	$(DOCKER_BUILD) -f images/base/Dockerfile --build-arg STREETVISION_GIT_SHA=$(GIT_SHA) \
 		--build-arg STREETVISION_VERSION=$(TAG) -t $(BASE_IMAGE) .
-	cp constraints.txt images/train/constraints.txt
-	$(BIN)/pip download -q --only-binary=:all: -d images/train/wheelhouse -c constraints.txt \
-		torch==2.14.1 torchvision==0.29.1 lightning timm
-	$(DOCKER_BUILD) --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(TRAIN_IMAGE) images/train
+	$(DOCKER_BUILD) -f images/train/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(TRAIN_IMAGE) .
 	docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F -e $(BASE_IMAGE) -e $(TRAIN_IMAGE)
 
 push:

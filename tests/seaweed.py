@@ -72,9 +72,14 @@ def start(data_dir: Path, bucket: str = "streetvision", timeout: float = 60.0) -
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = {flag: free_port() for flag in PORT_FLAGS}
     access, secret = "sv-test-access", "sv-test-secret-" + os.urandom(6).hex()
+    # weed keeps some volume scratch files under TMPDIR: keep them in data_dir, which the caller removes.
+    scratch = data_dir / "tmp"
+    scratch.mkdir(exist_ok=True)
     env = {**os.environ, "S3_BUCKET": bucket, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+    env["TMPDIR"] = str(scratch)
     cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     cmd += [f"-{flag}={port}" for flag, port in ports.items()]
+    cmd += [f"-s3.localSocket={scratch / 's3.sock'}", f"-filer.localSocket={scratch / 'filer.sock'}"]
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, access, secret, proc)
