@@ -17,6 +17,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -147,27 +148,21 @@ def up_to_date(stem: str, config, uris: dict[str, str], out: str) -> bool:
 
 
 def _demo_data(out: str, demo: DemoConfig) -> str:
+    """Generate the demo dataset under ``out/data`` once. Its settings, ``demo.json``, are written last,
+    so a generation or upload cut short is redone rather than taken for a complete dataset."""
     from streetvision.data.demo import write_demo_dataset
 
     uri = store.join(out, "data")
-    marker = json.dumps(dataclasses.asdict(demo), sort_keys=True)
+    marker, marker_uri = json.dumps(dataclasses.asdict(demo), sort_keys=True), store.join(uri, "demo.json")
+    if store.exists(marker_uri) and store.read_bytes(marker_uri).decode() == marker:
+        return uri
     if store.is_s3(uri):
-        if (
-            store.exists(store.join(uri, "demo.json"))
-            and store.read_bytes(store.join(uri, "demo.json")).decode() == marker
-        ):
-            return uri
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="sv-demo-") as tmp:
             write_demo_dataset(tmp, n=demo.n, seed=demo.seed, size=demo.size)
-            Path(tmp, "demo.json").write_text(marker)
             store.upload_tree(tmp, uri)
-        return uri
-    if Path(uri, "demo.json").is_file() and Path(uri, "demo.json").read_text() == marker:
-        return uri
-    write_demo_dataset(uri, n=demo.n, seed=demo.seed, size=demo.size)
-    Path(uri, "demo.json").write_text(marker)
+    else:
+        write_demo_dataset(uri, n=demo.n, seed=demo.seed, size=demo.size)
+    store.write_bytes(marker_uri, marker.encode())
     return uri
 
 

@@ -135,3 +135,41 @@ def test_the_embedded_default_learns_the_demo_data_and_a_constant_guess_cannot(t
 
     y = np.load(tmp_path / "run" / "train_baseline" / "labels_val_test.npy")
     assert compute_mcc(y, np.ones_like(y)) == compute_mcc(y, np.zeros_like(y)) == 0.0
+
+
+def test_demo_data_on_s3_is_uploaded_once_with_its_marker_last(s3, monkeypatch):
+    from streetvision.data import demo as demo_module
+    from streetvision.pipeline import DemoConfig, _demo_data
+
+    settings = DemoConfig(n=24, seed=3, size=32)
+    calls = []
+    real = demo_module.write_demo_dataset
+    monkeypatch.setattr(demo_module, "write_demo_dataset", lambda *a, **k: calls.append(k) or real(*a, **k))
+    uploaded = []
+    real_upload = store.upload_tree
+    monkeypatch.setattr(
+        store,
+        "upload_tree",
+        lambda local, uri: uploaded.append(store.exists(f"{uri}/demo.json")) or real_upload(local, uri),
+    )
+    uri = _demo_data(f"{s3}/run", settings)
+    assert uri == f"{s3}/run/data" and calls == [{"n": 24, "seed": 3, "size": 32}]
+    assert uploaded == [False], "the marker must not exist while the images are uploaded"
+    files = store.list_files(uri)
+    assert "labels.csv" in files and "demo.json" in files and sum(f.endswith(".jpg") for f in files) == 24
+    assert json.loads(store.read_bytes(f"{uri}/demo.json")) == {"n": 24, "seed": 3, "size": 32}
+
+    assert _demo_data(f"{s3}/run", settings) == uri and len(calls) == 1  # reused, not regenerated
+    _demo_data(f"{s3}/run", DemoConfig(n=30, seed=3, size=32))  # other settings: generated anew
+    assert len(calls) == 2 and json.loads(store.read_bytes(f"{uri}/demo.json"))["n"] == 30
+
+
+def test_demo_data_cut_short_before_its_marker_is_generated_again(tmp_path):
+    from streetvision.data.dataset import load_index
+    from streetvision.pipeline import DemoConfig, _demo_data
+
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    (data / "labels.csv").write_text("image,label\nmissing.jpg,1\n")  # a generation that died early
+    uri = _demo_data(str(tmp_path / "run"), DemoConfig(n=24, seed=3, size=32))
+    assert len(load_index(uri).ids) == 24 and (data / "demo.json").is_file()

@@ -168,6 +168,16 @@ def read_bytes(uri: str) -> bytes:
         return client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one small object or file whole: atomically on disk, one PUT on the object store."""
+    if not is_s3(uri):
+        atomic.write_bytes(uri, data)
+        return
+    bucket, key = split_s3(uri)
+    with _errors("write", uri):
+        client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
 def upload_dir(local: str | os.PathLike, uri: str) -> Manifest:
     """Upload a committed step directory: every listed output first, ``manifest.json`` last.
 
