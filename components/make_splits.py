@@ -1,5 +1,6 @@
 from kfp import dsl
 
+from components.defaults import SPLIT_RATIOS, SPLITS
 from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
 
 
@@ -7,8 +8,8 @@ from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
 def make_splits(
     dataset: dsl.Input[dsl.Dataset],
     splits: dsl.Output[dsl.Artifact],
-    seed: int = 0,
-    ratios: str = "[0.6,0.15,0.15,0.1]",
+    seed: int = SPLITS.seed,
+    ratios: str = SPLIT_RATIOS,
 ):
     """Phase 0: stratified, seeded split of a dataset into train / val_select / val_calib / val_test.
 

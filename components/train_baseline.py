@@ -1,5 +1,6 @@
 from kfp import dsl
 
+from components.defaults import TRAIN
 from components.images import ENTRYPOINT, EXECUTOR_INPUT, TRAIN_IMAGE
 
 
@@ -9,15 +10,15 @@ def train_baseline(
     splits: dsl.Input[dsl.Artifact],
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
-    backbone: str = "vit_small_patch14_dinov2.lvd142m",
-    pretrained: bool = True,
-    weights_uri: str = "",
-    freeze_backbone: bool = True,
-    epochs: int = 10,
-    lr: float = 0.001,
-    batch_size: int = 32,
-    image_size: int = 0,
-    seed: int = 0,
+    backbone: str = TRAIN.model.backbone,
+    pretrained: bool = TRAIN.model.pretrained,
+    weights_uri: str = TRAIN.model.weights,
+    freeze_backbone: bool = TRAIN.model.freeze_backbone,
+    epochs: int = TRAIN.trainer.max_epochs,
+    lr: float = TRAIN.model.lr,
+    batch_size: int = TRAIN.data.batch_size,
+    image_size: int = TRAIN.data.image_size,
+    seed: int = TRAIN.seed,
 ):
     """Phase 1: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from components.defaults import TRAIN
 from components.export_bundle import export_bundle
 from components.make_splits import make_splits
 from components.sweep_thresholds import sweep_thresholds
@@ -51,15 +52,15 @@ def build_pipeline(options: PlatformOptions | None = None):
     )
     def streetvision(
         dataset_uri: str,
-        backbone: str = "vit_small_patch14_dinov2.lvd142m",
-        pretrained: bool = True,
-        weights_uri: str = "",
-        freeze_backbone: bool = True,
-        epochs: int = 10,
-        lr: float = 0.001,
-        batch_size: int = 32,
-        image_size: int = 0,
-        seed: int = 0,
+        backbone: str = TRAIN.model.backbone,
+        pretrained: bool = TRAIN.model.pretrained,
+        weights_uri: str = TRAIN.model.weights,
+        freeze_backbone: bool = TRAIN.model.freeze_backbone,
+        epochs: int = TRAIN.trainer.max_epochs,
+        lr: float = TRAIN.model.lr,
+        batch_size: int = TRAIN.data.batch_size,
+        image_size: int = TRAIN.data.image_size,
+        seed: int = TRAIN.seed,
         max_fnr: float = 1.0,
         min_test_mcc: float = -1.0,
     ):

@@ -38,7 +38,9 @@ class BundleError(StreetVisionError):
 def apply_policy(kind: str, params: dict[str, Any], scores):
     """Decisions (1 roadwork, 0 not) of a policy on P(roadwork) scores (a numpy array)."""
     if kind == "threshold":
-        return (scores >= float(params["threshold"])).astype("int64")
+        from streetvision.eval.sweep import decide
+
+        return decide(scores, float(params["threshold"]))
     raise BundleError(f"policy type {kind!r} cannot be applied")
 
 

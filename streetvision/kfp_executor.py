@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from streetvision.data.dataset import CLASS_NAMES
 from streetvision.errors import StreetVisionError
 from streetvision.io import atomic
 from streetvision.io.manifests import MANIFEST, Manifest
 
-CLASS_NAMES = ["no_roadwork", "roadwork"]
 _MOUNTS = {"gs://": "/gcs/", "minio://": "/minio/", "s3://": "/s3/"}
 
 
@@ -67,8 +67,9 @@ def classification_metadata(out: Path) -> dict[str, Any]:
 
 def _artifact_metadata(schema: str, path: str, out: Path, manifest: Manifest) -> dict[str, Any]:
     if schema == "system.Metrics":
-        atomic.write_json(path, _scalars(manifest))
-        return _scalars(manifest)
+        scalars = _scalars(manifest)
+        atomic.write_json(path, scalars)
+        return scalars
     if schema == "system.ClassificationMetrics":
         meta = classification_metadata(out)
         atomic.write_json(path, meta)

@@ -31,7 +31,7 @@ from streetvision.io import store
 from streetvision.io.manifests import MANIFEST, Manifest, ManifestError, redact, sha256_json, verify_dir
 from streetvision.steps import STEPS, step_config
 
-ORDER = ["make_splits", "train_baseline", "sweep_thresholds", "export_bundle"]
+ORDER = list(STEPS)  # the steps in dependency order
 PHASE_NAMES = {
     "phase0": "make_splits",
     "phase1": "train_baseline",

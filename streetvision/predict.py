@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from streetvision.bundle import apply_policy, served_probability, verify_bundle
+from streetvision.eval import sweep
 from streetvision.io import store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -41,10 +42,11 @@ class Predictor:
         self._torch = torch
 
     def probabilities(self, images: Sequence[Any]) -> np.ndarray:
+        """P(roadwork) per image, defined as the sweep defines it on the same logits."""
         torch = self._torch
         with torch.no_grad():
             batch = torch.stack([self.transform(im) for im in images])
-            return torch.sigmoid(self.net(batch).float()[:, 0]).numpy().astype(np.float64)
+            return sweep.probabilities(self.net(batch).float().numpy())
 
 
 def expand(inputs: Sequence[str]) -> list[Path]:
@@ -64,6 +66,7 @@ def predict_files(
     from streetvision.data.images import load_rgb
 
     threshold = float(predictor.policy["params"]["threshold"])
+    names = predictor.bundle["class_names"]
     for start in range(0, len(files), BATCH):
         rows: list[dict[str, Any]] = []
         images = []
@@ -80,7 +83,7 @@ def predict_files(
             for row in rows:
                 if "error" not in row:
                     p, d = next(readable)
-                    row |= {"probability": p, "decision": "roadwork" if d else "no_roadwork"}
+                    row |= {"probability": p, "decision": names[d]}
                     if served:
                         row["served_probability"] = served_probability(p, threshold)
         yield from rows

@@ -20,6 +20,7 @@ from streetvision.io import store
 from streetvision.io.atomic import compute_file_sha256
 
 INDEX = "labels.csv"
+CLASS_NAMES = ["no_roadwork", "roadwork"]  # label 0 and label 1
 SHOW = 3  # offenders named per kind of problem
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-METRIC_NAMES = ("mcc", "accuracy", "precision", "recall", "f1", "fnr", "fpr", "tp", "tn", "fp", "fn")
+RATE_NAMES = ("mcc", "accuracy", "precision", "recall", "f1", "fnr", "fpr")  # the keys of metrics_from_counts
+METRIC_NAMES = (*RATE_NAMES, "tp", "tn", "fp", "fn")
 
 
 def _as_binary(values: Any, name: str) -> np.ndarray:

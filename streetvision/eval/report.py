@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from streetvision.eval.metrics import RATE_NAMES
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -73,7 +75,7 @@ def markdown(
         "",
         "| metric | value |",
         "|---|---|",
-        *(f"| {k} | {_fmt(m[k])} |" for k in ("mcc", "accuracy", "precision", "recall", "f1", "fnr", "fpr")),
+        *(f"| {k} | {_fmt(m[k])} |" for k in RATE_NAMES),
         f"| confusion (tp / fp / tn / fn) | {m['tp']} / {m['fp']} / {m['tn']} / {m['fn']} |",
         f"| AURC / E-AURC | {aurc:.4f} / {e_aurc:.4f} |",
         "",

@@ -180,5 +180,10 @@ def selective_table(
     return rows
 
 
+def decide(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The threshold policy's decisions: 1 (roadwork) where ``score >= threshold``, else 0."""
+    return (np.asarray(scores) >= threshold).astype(np.int64)
+
+
 def metrics_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int]:
-    return compute_all_metrics(labels, (scores >= threshold).astype(np.int64))
+    return compute_all_metrics(labels, decide(scores, threshold))

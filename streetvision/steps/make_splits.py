@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,5 @@ def run(
 
 def load_splits(step_dir: Path) -> dict[str, list[str]]:
     """The four id lists from a verified make_splits directory."""
-    import json
-
     data = json.loads((Path(step_dir) / SPLITS_FILE).read_text())
     return {name: list(data[name]) for name in SPLITS}

@@ -15,6 +15,7 @@ import numpy as np
 
 from streetvision.config import to_dict, to_yaml
 from streetvision.eval import report, sweep
+from streetvision.eval.metrics import RATE_NAMES, compute_all_metrics
 from streetvision.io.manifests import Manifest, StepOutputs, input_record, verify_dir
 
 STEP = "sweep_thresholds"
@@ -68,9 +69,8 @@ def run(
     curve = sweep.exact_sweep(scores, labels)
     constraint = sweep.Constraint(config.policy.max_fnr, config.policy.max_fpr, config.policy.min_precision)
     threshold, k = sweep.choose_threshold(curve, constraint)
-    at = sweep.metrics_at(scores, labels, threshold)
-
-    predicted = (scores >= threshold).astype(np.int64)
+    predicted = sweep.decide(scores, threshold)
+    at = compute_all_metrics(labels, predicted)
     confidence = np.maximum(scores, 1 - scores)
     rc = sweep.risk_coverage(confidence, predicted == labels)
     table = sweep.selective_table(confidence, predicted == labels)
@@ -94,28 +94,8 @@ def run(
     outputs.write_text(
         "sweep.csv",
         _csv(
-            [
-                "threshold",
-                "tp",
-                "fp",
-                "tn",
-                "fn",
-                "mcc",
-                "accuracy",
-                "precision",
-                "recall",
-                "f1",
-                "fnr",
-                "fpr",
-            ],
-            [
-                curve.thresholds,
-                curve.tp,
-                curve.fp,
-                curve.tn,
-                curve.fn,
-                *(m[c] for c in ("mcc", "accuracy", "precision", "recall", "f1", "fnr", "fpr")),
-            ],
+            ["threshold", "tp", "fp", "tn", "fn", *RATE_NAMES],
+            [curve.thresholds, curve.tp, curve.fp, curve.tn, curve.fn, *(m[c] for c in RATE_NAMES)],
             "%.10g",
         ),
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from streetvision.config import to_dict, to_yaml
-from streetvision.data.dataset import dataset_input, load_index
+from streetvision.data.dataset import CLASS_NAMES, dataset_input, load_index
 from streetvision.eval.metrics import compute_all_metrics
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, StepOutputs, input_record, verify_dir
@@ -28,7 +28,6 @@ from streetvision.steps.make_splits import load_splits
 
 STEP = "train_baseline"
 EVAL_SPLITS = ("val_select", "val_calib", "val_test")
-CLASS_NAMES = ["no_roadwork", "roadwork"]
 
 
 @dataclass
