@@ -52,3 +52,14 @@ def test_cli_startup_and_verify_do_not_import_torch(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_bad_arguments_get_one_line_errors_not_tracebacks(tmp_path):
+    for args, message in (
+        (("demo-data", "--out", str(tmp_path / "d"), "--n", "4"), "at least 8 images"),
+        (("verify", "s3://"), "s3 URI without a bucket"),
+    ):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "d" / "labels.csv").exists()

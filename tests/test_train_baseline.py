@@ -184,6 +184,18 @@ def test_bad_weights_file_fails_with_one_line_and_no_manifest(demo_dataset, demo
     )
 
 
+def test_splits_from_another_dataset_fail_with_one_line_and_no_manifest(demo_dataset, demo_splits, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(demo_dataset, other)
+    lines = (other / "labels.csv").read_text().splitlines()
+    (other / "labels.csv").write_text("\n".join(lines[:-1]) + "\n")  # one image fewer than the splits name
+    out = tmp_path / "p1"
+    r = cli_train(other, demo_splits, out, *TINY)
+    assert r.returncode == 2 and not (out / MANIFEST).exists()
+    assert "missing from the dataset index" in r.stderr and lines[-1].split(",")[0] in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_backbone_weights_load_from_a_local_safetensors_file(tmp_path):
     import timm
     import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from streetvision.data.dataset import INDEX
+from streetvision.data.dataset import INDEX, DataError
 from streetvision.io import atomic
 
 ORANGE = (245, 120, 20)
@@ -164,7 +164,7 @@ def _scene(rng: np.random.Generator, s: int, positive: bool) -> Image.Image:
 def write_demo_dataset(out: str | Path, *, n: int = 240, seed: int = 0, size: int = 96) -> Path:
     """Write ``n`` JPEGs under ``out/images`` and ``out/labels.csv`` (half positives), deterministically."""
     if n < 8:
-        raise ValueError("the demo dataset needs at least 8 images (each split must hold both classes)")
+        raise DataError("the demo dataset needs at least 8 images (each split must hold both classes)")
     out = Path(out)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % 2)

@@ -35,10 +35,10 @@ def is_s3(uri: str | os.PathLike) -> bool:
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
     if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise StoreError(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[5:].partition("/")
     if not bucket:
-        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+        raise StoreError(f"s3 URI without a bucket: {uri!r}")
     return bucket, key.strip("/")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from streetvision.config import to_dict, to_yaml
-from streetvision.data.dataset import CLASS_NAMES, dataset_input, load_index
+from streetvision.data.dataset import CLASS_NAMES, DataError, dataset_input, load_index
 from streetvision.eval.metrics import compute_all_metrics
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, StepOutputs, input_record, verify_dir
@@ -117,8 +117,9 @@ def run(
     label_of = ds.label_of()
     unknown = [i for ids in parts.values() for i in ids if i not in label_of]
     if unknown:
-        raise ValueError(
-            f"splits name {len(unknown)} id(s) missing from the dataset index (first: {unknown[0]})"
+        raise DataError(
+            f"splits name {len(unknown)} id(s) missing from the dataset index (first: {unknown[0]}); "
+            "were they made from another dataset?"
         )
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
