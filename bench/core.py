@@ -84,7 +84,7 @@ def bench_store_transfer() -> None:
     import seaweed
 
     from streetvision.io import store
-    from streetvision.io.manifests import StepOutputs
+    from streetvision.io.outputs import StepOutputs
 
     WORK.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=WORK))

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
+from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
 
 
 @dsl.container_component
@@ -36,8 +36,7 @@ def export_bundle(
             splits.path,
             "--out",
             bundle.path,
-            "--executor-input",
-            EXECUTOR_INPUT,
+            *KFP_RUN,
             dsl.ConcatPlaceholder(["export.min_test_mcc=", min_test_mcc]),
         ],
     )

@@ -6,6 +6,8 @@ REGISTRY=... TAG=...``), or pin digests with ``STREETVISION_BASE_IMAGE`` / ``STR
 
 import os
 
+from kfp import dsl
+
 REGISTRY = os.environ.get("STREETVISION_REGISTRY", "ghcr.io/streetvision")
 TAG = os.environ.get("STREETVISION_TAG", "0.1.0")
 
@@ -15,4 +17,13 @@ BASE_IMAGE = os.environ.get("STREETVISION_BASE_IMAGE", f"{REGISTRY}/streetvision
 TRAIN_IMAGE = os.environ.get("STREETVISION_TRAIN_IMAGE", f"{REGISTRY}/streetvision-train:{TAG}")
 
 ENTRYPOINT = ["python", "-m", "streetvision"]
-EXECUTOR_INPUT = "{{$}}"  # the KFP launcher substitutes the executor input JSON here
+# Every step gets the executor input (to write the UI's outputs) and the run and task that ran it, which
+# its manifest records so that a manifest leads back to its run in the Kubeflow UI.
+KFP_RUN = [
+    "--executor-input",
+    dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER,
+    "--run-id",
+    dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    "--task",
+    dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+]

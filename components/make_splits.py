@@ -1,7 +1,7 @@
 from kfp import dsl
 
 from components.defaults import SPLIT_RATIOS, SPLITS
-from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
+from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
 
 
 @dsl.container_component
@@ -29,8 +29,7 @@ def make_splits(
             dataset.path,
             "--out",
             splits.path,
-            "--executor-input",
-            EXECUTOR_INPUT,
+            *KFP_RUN,
             dsl.ConcatPlaceholder(["splits.seed=", seed]),
             dsl.ConcatPlaceholder(["splits.ratios=", ratios]),
         ],

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from components.images import BASE_IMAGE, ENTRYPOINT, EXECUTOR_INPUT
+from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
 
 
 @dsl.container_component
@@ -36,8 +36,7 @@ def sweep_thresholds(
             phase1.path,
             "--out",
             thresholds.path,
-            "--executor-input",
-            EXECUTOR_INPUT,
+            *KFP_RUN,
             dsl.ConcatPlaceholder(["policy.max_fnr=", max_fnr]),
             dsl.ConcatPlaceholder(["policy.max_fpr=", max_fpr]),
             dsl.ConcatPlaceholder(["policy.min_precision=", min_precision]),

@@ -1,7 +1,7 @@
 from kfp import dsl
 
 from components.defaults import TRAIN
-from components.images import ENTRYPOINT, EXECUTOR_INPUT, TRAIN_IMAGE
+from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 
 
 @dsl.container_component
@@ -50,8 +50,7 @@ def train_baseline(
             splits.path,
             "--out",
             model.path,
-            "--executor-input",
-            EXECUTOR_INPUT,
+            *KFP_RUN,
             dsl.ConcatPlaceholder(["model.backbone=", backbone]),
             dsl.ConcatPlaceholder(["model.pretrained=", pretrained]),
             dsl.ConcatPlaceholder(["model.weights=", weights_uri]),

@@ -84,7 +84,6 @@ def build_pipeline(options: PlatformOptions | None = None):
         dataset.set_display_name("dataset")
 
         splits = make_splits(dataset=dataset.output, seed=seed)
-        splits.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
 
         train = train_baseline(
             dataset=dataset.output,
@@ -99,7 +98,10 @@ def build_pipeline(options: PlatformOptions | None = None):
             image_size=image_size,
             seed=seed,
         )
-        train.set_retry(num_retries=1, backoff_duration="60s")  # preemptible nodes, hub hiccups
+        # Only training is retried: a preempted GPU node is worth another try. Bad input and the release
+        # gate fail the same way every time (exit 2, checked before any work), and transient object-store
+        # errors are already retried inside each step by botocore, so the other steps are not retried.
+        train.set_retry(num_retries=1, backoff_duration="10s")
         if options.gpus:
             train.set_accelerator_type(options.gpu_resource).set_accelerator_limit(options.gpus)
         for key, value in options.node_selector.items():
@@ -114,7 +116,6 @@ def build_pipeline(options: PlatformOptions | None = None):
             )
 
         sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr)
-        sweep.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
 
         export = export_bundle(
             phase1=train.outputs["model"],
@@ -122,7 +123,6 @@ def build_pipeline(options: PlatformOptions | None = None):
             splits=splits.outputs["splits"],
             min_test_mcc=min_test_mcc,
         )
-        export.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
 
         for task in (splits, train, sweep, export):
             _with_credentials(task, options)

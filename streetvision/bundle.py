@@ -12,6 +12,7 @@ from typing import Any
 
 from streetvision.errors import StreetVisionError
 from streetvision.io.atomic import compute_file_sha256
+from streetvision.io.manifests import verify_dir
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_SCHEMA = 1
@@ -74,7 +75,32 @@ def referenced_paths(bundle: dict[str, Any]) -> list[str]:
     return [bundle["model"]["weights"], bundle["model"]["config"], bundle["policy"]["file"], bundle["splits"]]
 
 
+def _shape(bundle: Any, where: str) -> dict[str, Any]:
+    if not isinstance(bundle, dict):
+        raise BundleError(f"{where}: not a JSON object")
+    missing = [k for k in REQUIRED if k not in bundle]
+    if missing:
+        raise BundleError(f"{where}: missing field(s) {', '.join(missing)}")
+    if bundle["schema_version"] != BUNDLE_SCHEMA:
+        raise BundleError(f"{where}: unsupported schema_version {bundle['schema_version']!r}")
+    files, model, policy = bundle["files"], bundle["model"], bundle["policy"]
+    if not (isinstance(files, dict) and all(isinstance(m, dict) for m in files.values())):
+        raise BundleError(f"{where}: 'files' must map names to {{sha256, size}}")
+    if not (isinstance(model, dict) and isinstance(policy, dict) and isinstance(policy.get("params"), dict)):
+        raise BundleError(f"{where}: 'model' and 'policy' (with 'params') must be JSON objects")
+    if policy.get("type") not in POLICY_TYPES:
+        raise BundleError(f"{where}: unknown policy type {policy.get('type')!r}")
+    threshold = policy["params"].get("threshold")
+    if not (isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold <= 1):
+        raise BundleError(f"{where}: policy threshold must be a number in [0, 1], not {threshold!r}")
+    names = bundle["class_names"]
+    if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        raise BundleError(f"{where}: class_names must be two names")
+    return bundle
+
+
 def load_bundle_json(root: str | Path) -> dict[str, Any]:
+    """``bundle.json`` of a bundle whose manifest has just been verified, checked for shape."""
     path = Path(root) / BUNDLE_FILE
     if not path.is_file():
         raise BundleError(f"{root}: no {BUNDLE_FILE}; not a StreetVision bundle")
@@ -82,18 +108,23 @@ def load_bundle_json(root: str | Path) -> dict[str, Any]:
         bundle = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in REQUIRED if k not in bundle]
-    if missing:
-        raise BundleError(f"{path}: missing field(s) {', '.join(missing)}")
-    if bundle["schema_version"] != BUNDLE_SCHEMA:
-        raise BundleError(f"{path}: unsupported schema_version {bundle['schema_version']!r}")
-    if bundle["policy"].get("type") not in POLICY_TYPES:
-        raise BundleError(f"{path}: unknown policy type {bundle['policy'].get('type')!r}")
-    return bundle
+    return _shape(bundle, str(path))
 
 
 def verify_bundle(root: str | Path) -> dict[str, Any]:
-    """Return ``bundle.json`` of an intact bundle, or raise naming the first offending entry."""
+    """Return ``bundle.json`` of an intact bundle, or raise naming the first offending entry.
+
+    The bundle is a committed ``export_bundle`` step: its manifest is verified first (every file,
+    ``bundle.json`` included, and nothing else), then the bundle's own paths and checksums, and the
+    policy it applies is the one in the policy file it names.
+    """
+    verify_dir(root, "export_bundle")
+    return check_bundle(root)
+
+
+def check_bundle(root: str | Path) -> dict[str, Any]:
+    """The bundle-level checks of :func:`verify_bundle` (its paths, checksums and policy), which the
+    exporter also runs on its staging folder before it commits."""
     root = Path(root)
     bundle = load_bundle_json(root)
     files = bundle["files"]
@@ -110,4 +141,15 @@ def verify_bundle(root: str | Path) -> dict[str, Any]:
             )
         if compute_file_sha256(target) != meta.get("sha256"):
             raise BundleError(f"{root}: {name}: sha256 differs from {BUNDLE_FILE}")
+    try:
+        policy_file = json.loads((root / bundle["policy"]["file"]).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{root}: {bundle['policy']['file']}: not valid JSON ({e})") from None
+    if (
+        not isinstance(policy_file, dict)
+        or policy_file.get("threshold") != bundle["policy"]["params"]["threshold"]
+    ):
+        raise BundleError(
+            f"{root}: the threshold in {BUNDLE_FILE} differs from the one in {bundle['policy']['file']}"
+        )
     return bundle

@@ -29,7 +29,8 @@ def _common(p: argparse.ArgumentParser, *, step: bool = True) -> None:
         metavar="JSON",
         help="KFP executor input ({{$}}); the step then writes the executor output for the Kubeflow UI",
     )
-    p.add_argument("--run-id", default=None, help="run id recorded in the manifest")
+    p.add_argument("--run-id", default=None, help="run id recorded in the manifest (Kubeflow: the run's id)")
+    p.add_argument("--task", default="", help="task name recorded in the manifest (Kubeflow: the task's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +98,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(verify_path(args.path)))
         return 0
     if cmd == "demo-data":
-        from streetvision.data.demo import write_demo_dataset
+        from streetvision.data.demo import write_demo
 
-        path = write_demo_dataset(args.out, n=args.n, seed=args.seed, size=args.size)
+        path = write_demo(args.out, n=args.n, seed=args.seed, size=args.size)
         print(f"wrote {args.n} images and labels.csv to {path}")
         return 0
     if cmd == "predict":
@@ -119,16 +120,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(command: str, message: str) -> int:
+    """One line on stderr, with any credential inside a URI masked."""
+    from streetvision.io.manifests import redact_text
+
+    line = " ".join(redact_text(message).split())
+    print(f"streetvision {command}: error: {line}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except StreetVisionError as e:
-        print(f"streetvision {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except PermissionError as e:  # where the process may not write or read: the environment, not a bug
-        print(f"streetvision {args.command}: error: permission denied: {e.filename}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(args.command, str(e))
+    except OSError as e:  # a path the process may not read or write: the environment, not a bug
+        return _fail(args.command, f"{e.strerror or type(e).__name__}: {e.filename or e}")
     except KeyboardInterrupt:
         print(
             f"streetvision {args.command}: interrupted; an unfinished step has no manifest and re-runs",

@@ -8,6 +8,7 @@ dict, saved beside the outputs and hashed into the manifest.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
         raise ConfigError(f"override {bad!r} is not of the form key=value (e.g. model.lr=0.001)")
     try:
         for f in files:
+            if str(f).startswith("s3://"):
+                raise ConfigError(f"--config {f}: config files are read from local paths, not s3://")
             path = Path(f)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
@@ -43,11 +46,25 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
             # `key=` means the empty string (as a KFP launcher renders an empty parameter), not null.
             dotlist = [o + '""' if o.endswith("=") else o for o in overrides]
             base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
-        return OmegaConf.to_object(base)  # type: ignore[return-value]
+        config = OmegaConf.to_object(base)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}") from None
+    if hasattr(config, "check"):
+        config.check()  # every value's range, before any work
+    return config  # type: ignore[return-value]
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise naming ``key`` unless ``ok``; write ``ok`` so that NaN fails it (``0 < x``, not ``not x <= 0``)."""
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {value!r} is out of range; {rule}")
+
+
+def probability(key: str, value: float | None) -> None:
+    """An optional rate or probability: None, or a number in [0, 1]."""
+    require(value is None or 0 <= value <= 1, key, value, "a number in [0, 1], or null for none")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -59,3 +76,14 @@ def to_yaml(config: Any) -> str:
     import yaml
 
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def read_json(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON object from ``path``, or ``error`` with one line naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not a readable JSON document ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must hold a JSON object")
+    return data

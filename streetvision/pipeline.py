@@ -13,11 +13,9 @@ exist, and ``demo.n=...`` shapes the generated demo data used when no dataset is
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from streetvision.config import ConfigError, load_config, to_dict
+from streetvision.data.dataset import content_identity
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
-from streetvision.io.manifests import MANIFEST, Manifest, ManifestError, redact, sha256_json, verify_dir
+from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
 from streetvision.steps import STEPS, step_config
 
 ORDER = list(STEPS)  # the steps in dependency order
@@ -47,6 +46,11 @@ class DemoConfig:
     seed: int = 0
     size: int = 96
 
+    def check(self) -> None:
+        from streetvision.data.demo import check_demo
+
+        check_demo(self.n, self.seed, self.size)
+
 
 @dataclass
 class PipelineConfig:
@@ -57,6 +61,10 @@ class PipelineConfig:
 class RunnerConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def check(self) -> None:
+        _phases(self.pipeline.phases)
+        self.demo.check()
 
 
 def _flatten(prefix: str, value: Any) -> list[str]:
@@ -100,6 +108,8 @@ def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, li
 
 
 def _phases(requested: list[str]) -> list[str]:
+    if not requested:
+        raise ConfigError("config key 'pipeline.phases': empty; name at least one phase")
     stems = []
     for name in requested:
         stem = PHASE_NAMES.get(name, name)
@@ -111,57 +121,46 @@ def _phases(requested: list[str]) -> list[str]:
     return [s for s in ORDER if s in stems]
 
 
-def committed(uri: str) -> tuple[Manifest, str] | None:
-    """(manifest, sha256 of manifest.json) of a committed step, or None."""
+def committed(uri: str, stem: str) -> tuple[Manifest, str] | None:
+    """(manifest, sha256 of manifest.json) of a committed, intact ``stem`` output at ``uri``, or None."""
     try:
-        if store.is_s3(uri):
-            if not store.is_committed(uri):
-                return None
-            raw = store.read_bytes(store.join(uri, MANIFEST))
-        else:
-            verify_dir(uri)
-            raw = Path(uri, MANIFEST).read_bytes()
+        return store.verified(uri, stem)
     except (ManifestError, store.StoreError):
         return None
-    return Manifest.from_dict(json.loads(raw)), hashlib.sha256(raw).hexdigest()
 
 
-def _index_sha256(dataset: str) -> str:
-    return hashlib.sha256(store.read_bytes(store.join(dataset, "labels.csv"))).hexdigest()
-
-
-def up_to_date(stem: str, config, uris: dict[str, str], out: str) -> bool:
-    found = committed(out)
-    if found is None:
-        return False
-    manifest, _ = found
+def stale_reason(stem: str, config, uris: dict[str, str], out: str) -> str | None:
+    """Why ``stem`` must run again (None when its committed output is up to date)."""
+    try:
+        manifest, _ = store.verified(out, stem)
+    except ManifestError as e:
+        if "no manifest.json" in str(e) or "no such folder" in str(e):
+            return "not run yet"
+        return f"its committed output failed verification ({e})"
     if manifest.config_sha256 != sha256_json(redact(to_dict(config))):
-        return False
-    step_inputs, dataset_inputs = STEPS[stem]
-    for name in step_inputs:
-        upstream = committed(uris[name])
-        if upstream is None or manifest.inputs.get(name, {}).get("manifest_sha256") != upstream[1]:
-            return False
-    return all(
-        manifest.inputs.get(n, {}).get("index_sha256") == _index_sha256(uris[n]) for n in dataset_inputs
-    )
+        return "its config changed"
+    for name, producer in STEPS[stem].items():
+        recorded = manifest.inputs.get(name, {})
+        if producer is None:
+            if recorded.get("content_sha256") != content_identity(uris[name]):
+                return f"input {name} changed (its images or labels differ from the last run)"
+            continue
+        upstream = committed(uris[name], producer)
+        if upstream is None or recorded.get("manifest_sha256") != upstream[1]:
+            return f"input {name} changed"
+    return None
 
 
 def _demo_data(out: str, demo: DemoConfig) -> str:
     """Generate the demo dataset under ``out/data`` once. Its settings, ``demo.json``, are written last,
     so a generation or upload cut short is redone rather than taken for a complete dataset."""
-    from streetvision.data.demo import write_demo_dataset
+    from streetvision.data.demo import write_demo
 
     uri = store.join(out, "data")
     marker, marker_uri = json.dumps(dataclasses.asdict(demo), sort_keys=True), store.join(uri, "demo.json")
     if store.exists(marker_uri) and store.read_bytes(marker_uri).decode() == marker:
         return uri
-    if store.is_s3(uri):
-        with tempfile.TemporaryDirectory(prefix="sv-demo-") as tmp:
-            write_demo_dataset(tmp, n=demo.n, seed=demo.seed, size=demo.size)
-            store.upload_tree(tmp, uri)
-    else:
-        write_demo_dataset(uri, n=demo.n, seed=demo.seed, size=demo.size)
+    write_demo(uri, n=demo.n, seed=demo.seed, size=demo.size)
     store.write_bytes(marker_uri, marker.encode())
     return uri
 
@@ -202,21 +201,22 @@ def run_local(
     run_id = uuid.uuid4().hex
     done: dict[str, str] = {}
     for stem in ORDER:
-        uris = {name: available[name] for name in (*STEPS[stem][0], *STEPS[stem][1])}
+        uris = {name: available[name] for name in STEPS[stem]}
         if stem not in selected:
-            done[stem] = "not selected" if committed(outs[stem]) else "absent"
+            done[stem] = "not selected" if committed(outs[stem], stem) else "absent"
             continue
-        for name in STEPS[stem][0]:
-            if committed(uris[name]) is None:
+        for name, producer in STEPS[stem].items():
+            if producer is not None and committed(uris[name], producer) is None:
                 raise StreetVisionError(
                     f"phase {stem} needs a committed {name} at {uris[name]}; "
                     "run its phase first (add it to pipeline.phases)"
                 )
-        if not force and up_to_date(stem, configs[stem], uris, outs[stem]):
+        reason = "--force" if force else stale_reason(stem, configs[stem], uris, outs[stem])
+        if reason is None:
             done[stem] = "up to date, skipped"
             continue
         t0 = time.time()
-        print(f"== {stem} -> {outs[stem]}", flush=True)
+        print(f"== {stem} -> {outs[stem]} (running: {reason})", flush=True)
         _launch(stem, uris, outs[stem], routed[stem], run_id)
         done[stem] = f"ran in {time.time() - t0:.1f}s"
     summary = _summary(outs, done)
@@ -228,7 +228,10 @@ def _summary(outs: dict[str, str], done: dict[str, str]) -> dict[str, Any]:
     lines = ["", "StreetVision run summary"]
     lines += [f"  {stem:<17} {state}" for stem, state in done.items()]
     result: dict[str, Any] = {"steps": done}
-    sweep, export = committed(outs["sweep_thresholds"]), committed(outs["export_bundle"])
+    sweep, export = (
+        committed(outs["sweep_thresholds"], "sweep_thresholds"),
+        committed(outs["export_bundle"], "export_bundle"),
+    )
     if sweep:
         m = sweep[0].metrics
         result["val_calib"] = m

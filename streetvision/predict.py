@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from streetvision.bundle import apply_policy, served_probability, verify_bundle
+from streetvision.errors import StreetVisionError
 from streetvision.eval import sweep
 from streetvision.io import store
 
@@ -50,19 +51,30 @@ class Predictor:
 
 
 def expand(inputs: Sequence[str]) -> list[Path]:
+    """The image files named by files and folders; refuses ``s3://`` inputs and an empty result."""
     files: list[Path] = []
     for item in inputs:
+        if store.is_s3(item):
+            raise StreetVisionError(
+                f"{item}: predict reads local images; copy them from the object store first"
+            )
         p = Path(item)
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         else:
             files.append(p)
+    if not files:
+        raise StreetVisionError(
+            f"no images in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     return files
 
 
 def predict_files(
     predictor: Predictor, files: Sequence[Path], served: bool = False
 ) -> Iterator[dict[str, Any]]:
+    from PIL import Image
+
     from streetvision.data.images import load_rgb
 
     threshold = float(predictor.policy["params"]["threshold"])
@@ -74,7 +86,7 @@ def predict_files(
             try:
                 images.append(load_rgb(f, predictor.min_side))
                 rows.append({"id": str(f)})
-            except (OSError, SyntaxError, ValueError) as e:
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 rows.append({"id": str(f), "error": f"unreadable image: {type(e).__name__}: {e}"})
         if images:
             probs = predictor.probabilities(images)
@@ -90,10 +102,11 @@ def predict_files(
 
 
 def predict_cli(bundle: str, inputs: Sequence[str], served: bool = False) -> int:
-    with store.local_tree(bundle, prefix="sv-bundle-") as root:
+    files = expand(inputs)
+    with store.local_step(bundle, "export_bundle") as root:
         predictor = Predictor(root)
         failures = 0
-        for row in predict_files(predictor, expand(inputs), served):
+        for row in predict_files(predictor, files, served):
             failures += "error" in row
             print(json.dumps(row), flush=True)
     if failures:

@@ -89,3 +89,11 @@ def trained(demo_dataset, demo_splits, tmp_path_factory):
         "splits": demo_splits,
         "dataset": demo_dataset,
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory):
+    """Keep the content-hash cache of the tests inside pytest's own temporary folder."""
+    import os
+
+    os.environ["STREETVISION_CACHE_DIR"] = str(tmp_path_factory.mktemp("hash-cache"))

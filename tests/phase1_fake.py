@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streetvision.io.manifests import StepOutputs
+from streetvision.io.outputs import StepOutputs
 
 
 def fake_phase1(root, logits, labels, *, test_logits=None, test_labels=None):

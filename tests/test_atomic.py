@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from streetvision.io import atomic
-from streetvision.io.manifests import MANIFEST, StepOutputs, verify_dir
+from streetvision.io.manifests import MANIFEST, ManifestError, verify_dir
+from streetvision.io.outputs import StepOutputs
 
 
 def test_write_returns_sha256_and_size_of_the_bytes_on_disk(tmp_path):
@@ -56,7 +57,7 @@ def test_an_exception_while_writing_leaves_the_old_file_and_no_temp(tmp_path):
 
 WRITER = r"""
 import os, sys
-from streetvision.io.manifests import StepOutputs
+from streetvision.io.outputs import StepOutputs
 root = sys.argv[1]
 i = 0
 while True:
@@ -90,12 +91,20 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file_or_a_lying_manife
             verify_dir(root)  # any manifest that exists vouches only for what is there
 
 
-def test_a_rerun_uncommits_the_directory_before_writing(tmp_path):
-    out = StepOutputs(tmp_path, "s")
+def test_a_rerun_leaves_the_previous_commit_whole_until_it_commits_and_then_replaces_it(tmp_path):
+    root = tmp_path / "step"
+    out = StepOutputs(root, "s")
     out.write_text("a.txt", "1")
+    out.write_text("old-only.txt", "x")
     out.commit(config={})
-    StepOutputs(tmp_path, "s")  # a new run starts here
-    assert not (tmp_path / MANIFEST).exists()
+    rerun = StepOutputs(root, "s")
+    rerun.write_text("a.txt", "2")
+    assert verify_dir(root, "s").outputs.keys() == {"a.txt", "old-only.txt"}  # still the old commit
+    with pytest.raises(ManifestError, match="another process is writing"):
+        StepOutputs(root, "s")  # a second writer of the same output fails instead of mixing files
+    rerun.commit(config={})
+    assert verify_dir(root, "s").outputs.keys() == {"a.txt"} and (root / "a.txt").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step.lock", "step"]  # no staging left
 
 
 def test_names_outside_the_directory_are_refused(tmp_path):

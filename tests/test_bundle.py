@@ -12,7 +12,8 @@ from streetvision.bundle import BundleError, served_probability, verify_bundle
 from streetvision.config import load_config
 from streetvision.eval.sweep import probabilities
 from streetvision.io import store
-from streetvision.io.manifests import MANIFEST, StepOutputs
+from streetvision.io.manifests import MANIFEST
+from streetvision.io.outputs import StepOutputs
 from streetvision.steps import export_bundle
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from streetvision.io.manifests import StepOutputs
+from streetvision.io.outputs import StepOutputs
 
 
 def cli(*args, **kw):

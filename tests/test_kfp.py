@@ -92,7 +92,11 @@ def test_dag_wires_each_output_to_the_right_input(spec):
     )
     for name in ("make-splits", "train-baseline", "sweep-thresholds", "export-bundle"):
         assert tasks[name].caching_options.enable_cache
-        assert tasks[name].retry_policy.max_retry_count >= 1
+    # Only a preempted training is worth a retry, and a deterministic failure must not wait minutes.
+    assert tasks["train-baseline"].retry_policy.max_retry_count == 1
+    assert tasks["train-baseline"].retry_policy.backoff_duration.seconds <= 10
+    for name in ("make-splits", "sweep-thresholds", "export-bundle"):
+        assert tasks[name].retry_policy.max_retry_count == 0
 
 
 def test_images_and_credentials_come_from_one_place(spec):

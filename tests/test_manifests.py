@@ -4,14 +4,8 @@ import json
 
 import pytest
 
-from streetvision.io.manifests import (
-    MANIFEST,
-    ManifestError,
-    StepOutputs,
-    input_record,
-    load_manifest,
-    verify_dir,
-)
+from streetvision.io.manifests import MANIFEST, ManifestError, input_record, load_manifest, verify_dir
+from streetvision.io.outputs import StepOutputs
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ offenders of each kind and their count, before any step writes anything.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import numpy as np
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.atomic import compute_file_sha256
+from streetvision.io.hashcache import HashCache
 
 INDEX = "labels.csv"
 CLASS_NAMES = ["no_roadwork", "roadwork"]  # label 0 and label 1
@@ -34,6 +36,7 @@ class Dataset:
     ids: list[str]  # image paths relative to the index; the id used everywhere
     labels: np.ndarray  # int64, 0/1
     index_sha256: str
+    content_sha256: str  # the index and every listed image's bytes: the dataset's identity
 
     def label_of(self) -> dict[str, int]:
         return dict(zip(self.ids, self.labels.tolist(), strict=True))
@@ -59,23 +62,40 @@ def _readable(path: Path) -> bool:
     return True
 
 
+def content_sha256(index_sha256: str, image_sha256: dict[str, str]) -> str:
+    """The dataset's identity: its index and the content of every image it lists (by id)."""
+    lines = [f"{INDEX} {index_sha256}", *(f"{i} {image_sha256[i]}" for i in sorted(image_sha256))]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _rows(raw: bytes, where: str) -> list[dict[str, str]]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start}); save the index as UTF-8 CSV") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or not {"image", "label"} <= set(reader.fieldnames):
+        raise DataError(f"{where}: header must contain image,label (found {reader.fieldnames})")
+    rows = list(reader)
+    if not rows:
+        raise DataError(f"{where}: empty index, no images listed")
+    return rows
+
+
 def load_index(root: str | Path, *, check_images: bool = True) -> Dataset:
+    """The validated dataset at ``root``; its identity covers every image's content (hashes cached)."""
     root = Path(root)
     index = root / INDEX
     if not index.is_file():
         raise DataError(f"{root}: no {INDEX} (expected columns image,label)")
-    text = index.read_text(encoding="utf-8-sig")
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not {"image", "label"} <= set(reader.fieldnames):
-        raise DataError(f"{index}: header must contain image,label (found {reader.fieldnames})")
-    rows = list(reader)
-    if not rows:
-        raise DataError(f"{index}: empty index, no images listed")
+    rows = _rows(index.read_bytes(), str(index))
 
     bad: dict[str, list[str]] = {}
     seen: set[str] = set()
     ids: list[str] = []
     labels: list[int] = []
+    hashes: dict[str, str] = {}
+    cache = HashCache()
     for lineno, row in enumerate(rows, start=2):
         name, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
         if label not in ("0", "1"):
@@ -91,15 +111,21 @@ def load_index(root: str | Path, *, check_images: bool = True) -> Dataset:
             bad.setdefault("missing file", []).append(name)
         elif check_images and not _readable(path):
             bad.setdefault("unreadable or truncated image", []).append(name)
+        else:
+            hashes[name] = cache.file_sha256(path)
         ids.append(name)
         labels.append(1 if label == "1" else 0)
+    cache.close()
     if bad:
         parts = [
             f"{kind}: {len(v)} ({', '.join(v[:SHOW])}{', ...' if len(v) > SHOW else ''})"
             for kind, v in bad.items()
         ]
         raise DataError(f"{index}: {sum(map(len, bad.values()))} bad row(s); " + "; ".join(parts))
-    return Dataset(root, ids, np.asarray(labels, dtype=np.int64), compute_file_sha256(index))
+    index_sha = compute_file_sha256(index)
+    return Dataset(
+        root, ids, np.asarray(labels, dtype=np.int64), index_sha, content_sha256(index_sha, hashes)
+    )
 
 
 @contextmanager
@@ -113,4 +139,31 @@ def local_dataset(uri: str | Path) -> Iterator[Path]:
 
 def dataset_input(ds: Dataset, uri: str | None = None) -> dict[str, str]:
     """How a dataset is recorded in a manifest's inputs."""
-    return {"uri": uri or str(ds.root), "index_sha256": ds.index_sha256, "images": str(len(ds.ids))}
+    return {
+        "uri": uri or str(ds.root),
+        "index_sha256": ds.index_sha256,
+        "content_sha256": ds.content_sha256,
+        "images": str(len(ds.ids)),
+    }
+
+
+def content_identity(uri: str | Path) -> str:
+    """``content_sha256`` of the dataset at a folder or ``s3://`` prefix, without decoding any image.
+
+    On the object store, objects are hashed once and then known by their ETag, so a re-run lists the
+    prefix instead of downloading it.
+    """
+    if not store.is_s3(uri):
+        return load_index(uri, check_images=False).content_sha256
+    raw = store.read_bytes(store.join(str(uri), INDEX))
+    objects = store.list_objects(str(uri))
+    hashes: dict[str, str] = {}
+    with HashCache() as cache:
+        for row in _rows(raw, store.join(str(uri), INDEX)):
+            name = (row.get("image") or "").strip()
+            if name not in objects:
+                return f"missing image {name}"
+            key = f"s3:{store.join(str(uri), name)}|{objects[name][0]}|{objects[name][1]}"
+            obj = store.join(str(uri), name)
+            hashes[name] = cache.get(key) or cache.put(key, hashlib.sha256(store.read_bytes(obj)).hexdigest())
+    return content_sha256(hashlib.sha256(raw).hexdigest(), hashes)

@@ -8,13 +8,14 @@ light, noise and clutter. Same seed, same bytes: the embedded default dataset of
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from streetvision.data.dataset import INDEX, DataError
-from streetvision.io import atomic
+from streetvision.io import atomic, store
 
 ORANGE = (245, 120, 20)
 
@@ -163,9 +164,12 @@ def _scene(rng: np.random.Generator, s: int, positive: bool) -> Image.Image:
 
 def write_demo_dataset(out: str | Path, *, n: int = 240, seed: int = 0, size: int = 96) -> Path:
     """Write ``n`` JPEGs under ``out/images`` and ``out/labels.csv`` (half positives), deterministically."""
-    if n < 8:
-        raise DataError("the demo dataset needs at least 8 images (each split must hold both classes)")
+    check_demo(n, seed, size)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a folder")
+    for left in out.glob("**/.*.tmp"):  # what a killed generation left
+        left.unlink()
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % 2)
     rows = ["image,label"]
@@ -178,3 +182,24 @@ def write_demo_dataset(out: str | Path, *, n: int = 240, seed: int = 0, size: in
         rows.append(f"{name},{label}")
     atomic.write_text(out / INDEX, "\n".join(rows) + "\n")  # the index last: it is what makes a dataset
     return out
+
+
+def check_demo(n: int, seed: int, size: int) -> None:
+    if n < 8:
+        raise DataError("the demo dataset needs at least 8 images (each split must hold both classes)")
+    if not 0 <= seed < 2**32:
+        raise DataError(f"demo seed {seed} must be an integer in [0, 2^32)")
+    if not 16 <= size <= 4096:
+        raise DataError(f"demo image size {size} must be 16..4096 pixels")
+
+
+def write_demo(uri: str, *, n: int = 240, seed: int = 0, size: int = 96) -> str:
+    """The demo dataset at a folder or ``s3://`` prefix (generated locally, then uploaded index last)."""
+    if not store.is_s3(uri):
+        return str(write_demo_dataset(uri, n=n, seed=seed, size=size))
+    check_demo(n, seed, size)
+    with tempfile.TemporaryDirectory(prefix="sv-demo-") as tmp:
+        write_demo_dataset(tmp, n=n, seed=seed, size=size)
+        store.upload_tree(tmp, uri, exclude={INDEX})
+        store.upload_file(Path(tmp, INDEX), store.join(uri, INDEX))
+    return uri

@@ -1,8 +1,11 @@
-"""Step output directories and their manifests.
+"""Step manifests, and the one verification every reader goes through.
 
-A step writes its files through :class:`StepOutputs` (atomic, hashed as written) and calls
-:meth:`StepOutputs.commit` last, which writes ``manifest.json``. Readers call :func:`verify_dir`: a directory
-whose manifest is missing or does not match its files does not exist as far as the pipeline is concerned.
+A step writes its files through :class:`streetvision.io.outputs.StepOutputs`, which writes
+``manifest.json`` last. :func:`verify_dir` is what every reader calls first (the next step,
+``export-bundle``, ``predict``, ``run``'s up-to-date check and ``verify``): it requires ``manifest.json``
+as a plain file, checks its shape, its own hash and the step it names, and then that the directory holds
+exactly the listed files (no more, no links, no extra folders) with their sizes and SHA-256. A directory
+that fails any of this does not exist as far as the pipeline is concerned.
 """
 
 from __future__ import annotations
@@ -10,15 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
-import socket
 import subprocess
-import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,8 +25,10 @@ from streetvision.errors import StreetVisionError
 from streetvision.io import atomic
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SECRET_NAME = re.compile(r"(secret|token|password|passwd|credential|(^|_)key$|access_?key|api_?key)", re.I)
+_URI_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ManifestError(StreetVisionError):
@@ -50,32 +50,93 @@ class Manifest:
     duration_s: float
     host: str = ""
     python: str = ""
+    task: str = ""  # the Kubeflow task that wrote it, when run by Kubeflow
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "manifest") -> Manifest:
-        if not isinstance(data, Mapping):
-            raise ManifestError(f"{where}: not a JSON object")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ManifestError(f"{where}: unsupported schema_version {data.get('schema_version')!r}")
-        known = set(cls.__dataclass_fields__)
-        missing = {"step", "outputs", "inputs", "config_sha256"} - set(data)
-        if missing:
-            raise ManifestError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+    self_sha256: str = ""  # sha256_json of every other field: an edited field is caught
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def sealed(self) -> Manifest:
+        body = {k: v for k, v in self.to_dict().items() if k != "self_sha256"}
+        return Manifest(**{**body, "self_sha256": sha256_json(body)})
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "step": str,
+    "run_id": str,
+    "code_version": str,
+    "config": dict,
+    "config_sha256": str,
+    "inputs": dict,
+    "outputs": dict,
+    "metrics": dict,
+    "started_at": str,
+    "finished_at": str,
+    "duration_s": (int, float),
+    "host": str,
+    "python": str,
+    "task": str,
+    "schema_version": int,
+    "extra": dict,
+    "self_sha256": str,
+}
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """A manifest from its bytes, checked for shape, its own hash and its config hash."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: not a JSON object")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where}: unsupported schema_version {data.get('schema_version')!r} "
+            f"(this version reads {SCHEMA_VERSION}); re-run the step"
+        )
+    names = {f.name for f in fields(Manifest)}
+    if missing := names - set(data):
+        raise ManifestError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
+    if unknown := set(data) - names:
+        raise ManifestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    for name, kind in _TYPES.items():
+        if not isinstance(data[name], kind) or isinstance(data[name], bool):
+            raise ManifestError(f"{where}: field {name!r} has the wrong type ({type(data[name]).__name__})")
+    for name, meta in data["outputs"].items():
+        try:
+            check_relative(name)
+        except ValueError as e:
+            raise ManifestError(f"{where}: {e}") from None
+        ok = isinstance(meta, dict) and set(meta) == {"sha256", "size"}
+        if not (ok and _HEX64.match(str(meta["sha256"])) and type(meta["size"]) is int and meta["size"] >= 0):
+            raise ManifestError(f"{where}: output {name!r} needs exactly a sha256 (64 hex) and a size")
+    if not all(isinstance(v, dict) for v in data["inputs"].values()):
+        raise ManifestError(f"{where}: every input must be a JSON object")
+    manifest = Manifest(**data)
+    if manifest.sealed().self_sha256 != manifest.self_sha256:
+        raise ManifestError(f"{where}: edited (its fields no longer match its self_sha256)")
+    if sha256_json(manifest.config) != manifest.config_sha256:
+        raise ManifestError(f"{where}: config_sha256 does not match its config")
+    return manifest
+
 
 def redact(obj: Any) -> Any:
-    """Replace the values of secret-looking keys (key, secret, token, password...) with '***'."""
+    """Replace secret-looking keys' values (key, secret, token...) and credentials inside URIs with '***'."""
     if isinstance(obj, Mapping):
         return {k: ("***" if _SECRET_NAME.search(str(k)) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
     return obj
+
+
+def redact_text(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://***@host``: a credential in a URI is never echoed."""
+    return _URI_USERINFO.sub(r"\1***@", text)
 
 
 def sha256_json(obj: Any) -> str:
@@ -91,14 +152,15 @@ def code_version() -> str:
         return sha
     from streetvision import __version__
 
+    here = Path(__file__).parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
         )
         if out.returncode == 0:
             dirty = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=Path(__file__).parent,
+                cwd=here,
                 capture_output=True,
                 text=True,
                 timeout=5,
@@ -109,15 +171,12 @@ def code_version() -> str:
     return __version__
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 def check_relative(name: str) -> str:
     """Reject absolute names, '..' and empty parts: an output name must stay inside its directory."""
     p = PurePosixPath(name)
     if (
-        not name
+        not isinstance(name, str)
+        or not name
         or p.is_absolute()
         or "\\" in name
         or any(part in ("", ".", "..") for part in name.split("/"))
@@ -126,96 +185,27 @@ def check_relative(name: str) -> str:
     return str(p)
 
 
-class StepOutputs:
-    """One step's output directory: atomic, hashed writes, and the manifest written last."""
-
-    def __init__(self, root: str | os.PathLike, step: str):
-        self.root = Path(root)
-        self.step = step
-        self.root.mkdir(parents=True, exist_ok=True)
-        # A re-run in the same place first un-commits the old result, so a crash mid-run never leaves an
-        # old manifest describing a mix of old and new files.
-        if (self.root / MANIFEST).exists():
-            (self.root / MANIFEST).unlink()
-            atomic.fsync_dir(self.root)
-        self.files: dict[str, atomic.Written] = {}
-        self.started = time.time()
-        self.started_at = _now()
-
-    def path(self, name: str) -> Path:
-        return self.root / check_relative(name)
-
-    def _record(self, name: str, written: atomic.Written) -> atomic.Written:
-        self.files[check_relative(name)] = written
-        return written
-
-    def write_bytes(self, name: str, data: bytes) -> atomic.Written:
-        return self._record(name, atomic.write_bytes(self.path(name), data))
-
-    def write_text(self, name: str, text: str) -> atomic.Written:
-        return self._record(name, atomic.write_text(self.path(name), text))
-
-    def write_json(self, name: str, obj: Any) -> atomic.Written:
-        return self._record(name, atomic.write_json(self.path(name), obj))
-
-    def write_npy(self, name: str, array) -> atomic.Written:
-        return self._record(name, atomic.write_npy(self.path(name), array))
-
-    def write_safetensors(self, name: str, tensors: dict, metadata: dict[str, str] | None = None):
-        return self._record(name, atomic.write_safetensors(self.path(name), tensors, metadata))
-
-    def write_with(self, name: str, produce) -> atomic.Written:
-        return self._record(name, atomic.write_with(self.path(name), produce))
-
-    def copy(self, name: str, src: str | os.PathLike) -> atomic.Written:
-        return self._record(name, atomic.copy_file(src, self.path(name)))
-
-    def commit(
-        self,
-        *,
-        config: Mapping[str, Any],
-        inputs: Mapping[str, Mapping[str, Any]] | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        run_id: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> Manifest:
-        """Write ``manifest.json`` last; from this moment the directory exists for every reader."""
-        clean = redact(dict(config))
-        manifest = Manifest(
-            step=self.step,
-            run_id=run_id or uuid.uuid4().hex,
-            code_version=code_version(),
-            config=clean,
-            config_sha256=sha256_json(clean),
-            inputs={k: dict(v) for k, v in (inputs or {}).items()},
-            outputs={n: {"sha256": w.sha256, "size": w.size} for n, w in sorted(self.files.items())},
-            metrics=dict(metrics or {}),
-            started_at=self.started_at,
-            finished_at=_now(),
-            duration_s=round(time.time() - self.started, 3),
-            host=socket.gethostname(),
-            python=platform.python_version(),
-            extra=dict(extra or {}),
-        )
-        atomic.write_json(self.root / MANIFEST, manifest.to_dict())
-        return manifest
+def expected_step(where: str, manifest: Manifest, step: str | None) -> None:
+    if step is not None and manifest.step != step:
+        raise ManifestError(f"{where}: holds a {manifest.step!r} commit, but a {step!r} commit is expected")
 
 
-def load_manifest(root: str | os.PathLike) -> Manifest:
-    path = Path(root) / MANIFEST
+def load_manifest(root: str | os.PathLike, step: str | None = None) -> Manifest:
+    """The checked manifest of ``root`` (a plain file, naming ``step`` when given); files not yet checked."""
+    root = Path(root)
+    path = root / MANIFEST
+    if path.is_symlink():
+        raise ManifestError(f"{path}: is a symbolic link; a commit's manifest must be a plain file")
     if not path.is_file():
-        raise ManifestError(
-            f"{root}: no {MANIFEST}; the step did not finish (or this is not a step directory)"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    return Manifest.from_dict(data, where=str(path))
+        what = "no such folder" if not root.exists() else f"no {MANIFEST}"
+        raise ManifestError(f"{root}: {what}; the step did not finish there (or this is not a step output)")
+    manifest = parse_manifest(path.read_bytes(), str(path))
+    expected_step(str(root), manifest, step)
+    return manifest
 
 
 def problems(root: str | os.PathLike, manifest: Manifest, *, hashes: bool = True) -> list[str]:
-    """Every way the files under ``root`` differ from ``manifest``: missing, size, checksum, unlisted.
+    """Every way the tree under ``root`` differs from ``manifest``: missing, size, checksum, links, extras.
 
     ``hashes=False`` skips re-hashing content (sizes and listing only), for a directory this process
     has just written and hashed.
@@ -223,43 +213,47 @@ def problems(root: str | os.PathLike, manifest: Manifest, *, hashes: bool = True
     root = Path(root)
     found: list[str] = []
     for name, meta in sorted(manifest.outputs.items()):
-        try:
-            check_relative(name)
-        except ValueError as e:
-            found.append(str(e))
-            continue
         p = root / name
-        if p.is_symlink() or not p.is_file():
+        linked = [q for q in [p, *p.parents] if q != root and q.is_relative_to(root) and q.is_symlink()]
+        if linked:
+            found.append(f"{name}: {linked[-1].relative_to(root).as_posix()} is a symbolic link")
+        elif not p.is_file():
             found.append(f"{name}: missing" if not p.exists() else f"{name}: not a regular file")
-        elif p.stat().st_size != meta.get("size"):
-            found.append(f"{name}: size {p.stat().st_size} != {meta.get('size')} in manifest")
-        elif hashes and atomic.compute_file_sha256(p) != meta.get("sha256"):
+        elif p.stat().st_size != meta["size"]:
+            found.append(f"{name}: size {p.stat().st_size} != {meta['size']} in manifest")
+        elif hashes and atomic.compute_file_sha256(p) != meta["sha256"]:
             found.append(f"{name}: sha256 differs from manifest")
     listed = set(manifest.outputs) | {MANIFEST}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if (p.is_file() or p.is_symlink()) and rel not in listed and not p.name.startswith("."):
-            found.append(f"{rel}: not listed in manifest")
+    folders = {parent.as_posix() for n in listed for parent in PurePosixPath(n).parents} - {"."}
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        for name in sorted(filenames):
+            rel = (base / name).relative_to(root).as_posix()
+            if rel not in listed:
+                found.append(f"{rel}: not listed in manifest")
+        for name in sorted(dirnames):
+            rel = (base / name).relative_to(root).as_posix()
+            if rel not in folders and not (base / name).is_symlink():
+                found.append(f"{rel}/: folder not listed in manifest")
+            elif (base / name).is_symlink() and not any(n.startswith(rel + "/") for n in listed):
+                found.append(f"{rel}: not listed in manifest")
     return found
 
 
-def verify_dir(root: str | os.PathLike, *, hashes: bool = True) -> Manifest:
-    """Return the manifest of a committed, intact step directory, or raise naming every problem."""
-    manifest = load_manifest(root)
+def verify_dir(root: str | os.PathLike, step: str | None = None, *, hashes: bool = True) -> Manifest:
+    """The manifest of a committed, intact step directory (of ``step``, when given); else raise naming
+    every problem on one line."""
+    manifest = load_manifest(root, step)
     found = problems(root, manifest, hashes=hashes)
     if found:
         raise ManifestError(f"{root}: {len(found)} problem(s): " + "; ".join(found))
     return manifest
 
 
-def is_committed(root: str | os.PathLike) -> bool:
-    try:
-        verify_dir(root)
-    except ManifestError:
-        return False
-    return True
-
-
 def input_record(root: str | os.PathLike, uri: str | None = None) -> dict[str, Any]:
     """How a verified step directory is recorded as another step's input: its manifest's hash."""
-    return {"uri": uri or str(root), "manifest_sha256": atomic.compute_file_sha256(Path(root) / MANIFEST)}
+    return {"uri": uri or str(root), "manifest_sha256": manifest_sha256(root)}
+
+
+def manifest_sha256(root: str | os.PathLike) -> str:
+    return atomic.compute_file_sha256(Path(root) / MANIFEST)

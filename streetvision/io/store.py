@@ -9,7 +9,6 @@ last, and downloaded manifest first, then verified.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +18,16 @@ from pathlib import Path
 
 from streetvision.errors import StreetVisionError
 from streetvision.io import atomic
-from streetvision.io.manifests import MANIFEST, Manifest, ManifestError, check_relative, verify_dir
+from streetvision.io.manifests import (
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    check_relative,
+    expected_step,
+    manifest_sha256,
+    parse_manifest,
+    verify_dir,
+)
 
 MiB = 1024 * 1024
 
@@ -125,15 +133,20 @@ def exists(uri: str) -> bool:
     return True
 
 
-def list_files(uri: str) -> list[str]:
-    """Keys under an s3 prefix, relative to it."""
+def list_objects(uri: str) -> dict[str, tuple[int, str]]:
+    """Keys under an s3 prefix, relative to it, with their size and ETag."""
     bucket, prefix = split_s3(uri)
     prefix = prefix + "/" if prefix else ""
-    names: list[str] = []
+    found: dict[str, tuple[int, str]] = {}
     with _errors("list", uri):
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
-    return names
+            found |= {o["Key"][len(prefix) :]: (o["Size"], o["ETag"]) for o in page.get("Contents", [])}
+    return found
+
+
+def list_files(uri: str) -> list[str]:
+    """Keys under an s3 prefix, relative to it."""
+    return list(list_objects(uri))
 
 
 def upload_file(path: str | os.PathLike, uri: str) -> None:
@@ -178,55 +191,92 @@ def write_bytes(uri: str, data: bytes) -> None:
         client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
+UPLOADING = ".streetvision-uploading"  # present while a step directory is being uploaded to a prefix
+
+
+def _read_manifest(uri: str) -> tuple[Manifest, bytes] | None:
+    try:
+        raw = read_bytes(join(uri, MANIFEST))
+    except StoreError as e:
+        if "404" in str(e) or "NoSuchKey" in str(e):
+            return None
+        raise
+    return parse_manifest(raw, join(uri, MANIFEST)), raw
+
+
+def check_out(uri: str, step: str) -> None:
+    """Refuse an ``s3://`` output prefix that holds another step's commit or objects that are no commit."""
+    found = _read_manifest(uri)
+    if found is not None:
+        expected_step(f"--out {uri}", found[0], step)
+        return
+    names = list_files(uri)
+    if names and UPLOADING not in names:
+        raise ManifestError(
+            f"--out {uri}: holds {len(names)} object(s) but no StreetVision commit; refusing to replace them"
+        )
+
+
 def upload_dir(local: str | os.PathLike, uri: str) -> Manifest:
     """Upload a committed step directory: every listed output first, ``manifest.json`` last.
 
-    Sizes and listing are checked here; content hashes are checked by every download, so a directory is
-    not read twice on its way out.
+    While it runs, a marker object says the prefix is being written and no manifest vouches for it;
+    objects of an earlier commit that the new one does not list are removed before the manifest lands.
+    Sizes and listing are checked here; content hashes are checked by every download.
     """
     manifest = verify_dir(local, hashes=False)
     bucket, prefix = split_s3(uri)
+    key = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
     with _errors("upload to", uri):
-        # A stale manifest at the destination would vouch for a half-replaced set of objects.
-        client().delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+        client().put_object(Bucket=bucket, Key=key(UPLOADING), Body=manifest.step.encode())
+        client().delete_object(Bucket=bucket, Key=key(MANIFEST))
         with _manager() as tm:
-            futures = [
-                tm.upload(str(Path(local, name)), bucket, f"{prefix}/{name}") for name in manifest.outputs
-            ]
+            futures = [tm.upload(str(Path(local, name)), bucket, key(name)) for name in manifest.outputs]
             for f in futures:
                 f.result()
-        client().upload_file(str(Path(local, MANIFEST)), bucket, f"{prefix}/{MANIFEST}")
+        for stale in set(list_files(uri)) - set(manifest.outputs) - {MANIFEST, UPLOADING}:
+            client().delete_object(Bucket=bucket, Key=key(stale))
+        client().upload_file(str(Path(local, MANIFEST)), bucket, key(MANIFEST))
+        client().delete_object(Bucket=bucket, Key=key(UPLOADING))
     return manifest
 
 
-def download_dir(uri: str, local: str | os.PathLike) -> Manifest:
-    """Download a committed step directory and verify it; the local manifest is written last."""
+def download_dir(uri: str, local: str | os.PathLike, step: str | None = None) -> Manifest:
+    """Download a committed step directory, manifest first, and verify it (of ``step``, when given).
+
+    The manifest is checked before any other object is fetched; objects it does not list refuse the
+    whole prefix. The local manifest is written last.
+    """
     bucket, prefix = split_s3(uri)
     local = Path(local)
-    try:
-        raw = read_bytes(f"{uri.rstrip('/')}/{MANIFEST}")
-    except StoreError as e:
-        if "404" in str(e) or "NoSuchKey" in str(e):
-            raise ManifestError(f"{uri}: no {MANIFEST}; the step is not committed there") from None
-        raise
-    manifest = Manifest.from_dict(json.loads(raw), where=f"{uri}/{MANIFEST}")
+    found = _read_manifest(uri)
+    if found is None:
+        raise ManifestError(f"{uri}: no {MANIFEST}; the step is not committed there")
+    manifest, raw = found
+    expected_step(uri, manifest, step)
+    extra = sorted(set(list_files(uri)) - set(manifest.outputs) - {MANIFEST})
+    if extra:
+        raise ManifestError(f"{uri}: {len(extra)} object(s) not listed in manifest: {', '.join(extra[:3])}")
     local.mkdir(parents=True, exist_ok=True)
     (local / MANIFEST).unlink(missing_ok=True)
     with _errors("download", uri), _manager() as tm:
         futures = []
         for name in manifest.outputs:
             (local / name).parent.mkdir(parents=True, exist_ok=True)
-            futures.append(tm.download(bucket, f"{prefix}/{name}", str(local / name)))
+            futures.append(tm.download(bucket, f"{prefix}/{name}" if prefix else name, str(local / name)))
         for f in futures:
             f.result()
     atomic.write_bytes(local / MANIFEST, raw)
-    return verify_dir(local)
+    try:
+        return verify_dir(local, step)
+    except ManifestError as e:
+        raise ManifestError(str(e).replace(str(local), uri)) from None
 
 
 def download_tree(uri: str, local: str | os.PathLike) -> list[str]:
-    """Download every object under a prefix (``manifest.json`` last), e.g. a bundle without a step manifest."""
+    """Download every object under a prefix (e.g. a dataset)."""
     bucket, prefix = split_s3(uri)
-    names = sorted(list_files(uri), key=lambda n: n == MANIFEST)
+    names = sorted(list_files(uri))
     if not names:
         raise StoreError(f"download {uri}: no objects under this prefix")
     with _errors("download", uri), _manager() as tm:
@@ -240,40 +290,16 @@ def download_tree(uri: str, local: str | os.PathLike) -> list[str]:
     return names
 
 
-def upload_tree(local: str | os.PathLike, uri: str) -> list[str]:
+def upload_tree(local: str | os.PathLike, uri: str, exclude: set[str] = frozenset()) -> list[str]:
     """Upload every file under a local folder (e.g. a dataset) to an ``s3://`` prefix."""
     bucket, prefix = split_s3(uri)
     root = Path(local)
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    names = [n for n in names if n not in exclude]
     with _errors("upload to", uri), _manager() as tm:
         for f in [tm.upload(str(root / n), bucket, f"{prefix}/{n}" if prefix else n) for n in names]:
             f.result()
     return names
-
-
-def is_committed(uri: str) -> bool:
-    """True when a manifest exists at ``uri`` and every output it lists exists with its recorded size.
-
-    Content hashes are checked by :func:`download_dir`; this is the cheap check a scheduler makes.
-    """
-    if not is_s3(uri):
-        from streetvision.io.manifests import is_committed as local_committed
-
-        return local_committed(uri)
-    try:
-        manifest = Manifest.from_dict(json.loads(read_bytes(f"{uri.rstrip('/')}/{MANIFEST}")))
-    except (StoreError, ManifestError, json.JSONDecodeError):
-        return False
-    bucket, prefix = split_s3(uri)
-    for name, meta in manifest.outputs.items():
-        try:
-            with _errors("stat", uri):
-                head = client().head_object(Bucket=bucket, Key=f"{prefix}/{name}")
-        except StoreError:
-            return False
-        if head["ContentLength"] != meta.get("size"):
-            return False
-    return True
 
 
 @contextmanager
@@ -288,17 +314,22 @@ def local_tree(uri: str | os.PathLike, prefix: str = "sv-in-") -> Iterator[Path]
 
 
 @contextmanager
-def local_step(uri: str | os.PathLike) -> Iterator[Path]:
-    """A local step directory: the directory itself, or a verified download of an s3 one.
-
-    Steps verify their local inputs themselves (``verify_dir``) before reading them.
-    """
+def local_step(uri: str | os.PathLike, step: str | None = None) -> Iterator[Path]:
+    """A verified local step directory (of ``step``, when given): the directory itself, or a verified
+    download of an ``s3://`` one. This is the one way every reader opens a step output."""
     if not is_s3(uri):
+        verify_dir(uri, step)
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory(prefix="sv-in-") as tmp:
-        download_dir(str(uri), tmp)
-        yield Path(tmp)
+        download_dir(str(uri), Path(tmp) / "step", step)
+        yield Path(tmp) / "step"
+
+
+def verified(uri: str, step: str | None = None) -> tuple[Manifest, str]:
+    """(manifest, sha256 of manifest.json) of a committed, intact step output; raises naming the problem."""
+    with local_step(uri, step) as root:
+        return verify_dir(root, step, hashes=False), manifest_sha256(root)
 
 
 @contextmanager
@@ -308,7 +339,8 @@ def output_step(uri: str | os.PathLike) -> Iterator[Path]:
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory(prefix="sv-out-") as tmp:
-        yield Path(tmp)
+        local = Path(tmp) / "out"  # the step's lock and staging stay inside the temporary folder
+        yield local
         # A step that committed nothing without failing is a non-zero DDP rank: rank 0 uploads.
-        if (Path(tmp) / MANIFEST).exists():
-            upload_dir(tmp, str(uri))
+        if (local / MANIFEST).exists():
+            upload_dir(local, str(uri))

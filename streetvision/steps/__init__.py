@@ -1,26 +1,69 @@
 """Pipeline phases, one module per stem; each exposes ``Config`` and one ``run(config, *, inputs..., out)``.
 
-:func:`run_from_cli` is the glue the CLI uses: it resolves the config, stages ``s3://`` inputs and outputs
-through the store (verifying step inputs by their manifests first), runs the step, and writes the KFP
-executor output when asked. The step modules themselves never see URIs, argv or the environment.
+:func:`run_from_cli` is the glue the CLI uses: it resolves and range-checks the config, checks the output
+path against the inputs before any work, opens every step input through the one verification
+(``store.local_step``, which also stages ``s3://`` inputs), runs the step, and writes the KFP executor
+output when asked. The step modules themselves never see URIs, argv or the environment.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from streetvision.config import load_config
+from streetvision.errors import StreetVisionError
 from streetvision.io import store
 
-# stem -> (inputs that are committed step directories, inputs that are datasets)
-STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "make_splits": ((), ("dataset",)),
-    "train_baseline": (("splits",), ("dataset",)),
-    "sweep_thresholds": (("phase1",), ()),
-    "export_bundle": (("phase1", "policy", "splits"), ()),
+# stem -> {input name: the step whose commit it must be, or None for a dataset}
+STEPS: dict[str, dict[str, str | None]] = {
+    "make_splits": {"dataset": None},
+    "train_baseline": {"dataset": None, "splits": "make_splits"},
+    "sweep_thresholds": {"phase1": "train_baseline"},
+    "export_bundle": {"phase1": "train_baseline", "policy": "sweep_thresholds", "splits": "make_splits"},
 }
+
+
+def step_inputs(stem: str) -> list[str]:
+    return [name for name, producer in STEPS[stem].items() if producer is not None]
+
+
+def _key(uri: str) -> str:
+    """A comparable form of a path or URI: resolved for folders, trailing slashes dropped."""
+    return uri.rstrip("/") if store.is_s3(uri) else str(Path(uri).resolve())
+
+
+def check_out_path(stem: str, uris: dict[str, str], out: str) -> None:
+    """Before any work: refuse an output that is, contains or lies inside an input, that holds another
+    step's commit or foreign files, or that cannot be written."""
+    target = _key(out)
+    for name, uri in uris.items():
+        source = _key(uri)
+        if store.is_s3(out) != store.is_s3(uri):
+            continue
+        if target == source or source.startswith(target + "/") or target.startswith(source + "/"):
+            raise StreetVisionError(
+                f"--out {out} is, contains or lies inside the input --{name} {uri}; choose another --out"
+            )
+    if store.is_s3(out):
+        store.check_out(out, stem)
+        return
+    from streetvision.io.outputs import check_out
+
+    check_out(Path(out), stem)
+    existing = next(p for p in [Path(target), *Path(target).parents] if p.exists())
+    if not existing.is_dir():
+        raise StreetVisionError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sv-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StreetVisionError(f"--out {out}: cannot write in {existing} ({e.strerror})") from None
 
 
 def run_step(
@@ -30,19 +73,27 @@ def run_step(
     out: str,
     *,
     run_id: str | None = None,
+    task: str = "",
     executor_input: str | None = None,
 ):
     """Run one step on local paths or ``s3://`` URIs; returns its manifest (None on non-zero DDP ranks)."""
     from streetvision.data.dataset import local_dataset
 
     module = importlib.import_module(f"streetvision.steps.{stem}")
-    step_inputs, dataset_inputs = STEPS[stem]
+    if executor_input:
+        from streetvision.kfp_executor import parse
+
+        parse(executor_input)  # a malformed executor input fails now, not after the work
+    check_out_path(stem, uris, out)
     with ExitStack() as stack:
-        inputs = {name: stack.enter_context(store.local_step(uris[name])) for name in step_inputs}
-        inputs |= {name: stack.enter_context(local_dataset(uris[name])) for name in dataset_inputs}
-        sources = {name: str(uris[name]) for name in (*step_inputs, *dataset_inputs)}
+        inputs = {
+            name: stack.enter_context(
+                local_dataset(uris[name]) if producer is None else store.local_step(uris[name], producer)
+            )
+            for name, producer in STEPS[stem].items()
+        }
         local_out = stack.enter_context(store.output_step(out))
-        manifest = module.run(config, **inputs, out=local_out, sources=sources, run_id=run_id)
+        manifest = module.run(config, **inputs, out=local_out, sources=dict(uris), run_id=run_id, task=task)
         if executor_input:
             from streetvision.kfp_executor import write_executor_output
 
@@ -58,12 +109,13 @@ def step_config(stem: str, files=(), overrides=()):
 
 def run_from_cli(stem: str, args: dict[str, Any]):
     config = step_config(stem, args.get("config") or [], args.get("overrides") or [])
-    uris = {name: str(args[name]) for name in (*STEPS[stem][0], *STEPS[stem][1])}
+    uris = {name: str(args[name]) for name in STEPS[stem]}
     return run_step(
         stem,
         config,
         uris,
         str(args["out"]),
         run_id=args.get("run_id"),
+        task=args.get("task") or "",
         executor_input=args.get("executor_input"),
     )

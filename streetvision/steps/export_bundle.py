@@ -7,7 +7,6 @@ that fits anything. Never imports torch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,16 +20,26 @@ from streetvision.bundle import (
     POLICY_TYPES,
     BundleError,
     apply_policy,
-    verify_bundle,
+    check_bundle,
 )
-from streetvision.config import to_dict
+from streetvision.config import read_json, require, to_dict, to_yaml
 from streetvision.eval.metrics import compute_all_metrics
-from streetvision.eval.sweep import probabilities
-from streetvision.io.manifests import Manifest, StepOutputs, code_version, input_record, verify_dir
+from streetvision.eval.sweep import check_labels, probabilities
+from streetvision.io.manifests import Manifest, code_version, input_record, manifest_sha256, verify_dir
+from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import SPLITS_FILE
 
 STEP = "export_bundle"
 # Each policy step and the one file it commits. The file's own policy_type must agree.
+MODEL_FIELDS = (
+    "backbone",
+    "num_classes",
+    "class_names",
+    "preprocessing",
+    "decode_min_side",
+    "logit_columns",
+    "dropout",
+)
 POLICY_FILES = {"threshold": "thresholds.json", "gate": "gateparams.json", "scrc": "scrcparams.json"}
 
 
@@ -42,6 +51,10 @@ class ExportConfig:
 @dataclass
 class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def check(self) -> None:
+        gate = self.export.min_test_mcc
+        require(gate is None or -1 <= gate <= 1, "export.min_test_mcc", gate, "an MCC in [-1, 1], or null")
 
 
 def find_policy(policy_dir: Path) -> tuple[str, str, dict[str, Any]]:
@@ -55,7 +68,7 @@ def find_policy(policy_dir: Path) -> tuple[str, str, dict[str, Any]]:
         raise BundleError(
             f"{policy_dir}: {len(present)} policies ({', '.join(present)}); exactly one must be chosen"
         )
-    content = json.loads((policy_dir / present[0]).read_text())
+    content = read_json(policy_dir / present[0], BundleError)
     kind = content.get("policy_type")
     if kind not in POLICY_TYPES:
         raise BundleError(
@@ -63,7 +76,23 @@ def find_policy(policy_dir: Path) -> tuple[str, str, dict[str, Any]]:
         )
     if POLICY_FILES[kind] != present[0]:
         raise BundleError(f"{policy_dir / present[0]}: policy_type {kind!r} does not belong in this file")
+    threshold = content.get("threshold")
+    if not (isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold <= 1):
+        raise BundleError(
+            f"{policy_dir / present[0]}: threshold must be a number in [0, 1], not {threshold!r}"
+        )
     return kind, present[0], content
+
+
+def check_lineage(what: str, manifest: Manifest, name: str, upstream: Path, uri: str) -> None:
+    """Refuse inputs that do not belong together: ``manifest`` must record ``upstream`` as its ``name``."""
+    recorded = manifest.inputs.get(name, {}).get("manifest_sha256")
+    actual = manifest_sha256(upstream)
+    if recorded != actual:
+        raise BundleError(
+            f"{what} was made from a {name} whose manifest is {str(recorded)[:12]}, "
+            f"but --{name} {uri} has manifest {actual[:12]}; they do not belong together"
+        )
 
 
 def run(
@@ -75,15 +104,24 @@ def run(
     out: Path,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
+    task: str = "",
 ) -> Manifest:
-    p1_manifest = verify_dir(phase1)
-    verify_dir(policy)
-    verify_dir(splits)
+    src = {"phase1": str(phase1), "policy": str(policy), "splits": str(splits), **(sources or {})}
+    p1_manifest = verify_dir(phase1, "train_baseline")
+    policy_manifest = verify_dir(policy, "sweep_thresholds")
+    verify_dir(splits, "make_splits")
+    check_lineage(f"--policy {src['policy']}", policy_manifest, "phase1", phase1, src["phase1"])
+    check_lineage(f"--phase1 {src['phase1']}", p1_manifest, "splits", splits, src["splits"])
     kind, policy_file, policy_content = find_policy(policy)
-    model_info = json.loads((phase1 / "model.json").read_text())
+    model_info = read_json(phase1 / "model.json", BundleError)
+    if missing := [k for k in MODEL_FIELDS if k not in model_info]:
+        raise BundleError(f"{phase1 / 'model.json'}: missing field(s) {', '.join(missing)}")
 
-    scores = probabilities(np.load(phase1 / "logits_val_test.npy", allow_pickle=False))
-    labels = np.load(phase1 / "labels_val_test.npy", allow_pickle=False)
+    try:
+        scores = probabilities(np.load(phase1 / "logits_val_test.npy", allow_pickle=False))
+        labels = check_labels(scores, np.load(phase1 / "labels_val_test.npy", allow_pickle=False))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{phase1}: cannot read val_test logits/labels ({e})") from None
     test = compute_all_metrics(labels, apply_policy(kind, policy_content, scores))
     gate = config.export.min_test_mcc
     if gate is not None and test["mcc"] < gate:
@@ -92,49 +130,54 @@ def run(
             f"(n={len(labels)}); no bundle written"
         )
 
-    outputs = StepOutputs(out, STEP)
-    for name, src in (
-        ("model.safetensors", phase1 / "model.safetensors"),
-        ("model.json", phase1 / "model.json"),
-        (policy_file, policy / policy_file),
-        (SPLITS_FILE, splits / SPLITS_FILE),
-    ):
-        outputs.copy(name, src)
-    files = {n: {"sha256": w.sha256, "size": w.size} for n, w in outputs.files.items()}
-    src = sources or {}
-    lineage = {
-        "phase1": input_record(phase1, src.get("phase1")),
-        "policy": input_record(policy, src.get("policy")),
-        "splits": input_record(splits, src.get("splits")),
-        "dataset": p1_manifest.inputs.get("dataset", {}),
-    }
-    bundle = {
-        "schema_version": BUNDLE_SCHEMA,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "backbone": model_info["backbone"],
-        "num_classes": model_info["num_classes"],
-        "class_names": model_info["class_names"],
-        "preprocessing": model_info["preprocessing"],
-        "decode_min_side": model_info["decode_min_side"],
-        "model": {
-            "weights": "model.safetensors",
-            "config": "model.json",
-            "logit_columns": model_info["logit_columns"],
-            "dropout": model_info["dropout"],
-        },
-        "policy": {"type": kind, "file": policy_file, "params": {"threshold": policy_content["threshold"]}},
-        "splits": SPLITS_FILE,
-        "files": files,
-        "test_metrics": {**test, "split": "val_test", "n": int(len(labels))},
-        "lineage": lineage,
-    }
-    outputs.write_json(BUNDLE_FILE, bundle)
-    verify_bundle(out)  # what a loader will check, checked before the manifest commits it
-    return outputs.commit(
-        config=to_dict(config),
-        inputs=lineage,
-        metrics={f"test_{k}": v for k, v in test.items()},
-        run_id=run_id,
-        extra={"policy_type": kind},
-    )
+    with StepOutputs(out, STEP) as outputs:
+        for name, src in (
+            ("model.safetensors", phase1 / "model.safetensors"),
+            ("model.json", phase1 / "model.json"),
+            (policy_file, policy / policy_file),
+            (SPLITS_FILE, splits / SPLITS_FILE),
+        ):
+            outputs.copy(name, src)
+        files = {n: {"sha256": w.sha256, "size": w.size} for n, w in outputs.files.items()}
+        lineage = {
+            "phase1": input_record(phase1, src.get("phase1")),
+            "policy": input_record(policy, src.get("policy")),
+            "splits": input_record(splits, src.get("splits")),
+            "dataset": p1_manifest.inputs.get("dataset", {}),
+        }
+        bundle = {
+            "schema_version": BUNDLE_SCHEMA,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "code_version": code_version(),
+            "backbone": model_info["backbone"],
+            "num_classes": model_info["num_classes"],
+            "class_names": model_info["class_names"],
+            "preprocessing": model_info["preprocessing"],
+            "decode_min_side": model_info["decode_min_side"],
+            "model": {
+                "weights": "model.safetensors",
+                "config": "model.json",
+                "logit_columns": model_info["logit_columns"],
+                "dropout": model_info["dropout"],
+            },
+            "policy": {
+                "type": kind,
+                "file": policy_file,
+                "params": {"threshold": policy_content["threshold"]},
+            },
+            "splits": SPLITS_FILE,
+            "files": files,
+            "test_metrics": {**test, "split": "val_test", "n": int(len(labels))},
+            "lineage": lineage,
+        }
+        outputs.write_json(BUNDLE_FILE, bundle)
+        outputs.write_text("config.yaml", to_yaml(config))
+        check_bundle(outputs.root)  # what a loader will check, checked before the manifest commits it
+        return outputs.commit(
+            config=to_dict(config),
+            inputs=lineage,
+            metrics={f"test_{k}": v for k, v in test.items()},
+            run_id=run_id,
+            task=task,
+            extra={"policy_type": kind},
+        )

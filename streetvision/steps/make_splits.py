@@ -6,10 +6,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streetvision.config import to_dict, to_yaml
+from streetvision.config import require, to_dict, to_yaml
 from streetvision.data.dataset import dataset_input, load_index
-from streetvision.data.splits import SPLITS, stratified_split
-from streetvision.io.manifests import Manifest, StepOutputs
+from streetvision.data.splits import SPLITS, SplitError, stratified_split
+from streetvision.io.manifests import Manifest
+from streetvision.io.outputs import StepOutputs
 
 STEP = "make_splits"
 SPLITS_FILE = "splits.json"
@@ -27,6 +28,12 @@ class SplitsConfig:
 class Config:
     splits: SplitsConfig = field(default_factory=SplitsConfig)
 
+    def check(self) -> None:
+        r = self.splits.ratios
+        ok = len(r) == len(SPLITS) and all(0 < x < 1 for x in r) and abs(sum(r) - 1.0) <= 1e-6
+        require(ok, "splits.ratios", r, f"{len(SPLITS)} numbers in (0, 1) summing to 1 ({', '.join(SPLITS)})")
+        require(0 <= self.splits.seed < 2**32, "splits.seed", self.splits.seed, "an integer in [0, 2^32)")
+
 
 def run(
     config: Config,
@@ -35,6 +42,7 @@ def run(
     out: Path,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
+    task: str = "",
 ) -> Manifest:
     ds = load_index(dataset)  # validates everything before anything is written
     parts = stratified_split(ds.ids, ds.labels, config.splits.ratios, config.splits.seed)
@@ -42,27 +50,51 @@ def run(
     counts = {
         name: {"total": len(parts[name]), "positive": sum(labels[i] for i in parts[name])} for name in SPLITS
     }
-    outputs = StepOutputs(out, STEP)
-    outputs.write_json(
-        SPLITS_FILE,
-        {
-            **parts,
-            "seed": config.splits.seed,
-            "ratios": dict(zip(SPLITS, config.splits.ratios, strict=True)),
-            "counts": counts,
-            "dataset_index_sha256": ds.index_sha256,
-        },
-    )
-    outputs.write_text("config.yaml", to_yaml(config))
-    return outputs.commit(
-        config=to_dict(config),
-        inputs={"dataset": dataset_input(ds, (sources or {}).get("dataset"))},
-        metrics={f"{name}_images": c["total"] for name, c in counts.items()},
-        run_id=run_id,
-    )
+    with StepOutputs(out, STEP) as outputs:
+        outputs.write_json(
+            SPLITS_FILE,
+            {
+                **parts,
+                "seed": config.splits.seed,
+                "ratios": dict(zip(SPLITS, config.splits.ratios, strict=True)),
+                "counts": counts,
+                "dataset_index_sha256": ds.index_sha256,
+                "dataset_content_sha256": ds.content_sha256,
+            },
+        )
+        outputs.write_text("config.yaml", to_yaml(config))
+        return outputs.commit(
+            config=to_dict(config),
+            inputs={"dataset": dataset_input(ds, (sources or {}).get("dataset"))},
+            metrics={f"{name}_images": c["total"] for name, c in counts.items()},
+            run_id=run_id,
+            task=task,
+        )
 
 
 def load_splits(step_dir: Path) -> dict[str, list[str]]:
-    """The four id lists from a verified make_splits directory."""
-    data = json.loads((Path(step_dir) / SPLITS_FILE).read_text())
-    return {name: list(data[name]) for name in SPLITS}
+    """The four id lists of a verified make_splits directory, checked: lists of unique ids, disjoint."""
+    path = Path(step_dir) / SPLITS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SplitError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SplitError(f"{path}: not a JSON object")
+    parts: dict[str, list[str]] = {}
+    for name in SPLITS:
+        ids = data.get(name)
+        if not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)):
+            raise SplitError(f"{path}: {name!r} must be a non-empty list of image ids")
+        if len(set(ids)) != len(ids):
+            raise SplitError(f"{path}: {name!r} lists an id twice")
+        parts[name] = ids
+    seen: dict[str, str] = {}
+    for name, ids in parts.items():
+        for i in ids:
+            if i in seen:
+                raise SplitError(
+                    f"{path}: {i!r} is in both {seen[i]!r} and {name!r}; splits must not overlap"
+                )
+            seen[i] = name
+    return parts

@@ -13,10 +13,11 @@ from typing import Optional
 
 import numpy as np
 
-from streetvision.config import to_dict, to_yaml
+from streetvision.config import probability, require, to_dict, to_yaml
 from streetvision.eval import report, sweep
 from streetvision.eval.metrics import RATE_NAMES, compute_all_metrics
-from streetvision.io.manifests import Manifest, StepOutputs, input_record, verify_dir
+from streetvision.io.manifests import Manifest, input_record, verify_dir
+from streetvision.io.outputs import StepOutputs
 
 STEP = "sweep_thresholds"
 POLICY_FILE = "thresholds.json"
@@ -35,6 +36,13 @@ class PolicyConfig:
 class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     roc_points: int = 200  # ROC points kept for the Kubeflow UI
+
+    def check(self) -> None:
+        p = self.policy
+        require(p.optimize == "mcc", "policy.optimize", p.optimize, "only 'mcc' is supported")
+        for key in ("max_fnr", "max_fpr", "min_precision"):
+            probability(f"policy.{key}", getattr(p, key))
+        require(self.roc_points >= 2, "roc_points", self.roc_points, "at least 2")
 
 
 def _csv(header: list[str], columns: list[np.ndarray], fmt: str) -> str:
@@ -59,10 +67,11 @@ def run(
     out: Path,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
+    task: str = "",
 ) -> Manifest:
     if config.policy.optimize != "mcc":
         raise sweep.SweepError(f"policy.optimize={config.policy.optimize!r}: only 'mcc' is supported")
-    verify_dir(phase1)  # before anything is read
+    verify_dir(phase1, "train_baseline")  # before anything is read
     logits, labels = _load_calibration(phase1)
     scores = sweep.probabilities(logits)
     labels = sweep.check_labels(scores, labels)
@@ -89,49 +98,52 @@ def run(
     }
     m = curve.metrics()
     roc = sweep.thin(len(curve.thresholds), config.roc_points)
-    outputs = StepOutputs(out, STEP)
-    outputs.write_json(POLICY_FILE, policy)
-    outputs.write_text(
-        "sweep.csv",
-        _csv(
-            ["threshold", "tp", "fp", "tn", "fn", *RATE_NAMES],
-            [curve.thresholds, curve.tp, curve.fp, curve.tn, curve.fn, *(m[c] for c in RATE_NAMES)],
-            "%.10g",
-        ),
-    )
-    outputs.write_text(
-        "risk_coverage.csv",
-        _csv(["confidence", "coverage", "risk"], [rc.confidence, rc.coverage, rc.risk], "%.10g"),
-    )
-    outputs.write_json("selective_table.json", table)
-    outputs.write_json(
-        "roc.json",
-        {
-            "fpr": m["fpr"][roc].tolist(),
-            "tpr": m["recall"][roc].tolist(),
-            "threshold": curve.thresholds[roc].tolist(),
-        },
-    )
-    pngs = report.plots(curve.thresholds, m["mcc"], threshold, at["mcc"], rc.coverage, rc.risk)
-    for name, data in pngs.items():
-        outputs.write_bytes(name, data)
-    outputs.write_text("report.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, {n: n for n in pngs}))
-    # The same report with the plots inlined, for viewers that show one file alone (the Kubeflow UI).
-    inline = {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()}
-    outputs.write_text("report_inline.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, inline))
-    outputs.write_text("config.yaml", to_yaml(config))
-    return outputs.commit(
-        config=to_dict(config),
-        inputs={"phase1": input_record(phase1, (sources or {}).get("phase1"))},
-        metrics={
-            "threshold": threshold,
-            "mcc": at["mcc"],
-            "accuracy": at["accuracy"],
-            "fnr": at["fnr"],
-            "fpr": at["fpr"],
-            "aurc": rc.aurc,
-            "e_aurc": rc.e_aurc,
-            "n": int(len(labels)),
-        },
-        run_id=run_id,
-    )
+    with StepOutputs(out, STEP) as outputs:
+        outputs.write_json(POLICY_FILE, policy)
+        outputs.write_text(
+            "sweep.csv",
+            _csv(
+                ["threshold", "tp", "fp", "tn", "fn", *RATE_NAMES],
+                [curve.thresholds, curve.tp, curve.fp, curve.tn, curve.fn, *(m[c] for c in RATE_NAMES)],
+                "%.10g",
+            ),
+        )
+        outputs.write_text(
+            "risk_coverage.csv",
+            _csv(["confidence", "coverage", "risk"], [rc.confidence, rc.coverage, rc.risk], "%.10g"),
+        )
+        outputs.write_json("selective_table.json", table)
+        outputs.write_json(
+            "roc.json",
+            {
+                "fpr": m["fpr"][roc].tolist(),
+                "tpr": m["recall"][roc].tolist(),
+                "threshold": curve.thresholds[roc].tolist(),
+            },
+        )
+        pngs = report.plots(curve.thresholds, m["mcc"], threshold, at["mcc"], rc.coverage, rc.risk)
+        for name, data in pngs.items():
+            outputs.write_bytes(name, data)
+        outputs.write_text(
+            "report.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, {n: n for n in pngs})
+        )
+        # The same report with the plots inlined, for viewers that show one file alone (the Kubeflow UI).
+        inline = {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()}
+        outputs.write_text("report_inline.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, inline))
+        outputs.write_text("config.yaml", to_yaml(config))
+        return outputs.commit(
+            config=to_dict(config),
+            inputs={"phase1": input_record(phase1, (sources or {}).get("phase1"))},
+            metrics={
+                "threshold": threshold,
+                "mcc": at["mcc"],
+                "accuracy": at["accuracy"],
+                "fnr": at["fnr"],
+                "fpr": at["fpr"],
+                "aurc": rc.aurc,
+                "e_aurc": rc.e_aurc,
+                "n": int(len(labels)),
+            },
+            run_id=run_id,
+            task=task,
+        )

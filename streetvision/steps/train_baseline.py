@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -19,14 +20,31 @@ from pathlib import Path
 
 import numpy as np
 
-from streetvision.config import to_dict, to_yaml
+from streetvision.config import require, to_dict, to_yaml
 from streetvision.data.dataset import CLASS_NAMES, DataError, dataset_input, load_index
 from streetvision.eval.metrics import compute_all_metrics
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, StepOutputs, input_record, verify_dir
+from streetvision.io.manifests import Manifest, input_record, verify_dir
+from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import load_splits
 
 STEP = "train_baseline"
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = (
+    "auto",
+    "32-true",
+    "32",
+    "16-mixed",
+    "16",
+    "bf16-mixed",
+    "bf16",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "64",
+)
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "single")
+DEVICES = re.compile(r"auto|-1|[1-9][0-9]*|\[\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*\]")
 EVAL_SPLITS = ("val_select", "val_calib", "val_test")
 
 
@@ -68,6 +86,36 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
 
+    def check(self) -> None:
+        m, d, t = self.model, self.data, self.trainer
+        require(bool(m.backbone.strip()), "model.backbone", m.backbone, "a timm model name")
+        require(0 < m.lr < 10, "model.lr", m.lr, "a learning rate in (0, 10)")
+        require(0 <= m.weight_decay < 10, "model.weight_decay", m.weight_decay, "a number in [0, 10)")
+        require(0 <= m.dropout < 1, "model.dropout", m.dropout, "a probability in [0, 1)")
+        require(0 <= m.warmup_epochs < 1e6, "model.warmup_epochs", m.warmup_epochs, "a number >= 0")
+        require(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
+        require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+        require(
+            d.image_size == 0 or 16 <= d.image_size <= 4096, "data.image_size", d.image_size, "0 or 16..4096"
+        )
+        require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "at least 1")
+        require(t.patience >= 0, "trainer.patience", t.patience, "0 or more")
+        require(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
+        require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
+        require(
+            DEVICES.fullmatch(t.devices.strip()) is not None,
+            "trainer.devices",
+            t.devices,
+            '"auto", a count such as 2, -1 for all, or a list such as [0,1]',
+        )
+        require(
+            t.strategy.split("_")[0] in STRATEGIES,
+            "trainer.strategy",
+            t.strategy,
+            "auto, ddp (and its variants), fsdp, deepspeed or single_device",
+        )
+        require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
+
 
 def _devices(spec: str):
     spec = spec.strip()
@@ -95,6 +143,7 @@ def run(
     out: Path,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
+    task: str = "",
 ) -> Manifest | None:
     """Train and commit; returns None on non-zero DDP ranks, which write nothing."""
     import lightning as L
@@ -111,8 +160,16 @@ def run(
         preprocessing,
     )
 
-    verify_dir(splits)
+    src = sources or {}
+    splits_manifest = verify_dir(splits, "make_splits")
     ds = load_index(dataset)
+    made_from = splits_manifest.inputs.get("dataset", {}).get("content_sha256")
+    if made_from != ds.content_sha256:
+        raise DataError(
+            f"--splits {src.get('splits', splits)} were made from dataset content {str(made_from)[:12]}, "
+            f"but --dataset {src.get('dataset', dataset)} has content {ds.content_sha256[:12]}; "
+            "make the splits from this dataset"
+        )
     parts = load_splits(splits)
     label_of = ds.label_of()
     unknown = [i for ids in parts.values() for i in ids if i not in label_of]
@@ -195,52 +252,52 @@ def run(
 
     net.load_state_dict(best.state)  # the best epoch's weights, not the last epoch's
     net.cpu()
-    outputs = StepOutputs(out, STEP)
-    metrics: dict[str, float | int] = {"best_epoch": best.best_epoch, "epochs_run": len(history.rows)}
-    per_split = {}
-    for split in EVAL_SPLITS:
-        if cached and split == "val_select":  # its features are cached already: run the head only
-            logits, labels, idx = mdata.predict(net.head, mdata.loader(select_data, bs))
-        else:
-            logits, labels, idx = mdata.predict(net, mdata.loader(images(split), bs, num_workers=workers))
-        ids = [parts[split][i] for i in idx]
-        outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
-        outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
-        outputs.write_json(f"ids_{split}.json", ids)
-        if split != "val_test":  # held out: evaluated once, by export_bundle
-            per_split[split] = compute_all_metrics(labels.astype(int), (logits[:, 0] > 0).astype(int))
-            metrics |= {
-                f"{split}_{k}": v
-                for k, v in per_split[split].items()
-                if k in ("mcc", "accuracy", "fnr", "fpr")
-            }
+    with StepOutputs(out, STEP) as outputs:
+        metrics: dict[str, float | int] = {"best_epoch": best.best_epoch, "epochs_run": len(history.rows)}
+        per_split = {}
+        for split in EVAL_SPLITS:
+            if cached and split == "val_select":  # its features are cached already: run the head only
+                logits, labels, idx = mdata.predict(net.head, mdata.loader(select_data, bs))
+            else:
+                logits, labels, idx = mdata.predict(net, mdata.loader(images(split), bs, num_workers=workers))
+            ids = [parts[split][i] for i in idx]
+            outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
+            outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
+            outputs.write_json(f"ids_{split}.json", ids)
+            if split != "val_test":  # held out: evaluated once, by export_bundle
+                per_split[split] = compute_all_metrics(labels.astype(int), (logits[:, 0] > 0).astype(int))
+                metrics |= {
+                    f"{split}_{k}": v
+                    for k, v in per_split[split].items()
+                    if k in ("mcc", "accuracy", "fnr", "fpr")
+                }
 
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    outputs.write_safetensors("model.safetensors", state, metadata={"backbone": config.model.backbone})
-    outputs.write_json(
-        "model.json",
-        {
-            "backbone": config.model.backbone,
-            "num_classes": 2,
-            "logit_columns": 1,
-            "class_names": CLASS_NAMES,
-            "dropout": config.model.dropout,
-            "preprocessing": prep,
-            "decode_min_side": side,
-            "weights": "model.safetensors",
-        },
-    )
-    outputs.write_text("history.csv", _history_csv(history.rows))
-    outputs.write_json("metrics.json", per_split)
-    outputs.write_text("config.yaml", to_yaml(config))
-    src = sources or {}
-    return outputs.commit(
-        config=to_dict(config),
-        inputs={
-            "dataset": dataset_input(ds, src.get("dataset")),
-            "splits": input_record(splits, src.get("splits")),
-        },
-        metrics=metrics,
-        run_id=run_id,
-        extra={"feature_cache": cached, "precision": precision, "world_size": trainer.world_size},
-    )
+        state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        outputs.write_safetensors("model.safetensors", state, metadata={"backbone": config.model.backbone})
+        outputs.write_json(
+            "model.json",
+            {
+                "backbone": config.model.backbone,
+                "num_classes": 2,
+                "logit_columns": 1,
+                "class_names": CLASS_NAMES,
+                "dropout": config.model.dropout,
+                "preprocessing": prep,
+                "decode_min_side": side,
+                "weights": "model.safetensors",
+            },
+        )
+        outputs.write_text("history.csv", _history_csv(history.rows))
+        outputs.write_json("metrics.json", per_split)
+        outputs.write_text("config.yaml", to_yaml(config))
+        return outputs.commit(
+            config=to_dict(config),
+            inputs={
+                "dataset": dataset_input(ds, src.get("dataset")),
+                "splits": input_record(splits, src.get("splits")),
+            },
+            metrics=metrics,
+            run_id=run_id,
+            task=task,
+            extra={"feature_cache": cached, "precision": precision, "world_size": trainer.world_size},
+        )
