@@ -117,7 +117,7 @@ def test_a_phase_runs_against_s3_with_the_aws_variables(images, s3, s3_server, s
         env=s3_server.env(),
     )
     assert r.returncode == 0, r.stderr
-    assert store.is_committed(f"{s3}/splits")
+    store.verified(f"{s3}/splits", "make_splits")
     assert s3_server.secret_key not in r.stdout + r.stderr
 
 

@@ -63,8 +63,11 @@ def test_changed_policy_reruns_that_phase_and_downstream_only(first_run, demo_da
 
 def test_a_phase_that_crashed_before_its_manifest_is_rerun(first_run, demo_dataset):
     out, _ = first_run
-    (out / "train_baseline" / MANIFEST).unlink()  # as if killed before committing
+    # What a kill before the commit leaves: a staging folder without a manifest, and no output folder.
+    (out / "train_baseline" / MANIFEST).unlink()
+    (out / "train_baseline").rename(out / ".train_baseline.staging-killed")
     summary = run_local(str(out), dataset=str(demo_dataset), overrides=[*TINY_TRAIN, "policy.max_fnr=0.5"])
+    assert not (out / ".train_baseline.staging-killed").exists()  # the next writer cleans it
     assert summary["steps"]["make_splits"] == "up to date, skipped"
     assert all(
         summary["steps"][s].startswith("ran") for s in ("train_baseline", "sweep_thresholds", "export_bundle")
@@ -116,7 +119,7 @@ def test_whole_run_against_the_s3_server(s3, demo_dataset):
     r = streetvision_cli(*run)
     assert r.returncode == 0, r.stderr[-3000:]
     for stem in ("make_splits", "train_baseline", "sweep_thresholds", "export_bundle"):
-        assert store.is_committed(f"{s3}/run/{stem}")
+        store.verified(f"{s3}/run/{stem}", stem)
     assert json.loads(streetvision_cli("verify", f"{s3}/run/export_bundle").stdout)["ok"]
     again = streetvision_cli(*run)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4
@@ -150,7 +153,9 @@ def test_demo_data_on_s3_is_uploaded_once_with_its_marker_last(s3, monkeypatch):
     monkeypatch.setattr(
         store,
         "upload_tree",
-        lambda local, uri: uploaded.append(store.exists(f"{uri}/demo.json")) or real_upload(local, uri),
+        lambda local, uri, **k: (
+            uploaded.append(store.exists(f"{uri}/demo.json")) or real_upload(local, uri, **k)
+        ),
     )
     uri = _demo_data(f"{s3}/run", settings)
     assert uri == f"{s3}/run/data" and calls == [{"n": 24, "seed": 3, "size": 32}]

@@ -10,9 +10,11 @@ import pytest
 from conftest import TINY_TRAIN
 
 from streetvision.config import load_config
+from streetvision.data.dataset import dataset_input, load_index
 from streetvision.io import store
 from streetvision.io.atomic import compute_file_sha256
 from streetvision.io.manifests import MANIFEST, verify_dir
+from streetvision.io.outputs import StepOutputs
 from streetvision.steps import train_baseline
 
 pytestmark = pytest.mark.slow
@@ -117,9 +119,13 @@ def test_val_calib_and_val_test_never_reach_the_optimizer_or_the_stopping_rule(
         for img, lab in (ln.split(",") for ln in lines[1:])
     ]
     (poisoned / "labels.csv").write_text("\n".join(flipped) + "\n")
+    # The same split lists, committed for the poisoned dataset (lineage ties splits to one dataset).
+    same = StepOutputs(tmp_path / "same_splits", "make_splits")
+    same.write_json("splits.json", splits)
+    same.commit(config={}, inputs={"dataset": dataset_input(load_index(poisoned))})
 
     clean = train(demo_dataset, demo_splits, tmp_path / "clean", "trainer.max_epochs=3")
-    dirty = train(poisoned, demo_splits, tmp_path / "dirty", "trainer.max_epochs=3")
+    dirty = train(poisoned, tmp_path / "same_splits", tmp_path / "dirty", "trainer.max_epochs=3")
     assert clean.outputs["model.safetensors"]["sha256"] == dirty.outputs["model.safetensors"]["sha256"]
     assert history_without_timing(tmp_path / "clean") == history_without_timing(tmp_path / "dirty")
     assert clean.metrics["best_epoch"] == dirty.metrics["best_epoch"]
@@ -164,7 +170,7 @@ def test_dataset_and_outputs_on_the_s3_server_work_the_same(s3, demo_dataset, de
         "train-baseline", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits", "--out", f"{s3}/p1", *TINY
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert store.is_committed(f"{s3}/p1")
+    store.verified(f"{s3}/p1", "train_baseline")
     remote = store.download_dir(f"{s3}/p1", tmp_path / "back")
     local = train(demo_dataset, demo_splits, tmp_path / "local")
     assert remote.outputs["model.safetensors"] == local.outputs["model.safetensors"]
@@ -192,7 +198,11 @@ def test_splits_from_another_dataset_fail_with_one_line_and_no_manifest(demo_dat
     out = tmp_path / "p1"
     r = cli_train(other, demo_splits, out, *TINY)
     assert r.returncode == 2 and not (out / MANIFEST).exists()
-    assert "missing from the dataset index" in r.stderr and lines[-1].split(",")[0] in r.stderr
+    assert (
+        "were made from dataset content" in r.stderr
+        and str(other) in r.stderr
+        and str(demo_splits) in r.stderr
+    )
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 

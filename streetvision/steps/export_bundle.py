@@ -131,18 +131,18 @@ def run(
         )
 
     with StepOutputs(out, STEP) as outputs:
-        for name, src in (
+        for name, source in (
             ("model.safetensors", phase1 / "model.safetensors"),
             ("model.json", phase1 / "model.json"),
             (policy_file, policy / policy_file),
             (SPLITS_FILE, splits / SPLITS_FILE),
         ):
-            outputs.copy(name, src)
+            outputs.copy(name, source)
         files = {n: {"sha256": w.sha256, "size": w.size} for n, w in outputs.files.items()}
         lineage = {
-            "phase1": input_record(phase1, src.get("phase1")),
-            "policy": input_record(policy, src.get("policy")),
-            "splits": input_record(splits, src.get("splits")),
+            "phase1": input_record(phase1, src["phase1"]),
+            "policy": input_record(policy, src["policy"]),
+            "splits": input_record(splits, src["splits"]),
             "dataset": p1_manifest.inputs.get("dataset", {}),
         }
         bundle = {
