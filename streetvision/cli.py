@@ -18,6 +18,13 @@ from streetvision.errors import StreetVisionError
 EXIT_BAD_INPUT = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _common(p: argparse.ArgumentParser, *, step: bool = True) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lr=0.001")
@@ -34,12 +41,12 @@ def _common(p: argparse.ArgumentParser, *, step: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="streetvision",
         description="StreetVision: crash-safe training, calibration and export of a roadwork classifier.",
     )
     parser.add_argument("--version", action="version", version=f"streetvision {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("demo-data", help="generate the deterministic demo dataset (JPEGs + labels.csv)")
     p.add_argument("--out", required=True)

@@ -33,19 +33,9 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
         raise ConfigError(f"override {bad!r} is not of the form key=value (e.g. model.lr=0.001)")
     try:
         for f in files:
-            if str(f).startswith("s3://"):
-                raise ConfigError(f"--config {f}: config files are read from local paths, not s3://")
-            path = Path(f)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            loaded = OmegaConf.load(path)
-            if loaded is None or not OmegaConf.is_dict(loaded):
-                raise ConfigError(f"config file {path} must hold a mapping of sections")
-            base = OmegaConf.merge(base, loaded)
-        if overrides:
-            # `key=` means the empty string (as a KFP launcher renders an empty parameter), not null.
-            dotlist = [o + '""' if o.endswith("=") else o for o in overrides]
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
+            base = OmegaConf.merge(base, read_yaml(f))
+        for override in overrides:
+            base = _merge_override(base, override)
         config = OmegaConf.to_object(base)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
@@ -54,6 +44,46 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
     if hasattr(config, "check"):
         config.check()  # every value's range, before any work
     return config  # type: ignore[return-value]
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _merge_override(base, override: str):
+    """Merge one ``key=value``; an error names that key even where OmegaConf's message does not."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    key, _, value = override.partition("=")
+    if (
+        isinstance(OmegaConf.select(base, key, default=None), bool)
+        and value.strip().lower() not in _BOOL_WORDS
+    ):
+        raise ConfigError(f"config key {key!r}: {value!r} is not a boolean (true or false)")
+    # `key=` means the empty string (as a KFP launcher renders an empty parameter), not null.
+    try:
+        return OmegaConf.merge(base, OmegaConf.from_dotlist([override + '""' if not value else override]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}") from None
+
+
+def read_yaml(f: str | Path):
+    """A config file as an OmegaConf mapping, or one line saying why it cannot be one."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    if str(f).startswith("s3://"):
+        raise ConfigError(f"--config {f}: config files are read from local paths, not s3://")
+    path = Path(f)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if loaded is None or not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return loaded
 
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streetvision.config import ConfigError, load_config, to_dict
+from streetvision.config import ConfigError, load_config, read_yaml, to_dict
 from streetvision.data.dataset import content_identity
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
@@ -49,7 +49,7 @@ class DemoConfig:
     def check(self) -> None:
         from streetvision.data.demo import check_demo
 
-        check_demo(self.n, self.seed, self.size)
+        check_demo(self.n, self.seed, self.size, prefix="demo.")
 
 
 @dataclass
@@ -88,9 +88,7 @@ def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, li
 
     entries: list[str] = []
     for f in files:
-        if not Path(f).is_file():
-            raise ConfigError(f"config file {f} does not exist")
-        entries += _flatten("", OmegaConf.to_container(OmegaConf.load(f)))
+        entries += _flatten("", OmegaConf.to_container(read_yaml(f)))
     entries += list(overrides)
     owners, routed = _owners(), {"runner": [], **{stem: [] for stem in ORDER}}
     for entry in entries:

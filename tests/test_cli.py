@@ -44,7 +44,7 @@ def test_verify_exits_zero_only_when_everything_matches(tmp_path):
 
 
 def test_cli_startup_and_verify_do_not_import_torch(tmp_path):
-    out = StepOutputs(tmp_path, "s")
+    out = StepOutputs(tmp_path, "make_splits")
     out.commit(config={})
     code = (
         "import sys; from streetvision.cli import main; rc = main(['verify', sys.argv[1]]);"

@@ -184,13 +184,16 @@ def write_demo_dataset(out: str | Path, *, n: int = 240, seed: int = 0, size: in
     return out
 
 
-def check_demo(n: int, seed: int, size: int) -> None:
+def check_demo(n: int, seed: int, size: int, prefix: str = "--") -> None:
+    """The demo settings' ranges; ``prefix`` names them as the user typed them (``--n`` or ``demo.n``)."""
     if n < 8:
-        raise DataError("the demo dataset needs at least 8 images (each split must hold both classes)")
+        raise DataError(
+            f"{prefix}n={n}: the demo dataset needs at least 8 images (each split needs both classes)"
+        )
     if not 0 <= seed < 2**32:
-        raise DataError(f"demo seed {seed} must be an integer in [0, 2^32)")
+        raise DataError(f"{prefix}seed={seed}: must be an integer in [0, 2^32)")
     if not 16 <= size <= 4096:
-        raise DataError(f"demo image size {size} must be 16..4096 pixels")
+        raise DataError(f"{prefix}size={size}: the image side must be 16..4096 pixels")
 
 
 def write_demo(uri: str, *, n: int = 240, seed: int = 0, size: int = 96) -> str:

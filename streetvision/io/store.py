@@ -26,6 +26,7 @@ from streetvision.io.manifests import (
     expected_step,
     manifest_sha256,
     parse_manifest,
+    redact_text,
     verify_dir,
 )
 
@@ -47,6 +48,11 @@ def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[5:].partition("/")
     if not bucket:
         raise StoreError(f"s3 URI without a bucket: {uri!r}")
+    if "@" in bucket:
+        raise StoreError(
+            f"{redact_text(uri)}: an s3:// URI carries no credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY in the environment"
+        )
     return bucket, key.strip("/")
 
 

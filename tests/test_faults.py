@@ -1,0 +1,691 @@
+"""Fault injection: bad input, tampering, kills, a dying object store and concurrent writers.
+
+Run alone with ``pytest -m faults -s`` to see the counts each matrix prints. Every row must hold in every
+case: a bad input exits non-zero with exactly one line on stderr and commits nothing; a tampered commit
+is refused by ``verify`` and by every loader, naming the file; a killed step leaves no manifest or one that
+verifies, and its rerun succeeds; a killed object store leaves the step uncommitted; two writers of one
+output never produce a mixed commit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TRAIN
+from phase1_fake import reseal
+
+from streetvision.cli import main
+from streetvision.io import store
+from streetvision.io.manifests import MANIFEST, ManifestError, verify_dir
+from streetvision.io.outputs import StepOutputs
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+STEP_OF = {
+    "splits": "make_splits",
+    "phase1": "train_baseline",
+    "policy": "sweep_thresholds",
+    "bundle": "export_bundle",
+}
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    """The CLI in this process (imports paid once); usage errors exit through SystemExit."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> bool:
+    return err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def world(trained, tmp_path_factory):
+    """A committed pipeline (splits, phase 1, policy, bundle) plus a second, unrelated lineage."""
+    from streetvision.data.demo import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("faults")
+    bundle = root / "export_bundle"
+    code = main(["export-bundle", "--phase1", str(trained["phase1"]), "--policy", str(trained["policy"]),
+                 "--splits", str(trained["splits"]), "--out", str(bundle)])  # fmt: skip
+    assert code == 0
+    other = write_demo_dataset(root / "other_data", n=40, seed=11, size=48)
+    assert main(["make-splits", "--dataset", str(other), "--out", str(root / "other_splits")]) == 0
+    from phase1_fake import fake_phase1, separable_logits
+
+    logits, labels = separable_logits(60, seed=3)
+    fake_phase1(root / "other_phase1", logits, labels)
+    assert (
+        main(
+            ["sweep-thresholds", "--phase1", str(root / "other_phase1"), "--out", str(root / "other_policy")]
+        )
+        == 0
+    )
+    image = sorted((trained["dataset"] / "images").iterdir())[0]
+    return {**trained, "bundle": bundle, "root": root, "image": image, "other_data": other,
+            "other_splits": root / "other_splits", "other_policy": root / "other_policy"}  # fmt: skip
+
+
+def fingerprint(world) -> dict[str, str]:
+    """What every committed fixture holds now; compared before and after the matrices."""
+    return {k: verify_dir(world[k], STEP_OF[k]).self_sha256 for k in STEP_OF}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _bad_datasets(world, base: Path) -> list[tuple[str, Path, str]]:
+    """(name, dataset folder, what the error names) for broken copies of the demo dataset."""
+    src = world["dataset"]
+    cases = []
+
+    def variant(name: str, edit, expect: str):
+        d = base / f"ds-{name}"
+        shutil.copytree(src, d)
+        edit(d)
+        cases.append((name, d, expect))
+
+    lines = (src / "labels.csv").read_text().splitlines()
+    first = lines[1].split(",")[0]
+    variant("non-utf8", lambda d: (d / "labels.csv").write_bytes(b"image,label\n\xff\xfe.jpg,1\n"), "UTF-8")
+    variant("no-index", lambda d: (d / "labels.csv").unlink(), "labels.csv")
+    variant("bad-header", lambda d: (d / "labels.csv").write_text("path,y\na.jpg,1\n"), "header")
+    variant("empty-index", lambda d: (d / "labels.csv").write_text("image,label\n"), "empty index")
+    variant("label-2", lambda d: (d / "labels.csv").write_text("\n".join([*lines, f"{first},2"])), "label")
+    variant("missing-image", lambda d: (d / first).unlink(), "missing file")
+    variant("escaping", lambda d: (d / "labels.csv").write_text("image,label\n../x.jpg,1\n"), "escaping")
+    variant(
+        "duplicate",
+        lambda d: (d / "labels.csv").write_text("\n".join([*lines, lines[1]]) + "\n"),
+        "duplicate",
+    )
+    variant("truncated", lambda d: (d / first).write_bytes((d / first).read_bytes()[:100]), "truncated")
+    variant("not-an-image", lambda d: (d / first).write_text("hello"), "unreadable")
+    return cases
+
+
+CONFIG_CASES = {
+    "make_splits": [
+        "splits.ratios=[nan,0.2,0.2,0.2]", "splits.ratios=[0.5,0.5]", "splits.ratios=[0.6,0.2,0.2,0.2]",
+        "splits.ratios=[-0.1,0.5,0.3,0.3]", "splits.ratios=[1,0,0,0]", "splits.ratios=[a,b,c,d]",
+        "splits.ratios=5", "splits.ratios=[inf,0,0,0]", "splits.seed=-1", "splits.seed=4294967296",
+        "splits.seed=abc", "splits.seed=1.5", "splits.seed=nan", "splits.bogus=1", "splits=3",
+    ],
+    "train_baseline": [
+        "model.lr=-1", "model.lr=0", "model.lr=nan", "model.lr=inf", "model.lr=abc", "model.lr=100",
+        "model.dropout=2", "model.dropout=-0.1", "model.dropout=1", "model.dropout=nan",
+        "model.weight_decay=-1", "model.weight_decay=nan", "model.warmup_epochs=-1", "model.warmup_epochs=nan",
+        'model.backbone=""', "model.pretrained=maybe", "model.freeze_backbone=2", "data.batch_size=0",
+        "data.batch_size=-1", "data.batch_size=abc", "data.batch_size=1.5", "data.num_workers=-1",
+        "data.image_size=-1", "data.image_size=8", "data.image_size=5000", "data.image_size=abc",
+        "data.augment=perhaps", "trainer.max_epochs=0", "trainer.max_epochs=-1", "trainer.max_epochs=abc",
+        "trainer.patience=-1", "trainer.accelerator=bogus", "trainer.accelerator=", "trainer.devices=abc",
+        "trainer.devices=0", "trainer.devices=[a]", "trainer.devices=1.5", "trainer.devices=",
+        "trainer.precision=bogus", "trainer.precision=8", "trainer.precision=", "trainer.strategy=bogus",
+        "trainer.strategy=", "trainer.cache_features=maybe", "seed=-1", "seed=abc", "model.unknown=1",
+        "trainer=1",
+    ],
+    "sweep_thresholds": [
+        "policy.max_fnr=1.5", "policy.max_fnr=-0.1", "policy.max_fnr=nan", "policy.max_fnr=abc",
+        "policy.max_fnr=inf", "policy.max_fpr=2", "policy.max_fpr=nan", "policy.min_precision=-1",
+        "policy.min_precision=nan", "policy.optimize=f1", "policy.optimize=", "roc_points=1", "roc_points=0",
+        "roc_points=-3", "roc_points=abc", "policy.bogus=1",
+    ],
+    "export_bundle": [
+        "export.min_test_mcc=2", "export.min_test_mcc=-2", "export.min_test_mcc=nan", "export.min_test_mcc=abc",
+        "export.min_test_mcc=inf", "export.bogus=1",
+    ],
+}  # fmt: skip
+RUNNER_CASES = [
+    "pipeline.phases=[]", "pipeline.phases=[bogus]", "pipeline.phases=[phase9]", "pipeline.phases=3",
+    "demo.n=4", "demo.n=0", "demo.n=-1", "demo.n=abc", "demo.size=0", "demo.size=8", "demo.size=99999",
+    "demo.seed=-1", "bogus.key=1", "noequals",
+]  # fmt: skip
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0] if "=" in override else override
+
+
+def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
+    """Every bad input: (case id, argv with {out} for a fresh output folder, what stderr must name)."""
+    w = {k: str(v) for k, v in world.items()}
+    cases: list[tuple[str, list, str]] = []
+    step_argv = {
+        "make_splits": ["make-splits", "--dataset", w["dataset"]],
+        "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
+        "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
+        "export_bundle": [
+            "export-bundle",
+            "--phase1",
+            w["phase1"],
+            "--policy",
+            w["policy"],
+            "--splits",
+            w["splits"],
+        ],
+    }
+    for stem, overrides in CONFIG_CASES.items():
+        for o in overrides:
+            cases.append((f"{stem}:{o}", [*step_argv[stem], "--out", "{out}", o], _key(o)))
+            cases.append(
+                (f"run:{o}", ["run", "--out", "{out}", "--dataset", w["dataset"], *TINY_TRAIN, o], _key(o))
+            )
+    for o in RUNNER_CASES:
+        cases.append((f"run:{o}", ["run", "--out", "{out}", *TINY_TRAIN, o], _key(o)))
+
+    # Inputs that are missing, a file, not committed, or another step's commit.
+    a_file = base / "a-file.txt"
+    a_file.write_text("not a folder")
+    inputs = {
+        "make_splits": {"dataset": w["dataset"]},
+        "train_baseline": {"dataset": w["dataset"], "splits": w["splits"]},
+        "sweep_thresholds": {"phase1": w["phase1"]},
+        "export_bundle": {"phase1": w["phase1"], "policy": w["policy"], "splits": w["splits"]},
+    }
+    expected = {"splits": "make_splits", "phase1": "train_baseline", "policy": "sweep_thresholds"}
+    for stem, flags in inputs.items():
+        extra = TINY_TRAIN if stem == "train_baseline" else []
+        for flag in flags:
+            wrong: list[tuple[str, str]] = [(str(base / "missing"), "missing"), (str(a_file), "a-file.txt"),
+                                           ("s3://", "s3 URI without a bucket")]  # fmt: skip
+            if flag == "dataset":
+                wrong += [(w["splits"], "labels.csv"), (w["phase1"], "labels.csv")]
+            else:
+                wrong += [(w["dataset"], "no manifest.json")]
+                wrong += [
+                    (w[k], "commit")
+                    for k in ("splits", "phase1", "policy", "bundle")
+                    if STEP_OF[k] != expected[flag]
+                ]
+            for value, expect in wrong:
+                argv = [
+                    stem.replace("_", "-"),
+                    *[x for f, v in flags.items() for x in (f"--{f}", value if f == flag else v)],
+                ]
+                cases.append(
+                    (
+                        f"{stem}:--{flag}={Path(value).name or value}",
+                        [*argv, "--out", "{out}", *extra],
+                        expect,
+                    )
+                )
+        # Output folders that must be refused before any work.
+        argv = [stem.replace("_", "-"), *[x for f, v in flags.items() for x in (f"--{f}", v)], *extra]
+        outs = [(str(a_file), "is a file"), (str(a_file / "sub"), "a-file.txt"),
+                (str(Path(w["splits"]) / "inside"), "inside"), (str(base), "not empty")]  # fmt: skip
+        outs += [(v, "input") for v in flags.values()]
+        outs += [(str(Path(v).parent), "input") for v in flags.values()]
+        outs += [
+            (w[k], "commit")
+            for k in ("splits", "phase1", "policy", "bundle")
+            if STEP_OF[k] != stem and w[k] not in flags.values()
+        ]
+        for value, expect in outs:
+            cases.append((f"{stem}:--out={value}", [*argv, "--out", value], expect))
+        cases.append(
+            (
+                f"{stem}:--config missing",
+                [*argv, "--out", "{out}", "--config", str(base / "nope.yaml")],
+                "nope.yaml",
+            )
+        )
+        cases.append(
+            (f"{stem}:--config s3", [*argv, "--out", "{out}", "--config", "s3://b/c.yaml"], "s3://b/c.yaml")
+        )
+        broken = base / "broken.yaml"
+        broken.write_text("a: [\n")
+        listed = base / "list.yaml"
+        listed.write_text("- 1\n- 2\n")
+        cases.append(
+            (f"{stem}:--config broken", [*argv, "--out", "{out}", "--config", str(broken)], "config")
+        )
+        cases.append(
+            (f"{stem}:--config list", [*argv, "--out", "{out}", "--config", str(listed)], "list.yaml")
+        )
+        for ei in ("{", '{"outputs": {}}', "[]"):
+            cases.append(
+                (
+                    f"{stem}:--executor-input {ei}",
+                    [*argv, "--out", "{out}", "--executor-input", ei],
+                    "executor-input",
+                )
+            )
+
+    # Inputs that do not belong together.
+    cases += [
+        ("train:splits of another dataset", ["train-baseline", "--dataset", w["dataset"], "--splits", w["other_splits"],
+         "--out", "{out}", *TINY_TRAIN], "were made from dataset content"),
+        ("train:dataset of other splits", ["train-baseline", "--dataset", w["other_data"], "--splits", w["splits"],
+         "--out", "{out}", *TINY_TRAIN], "were made from dataset content"),
+        ("export:policy of another model", ["export-bundle", "--phase1", w["phase1"], "--policy", w["other_policy"],
+         "--splits", w["splits"], "--out", "{out}"], "do not belong together"),
+        ("export:splits of another run", ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"],
+         "--splits", w["other_splits"], "--out", "{out}"], "do not belong together"),
+    ]  # fmt: skip
+    for name, dataset, expect in _bad_datasets(world, base):
+        cases.append(
+            (f"make_splits:dataset {name}", ["make-splits", "--dataset", dataset, "--out", "{out}"], expect)
+        )
+        cases.append((f"train:dataset {name}", ["train-baseline", "--dataset", dataset, "--splits", w["splits"],
+                                                "--out", "{out}", *TINY_TRAIN], expect))  # fmt: skip
+
+    # verify, predict, demo-data, and usage errors.
+    empty = base / "empty-folder"
+    empty.mkdir()
+    bomb = base / "bomb.jpg"
+    bomb.write_bytes(_bomb_jpeg(world["image"]))
+    cases += [
+        ("verify:missing", ["verify", base / "missing"], "missing"),
+        ("verify:dataset", ["verify", w["dataset"]], "no manifest.json"),
+        ("verify:s3 no bucket", ["verify", "s3://"], "s3 URI without a bucket"),
+        ("verify:s3 empty bucket", ["verify", "s3:///x"], "s3 URI without a bucket"),
+        ("predict:empty folder", ["predict", "--bundle", w["bundle"], empty], "no images"),
+        ("predict:s3 image", ["predict", "--bundle", w["bundle"], "s3://b/x.jpg"], "s3://b/x.jpg"),
+        ("predict:no bundle", ["predict", "--bundle", base / "missing", w["image"]], "missing"),
+        ("predict:phase1 as bundle", ["predict", "--bundle", w["phase1"], w["image"]], "export_bundle"),
+        ("predict:dataset as bundle", ["predict", "--bundle", w["dataset"], w["image"]], "no manifest.json"),
+        ("predict:bomb", ["predict", "--bundle", w["bundle"], bomb], "could not be read"),
+        ("predict:no images", ["predict", "--bundle", w["bundle"]], "required"),
+        ("demo-data:n=4", ["demo-data", "--out", "{out}", "--n", "4"], "at least 8"),
+        ("demo-data:n=0", ["demo-data", "--out", "{out}", "--n", "0"], "at least 8"),
+        ("demo-data:size=0", ["demo-data", "--out", "{out}", "--size", "0"], "size"),
+        ("demo-data:seed=-1", ["demo-data", "--out", "{out}", "--seed", "-1"], "seed"),
+        ("demo-data:n=abc", ["demo-data", "--out", "{out}", "--n", "abc"], "invalid int"),
+        ("demo-data:out file", ["demo-data", "--out", a_file], "is a file"),
+        ("demo-data:s3 no bucket", ["demo-data", "--out", "s3://"], "s3 URI without a bucket"),
+        ("usage:unknown command", ["bogus"], "invalid choice"),
+        ("usage:no command", [], "required"),
+        (
+            "usage:unknown flag",
+            ["make-splits", "--dataset", w["dataset"], "--out", "{out}", "--bogus"],
+            "--bogus",
+        ),
+        ("usage:missing --out", ["make-splits", "--dataset", w["dataset"]], "--out"),
+    ]
+    return cases
+
+
+def _bomb_jpeg(image: Path) -> bytes:
+    """A real JPEG whose header claims 60000x60000 pixels."""
+    data = bytearray(image.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") * 2
+    return bytes(data)
+
+
+def test_bad_input_matrix_gets_one_line_commits_nothing_and_keeps_every_commit(world, tmp_path, capsys):
+    failures_log = Path(os.environ.get("SV_FAULTS_LOG", os.devnull))
+    before = fingerprint(world)
+    cases = bad_inputs(world, tmp_path)
+    failures = []
+    for i, (case, argv, expect) in enumerate(cases):
+        out = tmp_path / "outs" / str(i)
+        code, _, err = run_cli(capsys, [str(a).replace("{out}", str(out)) for a in argv])
+        ok = code != 0 and one_line(err) and expect in err and not (out / MANIFEST).exists()
+        if not ok:
+            failures.append(f"{case}: exit {code}, stderr {err!r} (expected to name {expect!r})")
+    failures_log.write_text("\n".join(failures))
+    assert fingerprint(world) == before, "a bad input changed an existing commit"
+    with capsys.disabled():
+        print(f"\nbad-input matrix: {len(cases) - len(failures)}/{len(cases)} cases held")
+    assert len(cases) >= 300 and not failures, "\n".join(failures[:20])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tampering
+
+
+def _flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+
+
+def _edit_manifest(d: Path, edit, *, seal: bool) -> None:
+    from streetvision.io.manifests import Manifest
+
+    data = json.loads((d / MANIFEST).read_text())
+    edit(data)
+    if seal:
+        data = Manifest(**data).sealed().to_dict()
+    (d / MANIFEST).write_text(json.dumps(data))
+
+
+def tampers(main_file: str) -> dict[str, tuple]:
+    """name -> (edit(dir, outside), what the error names)."""
+
+    def symlink_in(d, outside):
+        shutil.copy(d / main_file, outside / main_file)
+        (d / main_file).unlink()
+        (d / main_file).symlink_to(outside / main_file)
+
+    def manifest_link(d, outside):
+        shutil.move(d / MANIFEST, outside / MANIFEST)
+        (d / MANIFEST).symlink_to(outside / MANIFEST)
+
+    return {
+        "flip": (lambda d, o: _flip(d / main_file), main_file),
+        "flip-config": (lambda d, o: (d / "config.yaml").write_text((d / "config.yaml").read_text() + "#\n"), "config.yaml"),
+        "truncate": (lambda d, o: (d / main_file).write_bytes((d / main_file).read_bytes()[:-1]), main_file),
+        "delete": (lambda d, o: (d / main_file).unlink(), main_file),
+        "extra-file": (lambda d, o: (d / "extra.txt").write_text("x"), "extra.txt"),
+        "hidden-file": (lambda d, o: (d / ".evil").write_text("x"), ".evil"),
+        "empty-folder": (lambda d, o: (d / "empty").mkdir(), "empty"),
+        "symlink-in": (symlink_in, main_file),
+        "symlink-out": (lambda d, o: (d / "link").symlink_to("/etc/hostname"), "link"),
+        "manifest-deleted": (lambda d, o: (d / MANIFEST).unlink(), MANIFEST),
+        "manifest-symlink": (manifest_link, MANIFEST),
+        "manifest-truncated": (lambda d, o: (d / MANIFEST).write_text((d / MANIFEST).read_text()[:50]), MANIFEST),
+        "manifest-not-json": (lambda d, o: (d / MANIFEST).write_text("{"), MANIFEST),
+        "manifest-not-object": (lambda d, o: (d / MANIFEST).write_text("[]"), MANIFEST),
+        "manifest-absolute-path": (lambda d, o: _edit_manifest(
+            d, lambda m: m["outputs"].__setitem__("/etc/passwd", {"sha256": "0" * 64, "size": 1}), seal=True), "/etc/passwd"),
+        "manifest-dotdot-path": (lambda d, o: _edit_manifest(
+            d, lambda m: m["outputs"].__setitem__("../x", {"sha256": "0" * 64, "size": 1}), seal=True), "../x"),
+        "manifest-metric-edited": (lambda d, o: _edit_manifest(
+            d, lambda m: m["metrics"].__setitem__("mcc", 0.99), seal=False), MANIFEST),
+        "manifest-config-hash-edited": (lambda d, o: _edit_manifest(
+            d, lambda m: m.__setitem__("config_sha256", "0" * 64), seal=True), MANIFEST),
+        "manifest-config-edited": (lambda d, o: _edit_manifest(
+            d, lambda m: m["config"].__setitem__("seed", 123), seal=False), MANIFEST),
+        "manifest-step-renamed": (lambda d, o: _edit_manifest(
+            d, lambda m: m.__setitem__("step", "other_step"), seal=True), "other_step"),
+        "manifest-hash-edited": (lambda d, o: _edit_manifest(
+            d, lambda m: m["outputs"][main_file].__setitem__("sha256", "0" * 64), seal=True), main_file),
+        "manifest-schema": (lambda d, o: _edit_manifest(
+            d, lambda m: m.__setitem__("schema_version", 1), seal=False), MANIFEST),
+    }  # fmt: skip
+
+
+def loaders(world, which: str, tampered: Path, out: Path) -> list[list]:
+    """Every command that reads a commit of kind ``which``, pointed at the tampered copy."""
+    w = {k: str(v) for k, v in world.items()}
+    t = str(tampered)
+    if which == "splits":
+        return [["train-baseline", "--dataset", w["dataset"], "--splits", t, "--out", out, *TINY_TRAIN],
+                ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"], "--splits", t, "--out", out]]  # fmt: skip
+    if which == "phase1":
+        return [["sweep-thresholds", "--phase1", t, "--out", out],
+                ["export-bundle", "--phase1", t, "--policy", w["policy"], "--splits", w["splits"], "--out", out]]  # fmt: skip
+    if which == "policy":
+        return [
+            ["export-bundle", "--phase1", w["phase1"], "--policy", t, "--splits", w["splits"], "--out", out]
+        ]
+    return [["predict", "--bundle", t, w["image"]]]
+
+
+MAIN_FILES = {
+    "splits": ["splits.json"],
+    "phase1": ["model.safetensors", "logits_val_calib.npy"],
+    "policy": ["thresholds.json"],
+    "bundle": ["bundle.json", "model.safetensors"],
+}
+
+
+def test_tamper_matrix_is_refused_by_verify_and_every_loader_naming_the_file(world, tmp_path, capsys):
+    cases = checks = 0
+    failures = []
+    for which, files in MAIN_FILES.items():
+        for main_file in files:
+            for name, (edit, expect) in tampers(main_file).items():
+                if main_file != files[0] and not name.startswith(
+                    ("flip", "truncate", "delete", "symlink-in", "manifest-hash")
+                ):
+                    continue
+                case = tmp_path / f"{which}-{main_file}-{name}"
+                outside = case / "outside"
+                outside.mkdir(parents=True)
+                tampered = case / STEP_OF[which]
+                shutil.copytree(world[which], tampered, symlinks=True)
+                edit(tampered, outside)
+                cases += 1
+                for argv in [["verify", tampered], *loaders(world, which, tampered, case / "out")]:
+                    checks += 1
+                    code, _, err = run_cli(capsys, argv)
+                    if not (
+                        code != 0
+                        and one_line(err)
+                        and expect in err
+                        and not (case / "out" / MANIFEST).exists()
+                    ):
+                        failures.append(f"{which}/{main_file}/{name} via {argv[0]}: exit {code}, {err!r}")
+    with capsys.disabled():
+        print(f"\ntamper matrix: {cases} tampered commits, {checks - len(failures)}/{checks} refusals held")
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_an_edited_threshold_in_bundle_json_is_never_served(world, tmp_path, capsys):
+    bundle = tmp_path / "export_bundle"
+    shutil.copytree(world["bundle"], bundle)
+    data = json.loads((bundle / "bundle.json").read_text())
+    data["policy"]["params"]["threshold"] = 0.999
+    (bundle / "bundle.json").write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, ["predict", "--bundle", bundle, world["image"]])
+    assert code == 2 and out == "" and "bundle.json: size" in err
+    reseal(bundle)  # even a manifest re-signed to match: the policy file still disagrees
+    code, out, err = run_cli(capsys, ["predict", "--bundle", bundle, world["image"]])
+    assert code == 2 and out == "" and "differs from the one in thresholds.json" in err
+
+
+def test_a_bundle_without_its_manifest_does_not_verify(world, tmp_path, capsys):
+    bundle = tmp_path / "export_bundle"
+    shutil.copytree(world["bundle"], bundle)
+    (bundle / MANIFEST).unlink()  # what a kill right after bundle.json leaves
+    for argv in (["verify", bundle], ["predict", "--bundle", bundle, world["image"]]):
+        code, _, err = run_cli(capsys, argv)
+        assert code == 2 and "no manifest.json" in err
+
+
+def test_overlapping_splits_and_splits_committed_as_another_step_are_refused(world, tmp_path, capsys):
+    from streetvision.data.dataset import dataset_input, load_index
+
+    parts = json.loads((world["splits"] / "splits.json").read_text())
+    parts["val_test"] = [*parts["val_test"], parts["train"][0]]
+    for step, expect in (
+        ("make_splits", "must not overlap"),
+        ("train_baseline", "'make_splits' commit is expected"),
+    ):
+        out = StepOutputs(tmp_path / step, step)
+        out.write_json("splits.json", parts)
+        out.commit(config={}, inputs={"dataset": dataset_input(load_index(world["dataset"]))})
+        code, _, err = run_cli(capsys, ["train-baseline", "--dataset", world["dataset"], "--splits", tmp_path / step,
+                                        "--out", tmp_path / "p1", *TINY_TRAIN])  # fmt: skip
+        assert code == 2 and one_line(err) and expect in err, err
+
+
+def test_credentials_inside_a_uri_are_never_echoed(world, tmp_path, capsys):
+    code, _, err = run_cli(capsys, ["make-splits", "--dataset", "s3://AKIAEXAMPLE:hunter2@bucket/data",
+                                    "--out", tmp_path / "o"])  # fmt: skip
+    assert code == 2 and "hunter2" not in err and "AKIAEXAMPLE" not in err
+    out = StepOutputs(tmp_path / "m", "make_splits")
+    manifest = out.commit(config={"model": {"weights": "https://user:hunter2@host/w.safetensors"}})
+    assert (
+        "hunter2" not in json.dumps(manifest.to_dict()) and "***@host" in manifest.config["model"]["weights"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kills, concurrency, a dying object store
+
+
+def forked(argv: list) -> int:
+    """Run the CLI in a forked child (imports already paid); returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+            code = main([str(a) for a in argv])
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait(pid: int, timeout: float = 120.0) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child {pid} did not finish within {timeout}s")
+
+
+def kill_commands(world) -> dict[str, list]:
+    w = world
+    return {
+        "make_splits": ["make-splits", "--dataset", w["dataset"]],
+        "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
+        "export_bundle": [
+            "export-bundle",
+            "--phase1",
+            w["phase1"],
+            "--policy",
+            w["policy"],
+            "--splits",
+            w["splits"],
+        ],
+    }
+
+
+def check_after_kill(out: Path, stem: str, had_commit: bool) -> None:
+    if out.exists():
+        verify_dir(out, stem)  # never a folder that does not verify
+    assert out.exists() or not had_commit, "a kill destroyed the previous commit"
+
+
+def test_sigkill_at_random_moments_leaves_no_manifest_or_a_verified_one_and_the_rerun_succeeds(
+    world, tmp_path
+):
+    rng = random.Random(20261129)
+    commands = kill_commands(world)
+    durations = {}
+    for stem, argv in commands.items():
+        t0 = time.time()
+        assert wait(forked([*argv, "--out", tmp_path / "timing" / stem])) == 0
+        durations[stem] = time.time() - t0
+    trials = 0
+    for trial in range(105):
+        stem = rng.choice(sorted(commands))
+        out = tmp_path / f"k{trial}" / stem
+        had_commit = trial % 2 == 1  # half the kills hit a replacement of an earlier commit
+        if had_commit:
+            assert wait(forked([*commands[stem], "--out", out])) == 0
+        pid = forked([*commands[stem], "--out", out])
+        time.sleep(rng.uniform(0, durations[stem] * 1.2))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        check_after_kill(out, stem, had_commit)
+        assert wait(forked([*commands[stem], "--out", out])) == 0
+        verify_dir(out, stem)
+        assert not [p.name for p in out.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+        trials += 1
+    print(f"\nSIGKILL trials (make_splits, sweep_thresholds, export_bundle): {trials}/{trials} clean; "
+          f"runtimes {', '.join(f'{k} {v:.2f}s' for k, v in durations.items())}")  # fmt: skip
+
+
+def test_sigkill_during_training_leaves_no_manifest_and_the_rerun_succeeds(world, tmp_path):
+    rng = random.Random(7)
+    argv = [sys.executable, "-m", "streetvision", "train-baseline", "--dataset", world["dataset"],
+            "--splits", world["splits"], *TINY_TRAIN]  # fmt: skip
+    out = tmp_path / "train_baseline"
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [*map(str, argv), "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(2.0, 12.0))
+        proc.kill()
+        proc.wait()
+        check_after_kill(out, "train_baseline", False)
+    r = subprocess.run([*map(str, argv), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    verify_dir(out, "train_baseline")
+    assert not [p.name for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+def test_concurrent_writers_of_one_output_never_mix_a_commit(world, tmp_path):
+    argv = ["make-splits", "--dataset", world["dataset"]]
+    refused = 0
+    for trial in range(24):
+        out = tmp_path / f"c{trial}" / "make_splits"
+        # In every other trial a third writer is mid-commit (it holds the lock) while the two start.
+        held = StepOutputs(out, "make_splits") if trial % 2 else None
+        pids = [forked([*argv, "--out", out, f"splits.seed={seed}"]) for seed in (1, 2)]
+        codes = [wait(p) for p in pids]
+        if held is not None:
+            assert codes == [2, 2], codes  # both refused: one line each, nothing written
+            held.write_json("splits.json", {"seed": 0})
+            held.commit(config={"splits": {"seed": 0}})
+        else:
+            assert set(codes) <= {0, 2} and 0 in codes, codes
+        refused += codes.count(2)
+        manifest = verify_dir(out, "make_splits")
+        parts = json.loads((out / "splits.json").read_text())
+        assert parts["seed"] == manifest.config["splits"]["seed"]  # files and manifest from one writer
+    print(
+        f"\nconcurrent writers: 24/24 trials left one whole commit ({refused} writers refused with one line)"
+    )
+
+
+def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_rerun_completes(
+    tmp_path_factory, tmp_path, monkeypatch, capsys
+):
+    import seaweed
+
+    server = seaweed.start(tmp_path_factory.mktemp("weed-kill"))
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        store.client.cache_clear()
+        uri = f"s3://{server.bucket}/run/train_baseline"
+        small = StepOutputs(tmp_path / "small", "train_baseline")
+        small.write_bytes("model.safetensors", b"x" * 1000)
+        small.commit(config={})
+        store.upload_dir(tmp_path / "small", uri)  # an earlier commit at the same place
+        big = StepOutputs(tmp_path / "big", "train_baseline")
+        big.write_with("model.safetensors", lambda f: [f.write(os.urandom(1 << 20)) for _ in range(384)])
+        big.commit(config={"big": True})
+        code = f"from streetvision.io import store; store.upload_dir({str(tmp_path / 'big')!r}, {uri!r})"
+        uploader = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while store.UPLOADING not in store.list_files(uri):
+            assert time.time() < deadline and uploader.poll() is None, "the upload never started"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        server.kill()
+        uploader.kill()
+        uploader.wait()
+        server = server.restart()
+        store.client.cache_clear()
+        with pytest.raises(ManifestError):
+            store.verified(uri, "train_baseline")
+        code, _, err = run_cli(capsys, ["verify", uri])
+        assert code == 2 and one_line(err)
+        store.upload_dir(tmp_path / "big", uri)  # the rerun
+        manifest, _ = store.verified(uri, "train_baseline")
+        assert manifest.config == {"big": True}
+    finally:
+        server.stop()
+        store.client.cache_clear()
