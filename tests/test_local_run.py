@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY_TRAIN
 
 from streetvision.config import ConfigError
+from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import MANIFEST, verify_dir
 from streetvision.pipeline import route, run_local
@@ -109,14 +110,19 @@ def test_overrides_are_routed_to_the_step_that_owns_them():
         route([], ["modle.lr=0.1"])
 
 
-def streetvision_cli(*args):
-    return subprocess.run([sys.executable, "-m", "streetvision", *args], capture_output=True, text=True)
+def streetvision_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "streetvision", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
-def test_whole_run_against_the_s3_server(s3, demo_dataset):
+def test_whole_run_against_the_s3_server(s3, demo_dataset, tmp_path):
+    r = streetvision_cli("demo-data", "--out", f"{s3}/demo", "--n", "16", "--size", "32", cwd=tmp_path)
+    assert r.returncode == 0 and "labels.csv" in store.list_files(f"{s3}/demo"), r.stderr
     store.upload_tree(demo_dataset, f"{s3}/data")
     run = ["run", "--out", f"{s3}/run", "--dataset", f"{s3}/data", *TINY_TRAIN]
-    r = streetvision_cli(*run)
+    r = streetvision_cli(*run, cwd=tmp_path)
+    assert list(tmp_path.iterdir()) == [], "an s3:// path must never become a local folder"
     assert r.returncode == 0, r.stderr[-3000:]
     for stem in ("make_splits", "train_baseline", "sweep_thresholds", "export_bundle"):
         store.verified(f"{s3}/run/{stem}", stem)
@@ -178,3 +184,32 @@ def test_demo_data_cut_short_before_its_marker_is_generated_again(tmp_path):
     (data / "labels.csv").write_text("image,label\nmissing.jpg,1\n")  # a generation that died early
     uri = _demo_data(str(tmp_path / "run"), DemoConfig(n=24, seed=3, size=32))
     assert len(load_index(uri).ids) == 24 and (data / "demo.json").is_file()
+
+
+def test_a_rerun_notices_changed_image_content_and_a_tampered_commit_and_says_why(
+    demo_dataset, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(demo_dataset, data)
+    out = tmp_path / "out"
+    run_local(str(out), dataset=str(data), overrides=TINY_TRAIN)
+    capsys.readouterr()
+    image = sorted((data / "images").iterdir())[0]
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(image, "JPEG")  # same name, same labels.csv, new pixels
+    summary = run_local(str(out), dataset=str(data), overrides=TINY_TRAIN)
+    assert all(state.startswith("ran") for state in summary["steps"].values()), summary["steps"]
+    assert "== make_splits" in (printed := capsys.readouterr().out) and "input dataset changed" in printed
+    model = out / "train_baseline" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-1] + bytes([model.read_bytes()[-1] ^ 1]))
+    capsys.readouterr()
+    summary = run_local(str(out), dataset=str(data), overrides=TINY_TRAIN)
+    printed = capsys.readouterr().out
+    assert summary["steps"]["make_splits"] == "up to date, skipped"
+    assert "train_baseline" in printed and "failed verification" in printed and "model.safetensors" in printed
+    image.unlink()
+    with pytest.raises(StreetVisionError, match="missing file"):
+        run_local(str(out), dataset=str(data), overrides=TINY_TRAIN)
