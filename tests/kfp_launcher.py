@@ -34,11 +34,15 @@ def _param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+JOB_ID = "0f1e2d3c-run-of-the-contract-tests"
+
+
 def command_line(
     component: dict[str, Any],
     inputs: dict[str, Path],
     outputs_root: Path,
     parameters: dict[str, Any] | None = None,
+    task: str = "task",
 ) -> tuple[list[str], dict[str, Any]]:
     """(argv, executor_input) with every placeholder replaced as the launcher would."""
     spec = component["spec"]
@@ -73,6 +77,7 @@ def command_line(
     def substitute(text: str) -> str:
         if text == "{{$}}":
             return json.dumps(executor_input)
+        text = text.replace("{{$.pipeline_job_uuid}}", JOB_ID).replace("{{$.pipeline_task_name}}", task)
 
         def one(m: re.Match) -> str:
             direction, kind, name, _ = m.groups()

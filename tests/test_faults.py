@@ -689,3 +689,18 @@ def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_reru
     finally:
         server.stop()
         store.client.cache_clear()
+
+
+def test_an_image_bomb_gets_its_own_error_line_while_the_batch_goes_on(world, tmp_path, capsys):
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(_bomb_jpeg(world["image"]))
+    code, out, err = run_cli(capsys, ["predict", "--bundle", world["bundle"], bomb, world["image"]])
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and one_line(err) and "1 image(s) could not be read" in err
+    assert "error" in rows[0] and "DecompressionBomb" in rows[0]["error"]
+    assert rows[1]["id"] == str(world["image"]) and rows[1]["decision"] in ("roadwork", "no_roadwork")
+
+
+def test_every_step_saves_its_resolved_config_beside_its_outputs(world):
+    for kind, step in STEP_OF.items():
+        assert "config.yaml" in verify_dir(world[kind], step).outputs, kind

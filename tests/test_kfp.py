@@ -10,7 +10,7 @@ import pytest
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
-from kfp_launcher import command_line, load_component
+from kfp_launcher import JOB_ID, command_line, load_component
 
 from streetvision.io.manifests import verify_dir
 
@@ -153,7 +153,9 @@ def test_component_descriptions_come_from_the_docstrings():
 
 def run_component(stem, inputs, tmp_path, parameters=None):
     component = load_component(ROOT / "components" / f"{stem}.yaml")
-    argv, executor_input = command_line(component, inputs, tmp_path / "outputs", parameters)
+    argv, executor_input = command_line(
+        component, inputs, tmp_path / "outputs", parameters, task=stem.replace("_", "-")
+    )
     assert argv[:3] == ["python", "-m", "streetvision"]
     r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -168,6 +170,7 @@ def test_make_splits_component_runs_its_compiled_command(demo_dataset, tmp_path)
     out, root = run_component("make_splits", {"dataset": demo_dataset}, tmp_path, {"seed": 3})
     m = verify_dir(root / "splits")
     assert m.config["splits"]["seed"] == 3
+    assert m.run_id == JOB_ID and m.task == "make-splits"  # the manifest leads back to its Kubeflow run
     assert out["artifacts"]["splits"]["artifacts"][0]["metadata"]["step"] == "make_splits"
 
 
