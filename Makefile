@@ -12,7 +12,7 @@ TRAIN_IMAGE := $(REGISTRY)/streetvision-train:$(TAG)
 GIT_SHA  := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 DOCKER_BUILD ?= DOCKER_BUILDKIT=0 docker build --network host
 
-.PHONY: venv test test-fast lint bench run compile submit images push clean
+.PHONY: venv test test-fast test-faults lint bench run compile submit images push clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not slow and not docker" $(PYTEST_ARGS)
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -s -rs -m faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check streetvision components pipelines tests bench
