@@ -62,6 +62,13 @@ class S3Server:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        # weed keeps gRPC sockets in /tmp whatever TMPDIR says, and does not always remove them.
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def restart(self) -> S3Server:
         """A new server on the same ports, data and credentials."""
@@ -75,6 +82,7 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._remove_sockets()
 
 
 def start(

@@ -159,6 +159,17 @@ RUNNER_CASES = [
 ]  # fmt: skip
 
 
+def step_commands(world) -> dict[str, list]:
+    """Each step's command line on the committed fixtures, without ``--out``."""
+    w = {k: str(v) for k, v in world.items()}
+    return {
+        "make_splits": ["make-splits", "--dataset", w["dataset"]],
+        "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
+        "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
+        "export_bundle": ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"], "--splits", w["splits"]],
+    }  # fmt: skip
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0] if "=" in override else override
 
@@ -167,20 +178,7 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
     """Every bad input: (case id, argv with {out} for a fresh output folder, what stderr must name)."""
     w = {k: str(v) for k, v in world.items()}
     cases: list[tuple[str, list, str]] = []
-    step_argv = {
-        "make_splits": ["make-splits", "--dataset", w["dataset"]],
-        "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
-        "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
-        "export_bundle": [
-            "export-bundle",
-            "--phase1",
-            w["phase1"],
-            "--policy",
-            w["policy"],
-            "--splits",
-            w["splits"],
-        ],
-    }
+    step_argv = step_commands(world)
     for stem, overrides in CONFIG_CASES.items():
         for o in overrides:
             cases.append((f"{stem}:{o}", [*step_argv[stem], "--out", "{out}", o], _key(o)))
@@ -554,20 +552,7 @@ def wait(pid: int, timeout: float = 120.0) -> int:
 
 
 def kill_commands(world) -> dict[str, list]:
-    w = world
-    return {
-        "make_splits": ["make-splits", "--dataset", w["dataset"]],
-        "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
-        "export_bundle": [
-            "export-bundle",
-            "--phase1",
-            w["phase1"],
-            "--policy",
-            w["policy"],
-            "--splits",
-            w["splits"],
-        ],
-    }
+    return {stem: argv for stem, argv in step_commands(world).items() if stem != "train_baseline"}
 
 
 def check_after_kill(out: Path, stem: str, had_commit: bool) -> None:

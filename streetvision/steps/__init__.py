@@ -28,10 +28,6 @@ STEPS: dict[str, dict[str, str | None]] = {
 }
 
 
-def step_inputs(stem: str) -> list[str]:
-    return [name for name, producer in STEPS[stem].items() if producer is not None]
-
-
 def _key(uri: str) -> str:
     """A comparable form of a path or URI: resolved for folders, trailing slashes dropped."""
     return uri.rstrip("/") if store.is_s3(uri) else str(Path(uri).resolve())
