@@ -277,6 +277,27 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
         ("export:splits of another run", ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"],
          "--splits", w["other_splits"], "--out", "{out}"], "do not belong together"),
     ]  # fmt: skip
+    # Commits whose manifest agrees with its files, but whose documents are malformed.
+    from streetvision.io.manifests import input_record
+
+    policy = StepOutputs(base / "malformed_policy", "sweep_thresholds")
+    policy.write_bytes("thresholds.json", b'{"policy_type": "threshold", ')
+    policy.commit(config={}, inputs={"phase1": input_record(world["phase1"])})
+    bundle = base / "malformed_bundle"
+    shutil.copytree(world["bundle"], bundle)
+    (bundle / "bundle.json").write_text("[1, 2")
+    reseal(bundle)
+    phase1 = base / "malformed_phase1"
+    shutil.copytree(world["phase1"], phase1)
+    (phase1 / "logits_val_calib.npy").write_bytes(b"not an array")
+    reseal(phase1)
+    cases += [
+        ("export:malformed thresholds.json", ["export-bundle", "--phase1", w["phase1"], "--policy", policy.final,
+         "--splits", w["splits"], "--out", "{out}"], "thresholds.json"),
+        ("predict:malformed bundle.json", ["predict", "--bundle", bundle, w["image"]], "bundle.json"),
+        ("verify:malformed bundle.json", ["verify", bundle], "bundle.json"),
+        ("sweep:malformed logits", ["sweep-thresholds", "--phase1", phase1, "--out", "{out}"], "val_calib"),
+    ]  # fmt: skip
     for name, dataset, expect in _bad_datasets(world, base):
         cases.append(
             (f"make_splits:dataset {name}", ["make-splits", "--dataset", dataset, "--out", "{out}"], expect)
