@@ -16,6 +16,7 @@ from streetvision.io.manifests import verify_dir
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_SCHEMA = 1
+ARCH_KEYS = {"img_size"}  # what a bundle may pass to timm.create_model besides the name
 POLICY_TYPES = ("threshold",)  # gate and scrc join when their phases exist
 REQUIRED = (
     "schema_version",
@@ -88,6 +89,11 @@ def _shape(bundle: Any, where: str) -> dict[str, Any]:
         raise BundleError(f"{where}: 'files' must map names to {{sha256, size}}")
     if not (isinstance(model, dict) and isinstance(policy, dict) and isinstance(policy.get("params"), dict)):
         raise BundleError(f"{where}: 'model' and 'policy' (with 'params') must be JSON objects")
+    arch = model.get("architecture")
+    if not (isinstance(arch, dict) and set(arch) <= ARCH_KEYS and all(type(v) is int for v in arch.values())):
+        raise BundleError(
+            f"{where}: model.architecture may only set {', '.join(sorted(ARCH_KEYS))} (integers)"
+        )
     if policy.get("type") not in POLICY_TYPES:
         raise BundleError(f"{where}: unknown policy type {policy.get('type')!r}")
     threshold = policy["params"].get("threshold")

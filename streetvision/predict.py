@@ -34,7 +34,9 @@ class Predictor:
 
         self.bundle = verify_bundle(root)
         b = self.bundle
-        self.net = build_network(b["backbone"], pretrained=False, dropout=b["model"]["dropout"])
+        self.net = build_network(
+            b["backbone"], pretrained=False, dropout=b["model"]["dropout"], arch=b["model"]["architecture"]
+        )
         self.net.load_state_dict(load_file(root / b["model"]["weights"]), strict=True)
         self.net.eval()
         self.transform = create_transform(b["preprocessing"])

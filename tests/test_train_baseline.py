@@ -221,3 +221,33 @@ def test_backbone_weights_load_from_a_local_safetensors_file(tmp_path):
     loaded = create_backbone("test_vit", pretrained=False, weights_file=str(tmp_path / "w.safetensors"))
     for (k, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize(
+    "backbone,size", [("vit_tiny_patch16_224", 64), ("vit_small_patch14_dinov2.lvd142m", 224)]
+)
+def test_a_strict_size_vit_trains_exports_and_predicts_at_the_size_it_is_given(
+    demo_dataset, demo_splits, tmp_path, backbone, size
+):
+    """Fixed-size ViTs (position embeddings) are built for data.image_size, and predict rebuilds them so."""
+    p1 = tmp_path / "train_baseline"
+    settings = [f"model.backbone={backbone}", "model.pretrained=false", f"data.image_size={size}"]
+    r = cli_train(demo_dataset, demo_splits, p1, *settings, "trainer.max_epochs=1", "trainer.devices=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = json.loads((p1 / "model.json").read_text())
+    assert model["architecture"] == {"img_size": size} and model["preprocessing"]["input_size"] == [
+        3,
+        size,
+        size,
+    ]
+    for argv in (
+        ["sweep-thresholds", "--phase1", p1, "--out", tmp_path / "sweep"],
+        ["export-bundle", "--phase1", p1, "--policy", tmp_path / "sweep", "--splits", demo_splits,
+         "--out", tmp_path / "bundle"],
+    ):  # fmt: skip
+        r = cli(*map(str, argv))
+        assert r.returncode == 0, r.stderr[-2000:]
+    images = sorted((demo_dataset / "images").iterdir())[:3]
+    r = cli("predict", "--bundle", str(tmp_path / "bundle"), *map(str, images))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(line)["id"] for line in r.stdout.splitlines()] == [str(i) for i in images]

@@ -15,13 +15,35 @@ class ModelError(StreetVisionError):
     """A backbone name or weights file cannot be used."""
 
 
-def create_backbone(name: str, *, pretrained: bool, weights_file: str = "") -> nn.Module:
-    """A timm backbone without its classifier; weights from the hub or from a local file."""
+def architecture(name: str, image_size: int = 0) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments, beyond the name, that fix the network's shape.
+
+    A model with a fixed input size (ViTs: their position embeddings) is built for the size it will see;
+    timm resamples pretrained position embeddings to match. Recorded in ``model.json`` and the bundle, so
+    ``predict`` rebuilds exactly the trained network.
+    """
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name) if timm.is_model(name) else None
+    if (
+        image_size
+        and cfg is not None
+        and cfg.fixed_input_size
+        and tuple(cfg.input_size[1:]) != (image_size,) * 2
+    ):
+        return {"img_size": image_size}
+    return {}
+
+
+def create_backbone(
+    name: str, *, pretrained: bool, weights_file: str = "", arch: dict[str, Any] | None = None
+) -> nn.Module:
+    """A timm backbone without its classifier, built with ``arch``; weights from the hub or a local file."""
     import timm
 
     if not timm.is_model(name):
         raise ModelError(f"unknown timm backbone {name!r} (timm.list_models() lists the names)")
-    kwargs: dict[str, Any] = {"num_classes": 0}
+    kwargs: dict[str, Any] = {"num_classes": 0, **(arch or {})}
     if weights_file:
         if not Path(weights_file).is_file():
             raise ModelError(f"backbone weights file {weights_file} does not exist")
@@ -88,6 +110,12 @@ class RoadworkNet(nn.Module):
 
 
 def build_network(
-    backbone: str, *, pretrained: bool = False, weights_file: str = "", dropout: float = 0.0
+    backbone: str,
+    *,
+    pretrained: bool = False,
+    weights_file: str = "",
+    dropout: float = 0.0,
+    arch: dict[str, Any] | None = None,
 ) -> RoadworkNet:
-    return RoadworkNet(create_backbone(backbone, pretrained=pretrained, weights_file=weights_file), dropout)
+    backbone_net = create_backbone(backbone, pretrained=pretrained, weights_file=weights_file, arch=arch)
+    return RoadworkNet(backbone_net, dropout)

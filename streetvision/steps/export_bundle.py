@@ -33,6 +33,7 @@ STEP = "export_bundle"
 # Each policy step and the one file it commits. The file's own policy_type must agree.
 MODEL_FIELDS = (
     "backbone",
+    "architecture",
     "num_classes",
     "class_names",
     "preprocessing",
@@ -158,6 +159,7 @@ def run(
                 "weights": "model.safetensors",
                 "config": "model.json",
                 "logit_columns": model_info["logit_columns"],
+                "architecture": model_info["architecture"],
                 "dropout": model_info["dropout"],
             },
             "policy": {

@@ -154,6 +154,7 @@ def run(
     from streetvision.models.lightning import MONITOR, BestWeights, History, RoadworkModule
     from streetvision.models.network import (
         RoadworkNet,
+        architecture,
         create_backbone,
         create_transform,
         decode_side,
@@ -181,13 +182,14 @@ def run(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
 
+    arch = architecture(config.model.backbone, config.data.image_size)
     with ExitStack() as stack:
         weights = config.model.weights
         if store.is_s3(weights):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
             weights = str(store.download_file(weights, tmp / Path(weights).name).path)
         backbone = create_backbone(
-            config.model.backbone, pretrained=config.model.pretrained, weights_file=weights
+            config.model.backbone, pretrained=config.model.pretrained, weights_file=weights, arch=arch
         )
     net = RoadworkNet(backbone, config.model.dropout)
     prep = preprocessing(backbone, config.data.image_size)
@@ -278,6 +280,7 @@ def run(
             "model.json",
             {
                 "backbone": config.model.backbone,
+                "architecture": arch,
                 "num_classes": 2,
                 "logit_columns": 1,
                 "class_names": CLASS_NAMES,
