@@ -251,3 +251,19 @@ def test_a_strict_size_vit_trains_exports_and_predicts_at_the_size_it_is_given(
     r = cli("predict", "--bundle", str(tmp_path / "bundle"), *map(str, images))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(line)["id"] for line in r.stdout.splitlines()] == [str(i) for i in images]
+
+
+def test_pretrained_weights_without_a_reachable_hub_fail_at_once_with_one_line(
+    demo_dataset, demo_splits, tmp_path
+):
+    """Before: 22 retry lines over 54 s. Now one connection attempt, one line, and what to do instead."""
+    import os
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    r = subprocess.run(
+        [sys.executable, "-m", "streetvision", "train-baseline", "--dataset", str(demo_dataset), "--splits",
+         str(demo_splits), "--out", str(tmp_path / "p1"), "model.backbone=test_vit", "model.pretrained=true"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "127.0.0.1 cannot be reached" in r.stderr and "model.weights=FILE" in r.stderr

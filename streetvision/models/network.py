@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -50,6 +52,11 @@ def create_backbone(
         # timm reads .safetensors itself, and .pth/.bin with torch.load(weights_only=True).
         kwargs["pretrained_cfg_overlay"] = {"file": weights_file}
         pretrained = True
+    if pretrained and not weights_file and (why := _hub_unavailable(name)):
+        raise ModelError(
+            f"cannot load pretrained weights for {name} from the model hub: {why}; set model.weights=FILE "
+            "(a local or s3:// .safetensors file), or model.pretrained=false to start from random weights"
+        )
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # timm raises many types here; the user needs to know which input was wrong
@@ -58,6 +65,32 @@ def create_backbone(
             f"could not load pretrained weights for {name} from {source} ({type(e).__name__}: {str(e)[:200]}); "
             "set model.weights=FILE, or model.pretrained=false to start from random weights"
         ) from None
+
+
+def _hub_unavailable(name: str) -> str | None:
+    """Why the model hub cannot provide ``name``'s weights now; None when it can or they are cached.
+
+    One connection attempt, so that a node without network fails in seconds instead of after the hub
+    client's retries.
+    """
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.get_pretrained_cfg(name)
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    if not hub_id:
+        return None  # weights from elsewhere (a URL in timm's table): timm reports its own error
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(hub_id, filename), str):
+            return None
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the weights are not in the local cache"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({e.strerror or e})"
+    return None
 
 
 def preprocessing(backbone: nn.Module, image_size: int = 0) -> dict[str, Any]:
