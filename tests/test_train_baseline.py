@@ -267,3 +267,16 @@ def test_pretrained_weights_without_a_reachable_hub_fail_at_once_with_one_line(
     )  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "127.0.0.1 cannot be reached" in r.stderr and "model.weights=FILE" in r.stderr
+
+
+def test_training_reports_its_splits_with_the_policies_own_decision_rule(trained):
+    """One rule everywhere: P(roadwork) >= threshold, at 0.5 for selection and training's metrics."""
+    from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
+
+    reported = json.loads((trained["phase1"] / "metrics.json").read_text())
+    for split in ("val_select", "val_calib"):
+        logits = np.load(trained["phase1"] / f"logits_{split}.npy")
+        labels = np.load(trained["phase1"] / f"labels_{split}.npy")
+        assert reported[split] == metrics_at(probabilities(logits), labels, SELECTION_THRESHOLD)
+    edge = metrics_at(probabilities(np.zeros((2, 1))), np.array([1, 0]), SELECTION_THRESHOLD)
+    assert edge["tp"] == 1 and edge["fp"] == 1  # a logit of exactly 0 is P=0.5: roadwork, as the policy says

@@ -180,6 +180,11 @@ def selective_table(
     return rows
 
 
+SELECTION_THRESHOLD = (
+    0.5  # where training selects and reports: P(roadwork) >= 0.5, the same rule as every policy
+)
+
+
 def decide(scores: np.ndarray, threshold: float) -> np.ndarray:
     """The threshold policy's decisions: 1 (roadwork) where ``score >= threshold``, else 0."""
     return (np.asarray(scores) >= threshold).astype(np.int64)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streetvision.eval.metrics import compute_all_metrics
+from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 from streetvision.models.network import RoadworkNet
 
 MONITOR = "val_select_mcc"
@@ -67,8 +67,8 @@ class RoadworkModule(L.LightningModule):
             logits, labels, idx = (self.all_gather(t).reshape(-1) for t in (logits, labels, idx))
         idx_np, first = np.unique(idx.cpu().numpy(), return_index=True)  # padded duplicates out
         logits, labels = logits[first], labels[first]
-        metrics = compute_all_metrics(
-            labels.cpu().numpy().astype(int), (logits > 0).cpu().numpy().astype(int)
+        metrics = metrics_at(
+            probabilities(logits.cpu().numpy()), labels.cpu().numpy().astype(int), SELECTION_THRESHOLD
         )
         self.log(MONITOR, metrics["mcc"], prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log("val_select_loss", self.loss(logits, labels), sync_dist=False)

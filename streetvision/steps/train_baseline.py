@@ -22,7 +22,7 @@ import numpy as np
 
 from streetvision.config import require, to_dict, to_yaml
 from streetvision.data.dataset import CLASS_NAMES, DataError, dataset_input, load_index
-from streetvision.eval.metrics import compute_all_metrics
+from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, input_record, verify_dir
 from streetvision.io.outputs import StepOutputs
@@ -267,7 +267,7 @@ def run(
             outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
             outputs.write_json(f"ids_{split}.json", ids)
             if split != "val_test":  # held out: evaluated once, by export_bundle
-                per_split[split] = compute_all_metrics(labels.astype(int), (logits[:, 0] > 0).astype(int))
+                per_split[split] = metrics_at(probabilities(logits), labels.astype(int), SELECTION_THRESHOLD)
                 metrics |= {
                     f"{split}_{k}": v
                     for k, v in per_split[split].items()
