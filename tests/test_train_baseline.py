@@ -280,3 +280,39 @@ def test_training_reports_its_splits_with_the_policies_own_decision_rule(trained
         assert reported[split] == metrics_at(probabilities(logits), labels, SELECTION_THRESHOLD)
     edge = metrics_at(probabilities(np.zeros((2, 1))), np.array([1, 0]), SELECTION_THRESHOLD)
     assert edge["tp"] == 1 and edge["fp"] == 1  # a logit of exactly 0 is P=0.5: roadwork, as the policy says
+
+
+def test_a_frozen_backbone_sees_every_image_exactly_once_and_on_the_trainers_device(
+    demo_dataset, demo_splits, tmp_path, monkeypatch
+):
+    """Default settings (frozen backbone, feature cache, precision auto). Where CUDA is present every
+    backbone forward pass must run on the GPU; everywhere, no image passes the backbone twice."""
+    import torch
+
+    from streetvision.models import network
+
+    seen: list[tuple[str, int]] = []
+    real = network.create_backbone
+
+    def recording(*a, **k):
+        backbone = real(*a, **k)
+        backbone.register_forward_pre_hook(lambda m, args: seen.append((args[0].device.type, len(args[0]))))
+        return backbone
+
+    overrides = [
+        "model.backbone=test_vit",
+        "model.pretrained=false",
+        "data.image_size=32",
+        "trainer.max_epochs=2",
+    ]
+    cfg = load_config(train_baseline.Config, [], overrides)
+    assert cfg.model.freeze_backbone and cfg.trainer.cache_features and cfg.trainer.precision == "auto"
+    monkeypatch.setattr(network, "create_backbone", recording)
+    m = train_baseline.run(cfg, dataset=demo_dataset, splits=demo_splits, out=tmp_path / "p1")
+    parts = json.loads((demo_splits / "splits.json").read_text())
+    assert sum(n for _, n in seen) == sum(
+        len(parts[s]) for s in ("train", "val_select", "val_calib", "val_test")
+    )
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {device for device, _ in seen} == {expected}
+    assert m.extra["precision"] == ("bf16-mixed" if expected == "cuda" else "32-true")

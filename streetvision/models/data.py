@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from streetvision.data.images import load_rgb
 
@@ -45,22 +45,57 @@ def loader(
     )
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type the trainer's precision implies on ``device`` (None: full precision)."""
+    if device.type != "cuda":
+        return None
+    return (
+        torch.bfloat16
+        if precision.startswith("bf16")
+        else torch.float16
+        if precision.startswith("16")
+        else None
+    )
+
+
 @torch.no_grad()
-def predict(module: torch.nn.Module, data: DataLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(outputs, labels, indices) of ``module`` in eval mode over ``data``, in loader order."""
-    was_training = module.training
-    module.eval()
-    device = next(module.parameters()).device
+def infer(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "32-true",
+    num_workers: int = 0,
+    strategy=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(outputs, labels, indices) of ``fn`` over every item of ``dataset``, sorted by index, on every rank.
+
+    Each of the strategy's ranks computes its share (every world_size-th item) on ``device``, under the
+    trainer's autocast; the shares are gathered, so every item is computed exactly once.
+    """
+    rank, world = (strategy.global_rank, strategy.world_size) if strategy is not None else (0, 1)
+    share = Subset(dataset, range(rank, len(dataset), world))
+    dtype = autocast_dtype(precision, device)
     outs, labels, idx = [], [], []
-    for x, y, i in data:
-        outs.append(module(x.to(device)).float().cpu())
-        labels.append(y)
-        idx.append(i)
-    module.train(was_training)
-    return torch.cat(outs).numpy(), torch.cat(labels).numpy(), torch.cat(idx).numpy()
+    for x, y, i in loader(share, batch_size, num_workers=num_workers):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outs.append(fn(x.to(device)).float())
+        labels.append(y.to(device))
+        idx.append(i.to(device))
+    out, lab, ix = torch.cat(outs), torch.cat(labels), torch.cat(idx)
+    if world > 1:  # equal shapes for all_gather: pad every share to the longest, index -1 marks padding
+        pad = -(-len(dataset) // world) - len(ix)
+        out = torch.cat([out, out.new_zeros(pad, *out.shape[1:])])
+        lab, ix = torch.cat([lab, lab.new_zeros(pad)]), torch.cat([ix, ix.new_full((pad,), -1)])
+        out, lab, ix = (strategy.all_gather(t).flatten(0, 1) for t in (out, lab, ix))
+        keep = ix >= 0
+        out, lab, ix = out[keep], lab[keep], ix[keep]
+    order = torch.argsort(ix)
+    return out[order].cpu().numpy(), lab[order].cpu().numpy(), ix[order].cpu().numpy()
 
 
-def cached_features(backbone: torch.nn.Module, data: DataLoader) -> TensorDataset:
-    """Backbone features computed once, as a dataset of (features, label, index) for head-only training."""
-    feats, labels, idx = predict(backbone, data)
+def as_features(outputs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> TensorDataset:
+    """``infer``'s backbone features as a dataset of (features, label, index) for head-only training."""
+    feats, labels, idx = outputs
     return TensorDataset(torch.from_numpy(feats), torch.from_numpy(labels), torch.from_numpy(idx))

@@ -1,9 +1,9 @@
 """Phase 1, ``train_baseline``: a timm backbone + head trained with Lightning, selected on val_select MCC.
 
 Only ``train`` and ``val_select`` reach the optimizer and the stopping rule. After training the best
-weights are reloaded and logits are computed once, on rank 0, for val_select, val_calib and val_test.
-With a frozen backbone and no augmentation, backbone features are computed once and the head trains on
-them (same result as recomputing them every step, much faster).
+weights are reloaded and logits for val_select, val_calib and val_test are computed once, on the trainer's
+device (each rank its share); rank 0 writes them. With a frozen backbone and no augmentation, backbone
+features are computed once, on the device, and the head trains on them (``models.datamodule``).
 """
 
 from __future__ import annotations
@@ -135,6 +135,49 @@ def _history_csv(rows: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
+def _network(config: Config):
+    """(network, timm architecture arguments, preprocessing) for the configured backbone."""
+    from streetvision.models.network import RoadworkNet, architecture, create_backbone, preprocessing
+
+    arch = architecture(config.model.backbone, config.data.image_size)
+    with ExitStack() as stack:
+        weights = config.model.weights
+        if store.is_s3(weights):
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
+            weights = str(store.download_file(weights, tmp / Path(weights).name).path)
+        backbone = create_backbone(
+            config.model.backbone, pretrained=config.model.pretrained, weights_file=weights, arch=arch
+        )
+    return RoadworkNet(backbone, config.model.dropout), arch, preprocessing(backbone, config.data.image_size)
+
+
+def _trainer(config: Config, callbacks: list):
+    """A Trainer for the configured hardware: bf16 autocast on GPU, deterministic on CPU."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from streetvision.models.lightning import MONITOR
+
+    t = config.trainer
+    on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    return L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=_devices(t.devices),
+        strategy=t.strategy,
+        precision=precision,
+        deterministic=not on_gpu,
+        callbacks=[EarlyStopping(MONITOR, mode="max", patience=t.patience), *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
 def run(
     config: Config,
     *,
@@ -147,19 +190,11 @@ def run(
 ) -> Manifest | None:
     """Train and commit; returns None on non-zero DDP ranks, which write nothing."""
     import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import EarlyStopping
 
-    from streetvision.models import data as mdata
-    from streetvision.models.lightning import MONITOR, BestWeights, History, RoadworkModule
-    from streetvision.models.network import (
-        RoadworkNet,
-        architecture,
-        create_backbone,
-        create_transform,
-        decode_side,
-        preprocessing,
-    )
+    from streetvision.models.data import infer
+    from streetvision.models.datamodule import FeatureCache, RoadworkData
+    from streetvision.models.lightning import BestWeights, History, RoadworkModule
+    from streetvision.models.network import decode_side
 
     src = sources or {}
     splits_manifest = verify_dir(splits, "make_splits")
@@ -182,39 +217,20 @@ def run(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
 
-    arch = architecture(config.model.backbone, config.data.image_size)
-    with ExitStack() as stack:
-        weights = config.model.weights
-        if store.is_s3(weights):
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
-            weights = str(store.download_file(weights, tmp / Path(weights).name).path)
-        backbone = create_backbone(
-            config.model.backbone, pretrained=config.model.pretrained, weights_file=weights, arch=arch
-        )
-    net = RoadworkNet(backbone, config.model.dropout)
-    prep = preprocessing(backbone, config.data.image_size)
-    eval_tf = create_transform(prep)
-    side = decode_side(prep)
-
-    def images(split: str, transform=eval_tf):
-        ids = parts[split]
-        return mdata.ImageDataset(ds.root, ids, np.array([label_of[i] for i in ids]), transform, side)
-
-    bs, workers = config.data.batch_size, config.data.num_workers
+    net, arch, prep = _network(config)
     cached = config.model.freeze_backbone and not config.data.augment and config.trainer.cache_features
-    if cached:
-        train_data = mdata.cached_features(
-            net.backbone, mdata.loader(images("train"), bs, num_workers=workers)
-        )
-        select_data = mdata.cached_features(
-            net.backbone, mdata.loader(images("val_select"), bs, num_workers=workers)
-        )
-    else:
-        train_data = images(
-            "train", create_transform(prep, training=True) if config.data.augment else eval_tf
-        )
-        select_data = images("val_select")
-
+    data = RoadworkData(
+        ds.root,
+        parts,
+        label_of,
+        prep,
+        decode_side(prep),
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        augment=config.data.augment,
+        cache=cached,
+        seed=config.seed,
+    )
     module = RoadworkModule(
         net,
         lr=config.model.lr,
@@ -223,45 +239,32 @@ def run(
         freeze_backbone=config.model.freeze_backbone,
         features_input=cached,
     )
-    on_gpu = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
-    precision = (
-        config.trainer.precision
-        if config.trainer.precision != "auto"
-        else ("bf16-mixed" if on_gpu else "32-true")
-    )
     best, history = BestWeights(), History(log_lines=not sys.stderr.isatty())
-    trainer = L.Trainer(
-        max_epochs=config.trainer.max_epochs,
-        accelerator=config.trainer.accelerator,
-        devices=_devices(config.trainer.devices),
-        strategy=config.trainer.strategy,
-        precision=precision,
-        deterministic=not on_gpu,
-        callbacks=[EarlyStopping(MONITOR, mode="max", patience=config.trainer.patience), best, history],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=sys.stderr.isatty(),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(
-        module,
-        train_dataloaders=mdata.loader(train_data, bs, shuffle=True, num_workers=workers, seed=config.seed),
-        val_dataloaders=mdata.loader(select_data, bs, num_workers=workers),
-    )
+    trainer = _trainer(config, [best, history, FeatureCache()])
+    trainer.fit(module, datamodule=data)
+
+    # The best epoch's weights, not the last epoch's; logits on the trainer's device, each rank its share.
+    net.load_state_dict(best.state)
+    net.to(trainer.strategy.root_device).eval()
+    results = {}
+    for split in EVAL_SPLITS:
+        head_only = cached and split == "val_select"  # its features are cached already
+        results[split] = infer(
+            net.head if head_only else net,
+            data.features[split] if head_only else data.images(split),
+            batch_size=config.data.batch_size,
+            num_workers=config.data.num_workers,
+            device=trainer.strategy.root_device,
+            precision=str(trainer.precision),
+            strategy=trainer.strategy,
+        )
     if not trainer.is_global_zero:
         return None
-
-    net.load_state_dict(best.state)  # the best epoch's weights, not the last epoch's
-    net.cpu()
+    precision, side = str(trainer.precision), decode_side(prep)
     with StepOutputs(out, STEP) as outputs:
         metrics: dict[str, float | int] = {"best_epoch": best.best_epoch, "epochs_run": len(history.rows)}
         per_split = {}
-        for split in EVAL_SPLITS:
-            if cached and split == "val_select":  # its features are cached already: run the head only
-                logits, labels, idx = mdata.predict(net.head, mdata.loader(select_data, bs))
-            else:
-                logits, labels, idx = mdata.predict(net, mdata.loader(images(split), bs, num_workers=workers))
+        for split, (logits, labels, idx) in results.items():
             ids = [parts[split][i] for i in idx]
             outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
             outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
