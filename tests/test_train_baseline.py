@@ -158,9 +158,11 @@ def test_ddp_on_two_cpu_processes_yields_every_validation_id_exactly_once(
     for s in ("val_select", "val_calib", "val_test"):
         ids = json.loads((out / f"ids_{s}.json").read_text())
         assert len(ids) == len(set(ids)) == len(splits[s]) and set(ids) == set(splits[s])
-    history = (out / "history.csv").read_text().splitlines()
-    n_col = history[0].split(",").index("val_select_n")
-    assert all(float(row.split(",")[n_col]) == len(splits["val_select"]) for row in history[1:])
+    import csv
+
+    validation = [r for r in csv.DictReader((out / "history.csv").open()) if r["val_select_n"]]
+    assert len(validation) == m.metrics["epochs_run"]  # the CSVLogger's rows: one per validation
+    assert all(float(r["val_select_n"]) == len(splits["val_select"]) for r in validation)
 
 
 def test_dataset_and_outputs_on_the_s3_server_work_the_same(s3, demo_dataset, demo_splits, tmp_path):
@@ -316,3 +318,34 @@ def test_a_frozen_backbone_sees_every_image_exactly_once_and_on_the_trainers_dev
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert {device for device, _ in seen} == {expected}
     assert m.extra["precision"] == ("bf16-mixed" if expected == "cuda" else "32-true")
+
+
+def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from streetvision.models.lightning import RoadworkModule
+    from streetvision.models.network import RoadworkNet
+
+    backbone = torch.nn.Flatten()
+    backbone.num_features = 4
+    net = RoadworkNet(backbone, 0.0)
+    module = RoadworkModule(
+        net, lr=1.0, weight_decay=0.0, warmup_epochs=2, freeze_backbone=False, features_input=True
+    )
+    module.trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=10)
+    conf = module.configure_optimizers()
+    optimizer, schedule = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    warmup, total = 4, 20  # 2 epochs of 2 steps
+    expected = [(s + 1) / (warmup + 1) for s in range(warmup)]
+    expected += [
+        0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(warmup, total)
+    ]
+    assert lrs == pytest.approx(expected, abs=1e-9)

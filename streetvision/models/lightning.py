@@ -76,18 +76,20 @@ class RoadworkModule(L.LightningModule):
         self.log("val_select_n", float(len(idx_np)), sync_dist=False)
 
     def configure_optimizers(self):
+        """AdamW; the learning rate warms up linearly, then decays to zero on a cosine, per step."""
+        from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total - 1, int(self.warmup_epochs * per_epoch))
-
-        def factor(step: int) -> float:  # linear warmup, then cosine to zero
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
+        if warmup > 0:
+            ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+            schedule = SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+        else:
+            schedule = cosine
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -111,21 +113,16 @@ class BestWeights(L.Callback):
             self.state = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}
 
 
-class History(L.Callback):
-    """Per-epoch metrics for history.csv, and a plain log line per epoch when no progress bar is shown."""
+class EpochLog(L.Callback):
+    """One plain line per epoch, for logs without a progress bar (a container's, Kubeflow's)."""
 
-    def __init__(self, log_lines: bool) -> None:
-        self.rows: list[dict[str, float]] = []
-        self.log_lines = log_lines
+    def __init__(self) -> None:
         self._t0 = time.time()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.time()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        row = {"epoch": trainer.current_epoch, "seconds": round(time.time() - self._t0, 3), **m}
-        self.rows.append(row)
-        if self.log_lines and trainer.is_global_zero:
-            shown = " ".join(f"{k}={v:.4f}" for k, v in m.items())
-            print(f"epoch {trainer.current_epoch}: {shown} ({row['seconds']:.1f}s)", flush=True)
+        if trainer.is_global_zero:
+            shown = " ".join(f"{k}={float(v):.4f}" for k, v in trainer.callback_metrics.items())
+            print(f"epoch {trainer.current_epoch}: {shown} ({time.time() - self._t0:.1f}s)", flush=True)

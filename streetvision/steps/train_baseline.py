@@ -8,8 +8,6 @@ features are computed once, on the device, and the head trains on them (``models
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import re
 import sys
@@ -126,15 +124,6 @@ def _devices(spec: str):
     return spec
 
 
-def _history_csv(rows: list[dict[str, float]]) -> str:
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _network(config: Config):
     """(network, timm architecture arguments, preprocessing) for the configured backbone."""
     from streetvision.models.network import RoadworkNet, architecture, create_backbone, preprocessing
@@ -151,13 +140,16 @@ def _network(config: Config):
     return RoadworkNet(backbone, config.model.dropout), arch, preprocessing(backbone, config.data.image_size)
 
 
-def _trainer(config: Config, callbacks: list):
-    """A Trainer for the configured hardware: bf16 autocast on GPU, deterministic on CPU."""
+def _trainer(config: Config, callbacks: list, log_dir: Path):
+    """A Trainer for the configured hardware: bf16 autocast on GPU, deterministic on CPU; per-epoch
+    metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``; a progress bar on a
+    terminal, one line per epoch elsewhere."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from streetvision.models.lightning import MONITOR
+    from streetvision.models.lightning import MONITOR, EpochLog
 
     t = config.trainer
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
@@ -169,12 +161,29 @@ def _trainer(config: Config, callbacks: list):
         strategy=t.strategy,
         precision=precision,
         deterministic=not on_gpu,
-        callbacks=[EarlyStopping(MONITOR, mode="max", patience=t.patience), *callbacks],
-        logger=False,
+        callbacks=[
+            EarlyStopping(MONITOR, mode="max", patience=t.patience),
+            *callbacks,
+            *([] if sys.stderr.isatty() else [EpochLog()]),
+        ],
+        logger=[
+            CSVLogger(log_dir, name="", version=""),
+            *([TensorBoardLogger(log_dir, name="", version="tensorboard")] if _has_tensorboard() else []),
+        ],
         enable_checkpointing=False,
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,  # metrics are logged per epoch only; this keeps short epochs from warning
+    )
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return (
+        importlib.util.find_spec("tensorboard") is not None
+        or importlib.util.find_spec("tensorboardX") is not None
     )
 
 
@@ -193,7 +202,7 @@ def run(
 
     from streetvision.models.data import infer
     from streetvision.models.datamodule import FeatureCache, RoadworkData
-    from streetvision.models.lightning import BestWeights, History, RoadworkModule
+    from streetvision.models.lightning import BestWeights, RoadworkModule
     from streetvision.models.network import decode_side
 
     src = sources or {}
@@ -239,71 +248,82 @@ def run(
         freeze_backbone=config.model.freeze_backbone,
         features_input=cached,
     )
-    best, history = BestWeights(), History(log_lines=not sys.stderr.isatty())
-    trainer = _trainer(config, [best, history, FeatureCache()])
-    trainer.fit(module, datamodule=data)
+    with tempfile.TemporaryDirectory(prefix="sv-logs-") as logs:
+        log_dir = Path(logs)
+        best = BestWeights()
+        trainer = _trainer(config, [best, FeatureCache()], log_dir)
+        trainer.fit(module, datamodule=data)
 
-    # The best epoch's weights, not the last epoch's; logits on the trainer's device, each rank its share.
-    net.load_state_dict(best.state)
-    net.to(trainer.strategy.root_device).eval()
-    results = {}
-    for split in EVAL_SPLITS:
-        head_only = cached and split == "val_select"  # its features are cached already
-        results[split] = infer(
-            net.head if head_only else net,
-            data.features[split] if head_only else data.images(split),
-            batch_size=config.data.batch_size,
-            num_workers=config.data.num_workers,
-            device=trainer.strategy.root_device,
-            precision=str(trainer.precision),
-            strategy=trainer.strategy,
-        )
-    if not trainer.is_global_zero:
-        return None
-    precision, side = str(trainer.precision), decode_side(prep)
-    with StepOutputs(out, STEP) as outputs:
-        metrics: dict[str, float | int] = {"best_epoch": best.best_epoch, "epochs_run": len(history.rows)}
-        per_split = {}
-        for split, (logits, labels, idx) in results.items():
-            ids = [parts[split][i] for i in idx]
-            outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
-            outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
-            outputs.write_json(f"ids_{split}.json", ids)
-            if split != "val_test":  # held out: evaluated once, by export_bundle
-                per_split[split] = metrics_at(probabilities(logits), labels.astype(int), SELECTION_THRESHOLD)
-                metrics |= {
-                    f"{split}_{k}": v
-                    for k, v in per_split[split].items()
-                    if k in ("mcc", "accuracy", "fnr", "fpr")
-                }
+        # The best epoch's weights, not the last epoch's; logits on the trainer's device, each rank its share.
+        net.load_state_dict(best.state)
+        net.to(trainer.strategy.root_device).eval()
+        results = {}
+        for split in EVAL_SPLITS:
+            head_only = cached and split == "val_select"  # its features are cached already
+            results[split] = infer(
+                net.head if head_only else net,
+                data.features[split] if head_only else data.images(split),
+                batch_size=config.data.batch_size,
+                num_workers=config.data.num_workers,
+                device=trainer.strategy.root_device,
+                precision=str(trainer.precision),
+                strategy=trainer.strategy,
+            )
+        if not trainer.is_global_zero:
+            return None
+        precision, side = str(trainer.precision), decode_side(prep)
+        with StepOutputs(out, STEP) as outputs:
+            metrics: dict[str, float | int] = {
+                "best_epoch": best.best_epoch,
+                "epochs_run": trainer.current_epoch,
+            }
+            per_split = {}
+            for split, (logits, labels, idx) in results.items():
+                ids = [parts[split][i] for i in idx]
+                outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
+                outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
+                outputs.write_json(f"ids_{split}.json", ids)
+                if split != "val_test":  # held out: evaluated once, by export_bundle
+                    per_split[split] = metrics_at(
+                        probabilities(logits), labels.astype(int), SELECTION_THRESHOLD
+                    )
+                    metrics |= {
+                        f"{split}_{k}": v
+                        for k, v in per_split[split].items()
+                        if k in ("mcc", "accuracy", "fnr", "fpr")
+                    }
 
-        state = {k: v.contiguous() for k, v in net.state_dict().items()}
-        outputs.write_safetensors("model.safetensors", state, metadata={"backbone": config.model.backbone})
-        outputs.write_json(
-            "model.json",
-            {
-                "backbone": config.model.backbone,
-                "architecture": arch,
-                "num_classes": 2,
-                "logit_columns": 1,
-                "class_names": CLASS_NAMES,
-                "dropout": config.model.dropout,
-                "preprocessing": prep,
-                "decode_min_side": side,
-                "weights": "model.safetensors",
-            },
-        )
-        outputs.write_text("history.csv", _history_csv(history.rows))
-        outputs.write_json("metrics.json", per_split)
-        outputs.write_text("config.yaml", to_yaml(config))
-        return outputs.commit(
-            config=to_dict(config),
-            inputs={
-                "dataset": dataset_input(ds, src.get("dataset")),
-                "splits": input_record(splits, src.get("splits")),
-            },
-            metrics=metrics,
-            run_id=run_id,
-            task=task,
-            extra={"feature_cache": cached, "precision": precision, "world_size": trainer.world_size},
-        )
+            state = {k: v.contiguous() for k, v in net.state_dict().items()}
+            outputs.write_safetensors(
+                "model.safetensors", state, metadata={"backbone": config.model.backbone}
+            )
+            outputs.write_json(
+                "model.json",
+                {
+                    "backbone": config.model.backbone,
+                    "architecture": arch,
+                    "num_classes": 2,
+                    "logit_columns": 1,
+                    "class_names": CLASS_NAMES,
+                    "dropout": config.model.dropout,
+                    "preprocessing": prep,
+                    "decode_min_side": side,
+                    "weights": "model.safetensors",
+                },
+            )
+            outputs.copy("history.csv", log_dir / "metrics.csv")  # the CSVLogger's, one row per log call
+            for event in sorted((log_dir / "tensorboard").glob("*")):
+                outputs.copy(f"tensorboard/{event.name}", event)
+            outputs.write_json("metrics.json", per_split)
+            outputs.write_text("config.yaml", to_yaml(config))
+            return outputs.commit(
+                config=to_dict(config),
+                inputs={
+                    "dataset": dataset_input(ds, src.get("dataset")),
+                    "splits": input_record(splits, src.get("splits")),
+                },
+                metrics=metrics,
+                run_id=run_id,
+                task=task,
+                extra={"feature_cache": cached, "precision": precision, "world_size": trainer.world_size},
+            )
