@@ -349,3 +349,90 @@ def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
         0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(warmup, total)
     ]
     assert lrs == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identical_weights(
+    demo_dataset, demo_splits, tmp_path
+):
+    """Preemption: SIGKILL once a checkpoint exists, rerun the same command, get the uninterrupted result."""
+    import csv
+    import time
+
+    import torch
+
+    from streetvision.models.checkpoint import CHECKPOINT, load
+
+    settings = [*TINY, "trainer.max_epochs=6", "trainer.patience=10"]
+    ckpt = tmp_path / "ck"
+
+    def argv(out, ckpt):
+        return [sys.executable, "-m", "streetvision", "train-baseline", "--dataset", str(demo_dataset), "--splits",
+                str(demo_splits), "--out", str(out), *settings, f"trainer.checkpoint_uri={ckpt}"]  # fmt: skip
+
+    whole = subprocess.run(argv(tmp_path / "whole", tmp_path / "ck-whole"), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen(
+        argv(tmp_path / "resumed", ckpt), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not ((ckpt / CHECKPOINT).exists() and load(ckpt / CHECKPOINT)["epoch"] >= 1):
+        assert time.time() < deadline and proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "resumed" / MANIFEST).exists()
+    killed_at = load(ckpt / CHECKPOINT)["epoch"]
+    resumed = subprocess.run(argv(tmp_path / "resumed", ckpt), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = verify_dir(tmp_path / "whole"), verify_dir(tmp_path / "resumed")
+    assert b.extra["resumed"] and not a.extra["resumed"] and killed_at < 5
+    for name in ("model.safetensors", "logits_val_calib.npy", "logits_val_test.npy"):
+        assert a.outputs[name]["sha256"] == b.outputs[name]["sha256"], name
+    assert (
+        a.metrics["best_epoch"] == b.metrics["best_epoch"]
+        and a.metrics["epochs_run"] == b.metrics["epochs_run"]
+    )
+    # The last epoch's weights and optimizer state too (the best epoch may come before the kill), and a
+    # history without a gap: every epoch's training loss, bit for bit.
+    last_a, last_b = load(tmp_path / "ck-whole" / CHECKPOINT), load(ckpt / CHECKPOINT)
+    assert last_a["epoch"] == last_b["epoch"] == 5
+    for key, tensor in last_a["state_dict"].items():
+        assert torch.equal(tensor, last_b["state_dict"][key]), key
+    stopping_a, stopping_b = (
+        {k: v for k, v in c["callbacks"].items() if k.startswith("EarlyStopping")} for c in (last_a, last_b)
+    )
+    assert str(stopping_a) == str(stopping_b)  # early stopping's patience count carried across the kill
+    assert (
+        last_a["callbacks"]["BestWeights"]["best_epoch"] == last_b["callbacks"]["BestWeights"]["best_epoch"]
+    )
+    moments_a, moments_b = (c["optimizer_states"][0]["state"] for c in (last_a, last_b))
+    assert all(torch.equal(moments_a[k]["exp_avg"], moments_b[k]["exp_avg"]) for k in moments_a)
+
+    def losses(out):
+        return [r["train_loss"] for r in csv.DictReader((out / "history.csv").open())]
+
+    assert losses(tmp_path / "whole") == losses(tmp_path / "resumed") and len(losses(tmp_path / "whole")) == 6
+
+
+def test_a_checkpoint_of_another_training_is_never_resumed(demo_dataset, demo_splits, tmp_path):
+    ckpt = tmp_path / "ck"
+    first = cli_train(demo_dataset, demo_splits, tmp_path / "a", *TINY, f"trainer.checkpoint_uri={ckpt}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = cli_train(
+        demo_dataset, demo_splits, tmp_path / "b", *TINY, "seed=5", f"trainer.checkpoint_uri={ckpt}"
+    )
+    assert other.returncode == 0 and "belongs to another training" in other.stdout, other.stdout[-2000:]
+    assert not verify_dir(tmp_path / "b").extra["resumed"]
+
+
+def test_each_epoch_has_its_own_batch_order_and_a_resumed_run_gets_the_same_one():
+    from streetvision.models.data import EpochShuffle
+
+    sampler = EpochShuffle(50, seed=3)
+    orders = []
+    for epoch in (0, 1, 2, 1):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert sorted(orders[0]) == list(range(50))
+    assert orders[0] != orders[1] != orders[2] and orders[1] == orders[3]
+    assert list(EpochShuffle(50, seed=4)) != orders[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from streetvision.data.images import load_rgb
 
@@ -29,8 +29,30 @@ class ImageDataset(Dataset):
         return self.transform(image), torch.tensor(self.labels[i]), i
 
 
+class EpochShuffle(Sampler[int]):
+    """Every epoch a new order that depends on the seed and the epoch alone (Lightning calls
+    ``set_epoch``), so a run resumed from a checkpoint sees the batches an uninterrupted run sees."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+
 def loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0, seed: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
 ) -> DataLoader:
     # Every loader gets its own generator: a loader without one draws its base seed from the global RNG,
     # which would make the model's dropout masks depend on how many loaders were iterated before.
@@ -38,7 +60,7 @@ def loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
         num_workers=num_workers,
         generator=generator,
         persistent_workers=num_workers > 0,

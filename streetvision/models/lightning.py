@@ -40,6 +40,7 @@ class RoadworkModule(L.LightningModule):
             self.net.backbone.requires_grad_(False)
         self.loss = nn.BCEWithLogitsLoss()
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._train: list[tuple[torch.Tensor, int]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.head(x) if self.features_input else self.net(x)
@@ -51,9 +52,8 @@ class RoadworkModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         loss = self.loss(self(x).squeeze(1).float(), y)
-        self.log(
-            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y)
-        )
+        self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)  # the bar's
+        self._train.append((loss.detach() * len(y), len(y)))
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -74,6 +74,10 @@ class RoadworkModule(L.LightningModule):
         self.log("val_select_loss", self.loss(logits, labels), sync_dist=False)
         self.log("val_select_accuracy", metrics["accuracy"], sync_dist=False)
         self.log("val_select_n", float(len(idx_np)), sync_dist=False)
+        if self._train:  # the epoch's mean training loss, in the same log row as its validation
+            total = torch.stack([t for t, _ in self._train]).sum() / sum(n for _, n in self._train)
+            self.log("train_loss", total, sync_dist=True)
+            self._train.clear()
 
     def configure_optimizers(self):
         """AdamW; the learning rate warms up linearly, then decays to zero on a cosine, per step."""
@@ -103,6 +107,16 @@ class BestWeights(L.Callback):
         self.best_score = -math.inf
         self.best_epoch = -1
         self.state: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "state": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch, self.state = (
+            state["best_score"],
+            state["best_epoch"],
+            state["state"],
+        )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -8,6 +8,7 @@ features are computed once, on the device, and the head trains on them (``models
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
@@ -22,7 +23,7 @@ from streetvision.config import require, to_dict, to_yaml
 from streetvision.data.dataset import CLASS_NAMES, DataError, dataset_input, load_index
 from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, input_record, verify_dir
+from streetvision.io.manifests import Manifest, input_record, sha256_json, verify_dir
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import load_splits
 
@@ -75,6 +76,7 @@ class TrainerConfig:
     strategy: str = "auto"  # e.g. "ddp"
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     cache_features: bool = True  # when the backbone is frozen and augmentation is off
+    checkpoint_uri: str = ""  # folder or s3:// prefix: a checkpoint after every epoch, resumed from on rerun
 
 
 @dataclass
@@ -140,7 +142,7 @@ def _network(config: Config):
     return RoadworkNet(backbone, config.model.dropout), arch, preprocessing(backbone, config.data.image_size)
 
 
-def _trainer(config: Config, callbacks: list, log_dir: Path):
+def _trainer(config: Config, callbacks: list, log_dir: Path, identity: str):
     """A Trainer for the configured hardware: bf16 autocast on GPU, deterministic on CPU; per-epoch
     metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``; a progress bar on a
     terminal, one line per epoch elsewhere."""
@@ -149,6 +151,7 @@ def _trainer(config: Config, callbacks: list, log_dir: Path):
     from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from streetvision.models.checkpoint import EpochCheckpoint, SafetensorsCheckpointIO
     from streetvision.models.lightning import MONITOR, EpochLog
 
     t = config.trainer
@@ -164,13 +167,15 @@ def _trainer(config: Config, callbacks: list, log_dir: Path):
         callbacks=[
             EarlyStopping(MONITOR, mode="max", patience=t.patience),
             *callbacks,
+            *([EpochCheckpoint(t.checkpoint_uri)] if t.checkpoint_uri else []),
             *([] if sys.stderr.isatty() else [EpochLog()]),
         ],
+        plugins=[SafetensorsCheckpointIO(identity)],
         logger=[
             CSVLogger(log_dir, name="", version=""),
             *([TensorBoardLogger(log_dir, name="", version="tensorboard")] if _has_tensorboard() else []),
         ],
-        enable_checkpointing=False,
+        enable_checkpointing=bool(t.checkpoint_uri),  # EpochCheckpoint, never a pickled .ckpt
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -200,6 +205,7 @@ def run(
     """Train and commit; returns None on non-zero DDP ranks, which write nothing."""
     import lightning as L
 
+    from streetvision.models.checkpoint import RandomState, joined_history, resume_from
     from streetvision.models.data import infer
     from streetvision.models.datamodule import FeatureCache, RoadworkData
     from streetvision.models.lightning import BestWeights, RoadworkModule
@@ -248,11 +254,26 @@ def run(
         freeze_backbone=config.model.freeze_backbone,
         features_input=cached,
     )
-    with tempfile.TemporaryDirectory(prefix="sv-logs-") as logs:
-        log_dir = Path(logs)
+    with ExitStack() as stack:
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         best = BestWeights()
-        trainer = _trainer(config, [best, FeatureCache()], log_dir)
-        trainer.fit(module, datamodule=data)
+        # What a checkpoint must belong to before it is resumed: this config (wherever it is written) and
+        # these inputs.
+        identity = sha256_json(
+            {
+                "config": to_dict(
+                    dataclasses.replace(
+                        config, trainer=dataclasses.replace(config.trainer, checkpoint_uri="")
+                    )
+                ),
+                "dataset": ds.content_sha256,
+                "splits": splits_manifest.self_sha256,
+            }
+        )
+        trainer = _trainer(config, [best, FeatureCache(), RandomState()], log_dir, identity)
+        resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
+        trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
 
         # The best epoch's weights, not the last epoch's; logits on the trainer's device, each rank its share.
         net.load_state_dict(best.state)
@@ -311,7 +332,8 @@ def run(
                     "weights": "model.safetensors",
                 },
             )
-            outputs.copy("history.csv", log_dir / "metrics.csv")  # the CSVLogger's, one row per log call
+            history = joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
+            outputs.write_text("history.csv", history)  # the CSVLogger's rows, one per log call
             for event in sorted((log_dir / "tensorboard").glob("*")):
                 outputs.copy(f"tensorboard/{event.name}", event)
             outputs.write_json("metrics.json", per_split)
@@ -325,5 +347,10 @@ def run(
                 metrics=metrics,
                 run_id=run_id,
                 task=task,
-                extra={"feature_cache": cached, "precision": precision, "world_size": trainer.world_size},
+                extra={
+                    "feature_cache": cached,
+                    "precision": precision,
+                    "world_size": trainer.world_size,
+                    "resumed": resume is not None,
+                },
             )
