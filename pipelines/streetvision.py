@@ -6,6 +6,7 @@ at compile time (credentials Secret, GPU request, node selector, tolerations). T
 """
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from kfp import dsl, kubernetes
 
@@ -63,6 +64,7 @@ def build_pipeline(options: PlatformOptions | None = None):
         seed: int = TRAIN.seed,
         max_fnr: float = 1.0,
         min_test_mcc: float = -1.0,
+        checkpoint_root: Optional[str] = None,  # noqa: UP045 - the KFP SDK reads Optional
     ):
         """StreetVision default pipeline.
 
@@ -79,6 +81,8 @@ def build_pipeline(options: PlatformOptions | None = None):
             seed: Seed for the splits and the training.
             max_fnr: Policy constraint: largest false-negative rate on val_calib (1.0: none).
             min_test_mcc: Release gate on held-out val_test MCC (-1.0: none).
+            checkpoint_root: s3:// prefix for training checkpoints (one per epoch, under the run's id):
+                a preempted and retried training resumes from its last epoch. Unset: no checkpoints.
         """
         dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
         dataset.set_display_name("dataset")
@@ -97,6 +101,7 @@ def build_pipeline(options: PlatformOptions | None = None):
             batch_size=batch_size,
             image_size=image_size,
             seed=seed,
+            checkpoint_root=checkpoint_root,
         )
         # Only training is retried: a preempted GPU node is worth another try. Bad input and the release
         # gate fail the same way every time (exit 2, checked before any work), and transient object-store

@@ -183,12 +183,16 @@ def test_train_baseline_component_runs_its_compiled_command(demo_dataset, demo_s
         "epochs": 1,
         "batch_size": 16,
         "image_size": 32,
+        "checkpoint_root": str(tmp_path / "checkpoints"),
     }
     out, root = run_component(
         "train_baseline", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path, params
     )
     m = verify_dir(root / "model")
     assert m.config["model"]["backbone"] == "test_vit" and m.config["trainer"]["max_epochs"] == 1
+    # Checkpoints go under the run's id, which a retried task shares: it resumes there.
+    ckpt = tmp_path / "checkpoints" / JOB_ID / "train-baseline"
+    assert m.config["trainer"]["checkpoint_uri"] == str(ckpt) and (ckpt / "last.safetensors").is_file()
     metrics = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert "val_select_mcc" in metrics and "val_calib_mcc" in metrics
 
