@@ -436,3 +436,38 @@ def test_each_epoch_has_its_own_batch_order_and_a_resumed_run_gets_the_same_one(
     assert sorted(orders[0]) == list(range(50))
     assert orders[0] != orders[1] != orders[2] and orders[1] == orders[3]
     assert list(EpochShuffle(50, seed=4)) != orders[0]
+
+
+@pytest.mark.parametrize(
+    "backbone,size",
+    [
+        ("convnext_atto", 64),
+        ("convnext_atto", 96),
+        ("efficientnet_b0", 64),
+        ("efficientnet_b0", 96),
+        ("vit_small_patch14_reg4_dinov2.lvd142m", 56),
+        ("vit_small_patch14_reg4_dinov2.lvd142m", 112),
+    ],
+)
+def test_any_timm_backbone_at_any_size_trains_exports_and_predicts(
+    demo_dataset, demo_splits, tmp_path, capsys, backbone, size
+):
+    """Backbones with their own pooling (ConvNeXt, EfficientNet, a DINOv2 ViT with registers), random
+    weights, two input sizes each, end to end through predict."""
+    from streetvision.cli import main
+
+    p1, sweep, bundle = tmp_path / "p1", tmp_path / "sweep", tmp_path / "bundle"
+    settings = [f"model.backbone={backbone}", "model.pretrained=false", f"data.image_size={size}"]
+    assert main(["train-baseline", "--dataset", str(demo_dataset), "--splits", str(demo_splits), "--out", str(p1),
+                 *settings, "trainer.max_epochs=1", "trainer.devices=1", "trainer.accelerator=cpu"]) == 0  # fmt: skip
+    assert main(["sweep-thresholds", "--phase1", str(p1), "--out", str(sweep)]) == 0
+    assert main(["export-bundle", "--phase1", str(p1), "--policy", str(sweep), "--splits", str(demo_splits),
+                 "--out", str(bundle)]) == 0  # fmt: skip
+    from streetvision.eval.sweep import probabilities
+
+    ids = json.loads((p1 / "ids_val_test.json").read_text())[:4]
+    capsys.readouterr()
+    assert main(["predict", "--bundle", str(bundle), *(str(demo_dataset / i) for i in ids)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = probabilities(np.load(p1 / "logits_val_test.npy")[:4])  # predict rebuilt the same network
+    assert np.allclose([r["probability"] for r in rows], expected, atol=1e-5)
