@@ -199,4 +199,96 @@ def bench_feature_cache() -> None:
     )
 
 
-BENCHMARKS = [bench_training_throughput, bench_draft_decode, bench_feature_cache]
+def bench_feature_extraction() -> None:
+    """The feature cache's extraction (``models.data.infer``, the path the step takes on any device) on a
+    DINOv2-small-sized ViT at 224 px vs a plain ``torch.no_grad()`` loop over the same DataLoader."""
+    import torch
+
+    from streetvision.data.dataset import load_index
+    from streetvision.models import data as mdata
+    from streetvision.models.network import (
+        architecture,
+        create_backbone,
+        create_transform,
+        decode_side,
+        preprocessing,
+    )
+
+    torch.set_num_threads(2)
+    data, _ = _demo(192, 224)
+    ds = load_index(data)
+    name = "vit_small_patch14_dinov2.lvd142m"
+    backbone = create_backbone(name, pretrained=False, arch=architecture(name, 224)).eval()
+    prep = preprocessing(backbone, 224)
+    images = mdata.ImageDataset(ds.root, ds.ids, ds.labels, create_transform(prep), decode_side(prep))
+    cpu = torch.device("cpu")
+
+    def ours():
+        mdata.infer(backbone, images, batch_size=32, device=cpu, precision="32-true")
+
+    def plain():
+        with torch.no_grad():
+            for x, _, _ in mdata.loader(images, 32):
+                backbone(x)
+
+    ours()  # warm-up (first-touch allocations, oneDNN kernel selection)
+    t_plain, t_ours = best_of(plain, 2), best_of(ours, 2)
+    report(
+        f"feature extraction, {name} (random weights) at 224 px, {len(images)} images, CPU: "
+        f"{len(images) / t_ours:.1f} vs {len(images) / t_plain:.1f} images/s; throughput ratio {t_plain / t_ours:.3f}",
+        t_ours,
+        t_plain,
+        "throughput >= 0.9 of the plain loop (time ratio <= 1.11)",
+        t_plain / t_ours >= 0.9,
+    )
+
+
+def bench_checkpoint_overhead() -> None:
+    """What writing a checkpoint after every epoch costs: the demo model (``make run``'s settings), five
+    epochs with and without ``trainer.checkpoint_uri``."""
+    import logging
+
+    from streetvision.config import load_config
+    from streetvision.steps import train_baseline
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    data, splits = _demo(1200, 96)
+    demo = Path(__file__).resolve().parent.parent / "streetvision" / "configs" / "demo.yaml"
+    common = ["trainer.max_epochs=5", "trainer.patience=100"]
+
+    def fit(checkpoints: bool) -> float:
+        out, ckpt = WORK / f"ckpt-{checkpoints}", WORK / "ckpt-store"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        extra = [f"trainer.checkpoint_uri={ckpt}"] if checkpoints else []
+        cfg = load_config(train_baseline.Config, [], [*_train_keys(demo), *common, *extra])
+        t0 = time.perf_counter()
+        train_baseline.run(cfg, dataset=data, splits=splits, out=out)
+        return time.perf_counter() - t0
+
+    t_plain = min(fit(False), fit(False))
+    t_ckpt = min(fit(True), fit(True))
+    report(
+        "training the demo model 5 epochs, a checkpoint after every epoch vs none",
+        t_ckpt,
+        t_plain,
+        "<= 5% more (ratio <= 1.05)",
+        t_ckpt / t_plain <= 1.05,
+    )
+
+
+def _train_keys(profile: Path) -> list[str]:
+    """The phase-1 keys of a run profile as overrides."""
+    import yaml
+
+    doc = yaml.safe_load(profile.read_text())
+    return [f"{section}.{k}={v}" for section in ("model", "data", "trainer") for k, v in doc[section].items()]
+
+
+BENCHMARKS = [
+    bench_training_throughput,
+    bench_draft_decode,
+    bench_feature_cache,
+    bench_feature_extraction,
+    bench_checkpoint_overhead,
+]
