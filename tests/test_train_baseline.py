@@ -133,13 +133,16 @@ def test_val_calib_and_val_test_never_reach_the_optimizer_or_the_stopping_rule(
     assert clean.outputs["labels_val_calib.npy"]["sha256"] != dirty.outputs["labels_val_calib.npy"]["sha256"]
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 def test_ddp_on_two_cpu_processes_yields_every_validation_id_exactly_once(
-    demo_dataset, demo_splits, tmp_path
+    demo_dataset, demo_splits, tmp_path, frozen
 ):
+    """Unfrozen, and frozen with the feature cache computed in shares on both ranks and gathered."""
     out = tmp_path / "ddp"
-    ddp = [o for o in TINY if not o.startswith("trainer.devices")] + [
+    ddp = [o for o in TINY if not o.startswith(("trainer.devices", "model.freeze_backbone"))] + [
         "trainer.devices=2",
         "trainer.strategy=ddp",
+        f"model.freeze_backbone={str(frozen).lower()}",
     ]
     r = cli(
         "train-baseline",
@@ -153,7 +156,7 @@ def test_ddp_on_two_cpu_processes_yields_every_validation_id_exactly_once(
     )
     assert r.returncode == 0, r.stderr[-3000:]
     m = verify_dir(out)
-    assert m.extra["world_size"] == 2
+    assert m.extra["world_size"] == 2 and m.extra["feature_cache"] == frozen
     splits = json.loads((demo_splits / "splits.json").read_text())
     for s in ("val_select", "val_calib", "val_test"):
         ids = json.loads((out / f"ids_{s}.json").read_text())

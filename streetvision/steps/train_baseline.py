@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import sys
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -117,15 +116,6 @@ class Config:
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
 
 
-def _devices(spec: str):
-    spec = spec.strip()
-    if spec.isdigit():
-        return int(spec)
-    if spec.startswith("["):
-        return [int(v) for v in spec.strip("[]").split(",") if v.strip()]
-    return spec
-
-
 def _network(config: Config):
     """(network, timm architecture arguments, preprocessing) for the configured backbone."""
     from streetvision.models.network import RoadworkNet, architecture, create_backbone, preprocessing
@@ -140,56 +130,6 @@ def _network(config: Config):
             config.model.backbone, pretrained=config.model.pretrained, weights_file=weights, arch=arch
         )
     return RoadworkNet(backbone, config.model.dropout), arch, preprocessing(backbone, config.data.image_size)
-
-
-def _trainer(config: Config, callbacks: list, log_dir: Path, identity: str):
-    """A Trainer for the configured hardware: bf16 autocast on GPU, deterministic on CPU; per-epoch
-    metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``; a progress bar on a
-    terminal, one line per epoch elsewhere."""
-    import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import EarlyStopping
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    from streetvision.models.checkpoint import EpochCheckpoint, SafetensorsCheckpointIO
-    from streetvision.models.lightning import MONITOR, EpochLog
-
-    t = config.trainer
-    on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
-    return L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=_devices(t.devices),
-        strategy=t.strategy,
-        precision=precision,
-        deterministic=not on_gpu,
-        callbacks=[
-            EarlyStopping(MONITOR, mode="max", patience=t.patience),
-            *callbacks,
-            *([EpochCheckpoint(t.checkpoint_uri)] if t.checkpoint_uri else []),
-            *([] if sys.stderr.isatty() else [EpochLog()]),
-        ],
-        plugins=[SafetensorsCheckpointIO(identity)],
-        logger=[
-            CSVLogger(log_dir, name="", version=""),
-            *([TensorBoardLogger(log_dir, name="", version="tensorboard")] if _has_tensorboard() else []),
-        ],
-        enable_checkpointing=bool(t.checkpoint_uri),  # EpochCheckpoint, never a pickled .ckpt
-        enable_progress_bar=sys.stderr.isatty(),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,  # metrics are logged per epoch only; this keeps short epochs from warning
-    )
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return (
-        importlib.util.find_spec("tensorboard") is not None
-        or importlib.util.find_spec("tensorboardX") is not None
-    )
 
 
 def run(
@@ -210,6 +150,7 @@ def run(
     from streetvision.models.datamodule import FeatureCache, RoadworkData
     from streetvision.models.lightning import BestWeights, RoadworkModule
     from streetvision.models.network import decode_side
+    from streetvision.models.trainer import build_trainer
 
     src = sources or {}
     splits_manifest = verify_dir(splits, "make_splits")
@@ -270,7 +211,7 @@ def run(
                 "splits": splits_manifest.self_sha256,
             }
         )
-        trainer = _trainer(config, [best, FeatureCache(), RandomState()], log_dir, identity)
+        trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity)
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)

@@ -1,0 +1,64 @@
+"""The Lightning ``Trainer`` phase 1 runs: hardware, precision, logging, early stopping, checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from streetvision.models.checkpoint import EpochCheckpoint, SafetensorsCheckpointIO
+from streetvision.models.lightning import MONITOR, EpochLog
+
+
+def devices(spec: str):
+    """``trainer.devices`` as Lightning takes it: "auto", a count, or a list of indices."""
+    spec = spec.strip()
+    if spec.isdigit():
+        return int(spec)
+    if spec.startswith("["):
+        return [int(v) for v in spec.strip("[]").split(",") if v.strip()]
+    return spec
+
+
+def build_trainer(t, callbacks: list, log_dir: Path, identity: str):
+    """A Trainer for ``t`` (phase 1's ``TrainerConfig``): bf16 autocast on GPU, deterministic on CPU; per-epoch
+    metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``; a progress bar on a
+    terminal, one line per epoch elsewhere."""
+    on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    return L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=devices(t.devices),
+        strategy=t.strategy,
+        precision=precision,
+        deterministic=not on_gpu,
+        callbacks=[
+            EarlyStopping(MONITOR, mode="max", patience=t.patience),
+            *callbacks,
+            *([EpochCheckpoint(t.checkpoint_uri)] if t.checkpoint_uri else []),
+            *([] if sys.stderr.isatty() else [EpochLog()]),
+        ],
+        plugins=[SafetensorsCheckpointIO(identity)],
+        logger=[
+            CSVLogger(log_dir, name="", version=""),
+            *([TensorBoardLogger(log_dir, name="", version="tensorboard")] if _has_tensorboard() else []),
+        ],
+        enable_checkpointing=bool(t.checkpoint_uri),  # EpochCheckpoint, never a pickled .ckpt
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,  # metrics are logged per epoch only; this keeps short epochs from warning
+    )
+
+
+def _has_tensorboard() -> bool:
+    return (
+        importlib.util.find_spec("tensorboard") is not None
+        or importlib.util.find_spec("tensorboardX") is not None
+    )
