@@ -1,5 +1,3 @@
-from typing import Optional
-
 from kfp import dsl
 
 from components.defaults import TRAIN
@@ -21,7 +19,7 @@ def train_baseline(
     batch_size: int = TRAIN.data.batch_size,
     image_size: int = TRAIN.data.image_size,
     seed: int = TRAIN.seed,
-    checkpoint_root: Optional[str] = None,  # noqa: UP045 - the KFP SDK reads Optional, not X | None
+    checkpoint_root: str = "",
 ):
     """Phase 1: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
 
@@ -37,8 +35,8 @@ def train_baseline(
         batch_size: Images per batch.
         image_size: Input side in pixels; 0 keeps the backbone's own.
         seed: Seed for initialisation and shuffling.
-        checkpoint_root: Folder or s3:// prefix for per-epoch checkpoints; the step writes under
-            <checkpoint_root>/<run id>/train-baseline, so a retried task resumes where it stopped.
+        checkpoint_root: Folder or s3:// prefix for per-epoch checkpoints (empty: none); the step writes
+            under <checkpoint_root>/<run id>/train-baseline, so a retried task resumes where it stopped.
 
     Returns:
         model: Step directory: model.safetensors, model.json, logits/labels/ids for val_select, val_calib
@@ -56,6 +54,8 @@ def train_baseline(
             "--out",
             model.path,
             *KFP_RUN,
+            "--checkpoint-root",
+            checkpoint_root,
             dsl.ConcatPlaceholder(["model.backbone=", backbone]),
             dsl.ConcatPlaceholder(["model.pretrained=", pretrained]),
             dsl.ConcatPlaceholder(["model.weights=", weights_uri]),
@@ -65,19 +65,5 @@ def train_baseline(
             dsl.ConcatPlaceholder(["data.batch_size=", batch_size]),
             dsl.ConcatPlaceholder(["data.image_size=", image_size]),
             dsl.ConcatPlaceholder(["seed=", seed]),
-            dsl.IfPresentPlaceholder(
-                input_name="checkpoint_root",
-                then=[
-                    dsl.ConcatPlaceholder(
-                        [
-                            "trainer.checkpoint_uri=",
-                            checkpoint_root,
-                            "/",
-                            dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                            "/train-baseline",
-                        ]
-                    )
-                ],
-            ),
         ],
     )

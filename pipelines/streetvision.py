@@ -6,7 +6,6 @@ at compile time (credentials Secret, GPU request, node selector, tolerations). T
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from kfp import dsl, kubernetes
 
@@ -64,7 +63,7 @@ def build_pipeline(options: PlatformOptions | None = None):
         seed: int = TRAIN.seed,
         max_fnr: float = 1.0,
         min_test_mcc: float = -1.0,
-        checkpoint_root: Optional[str] = None,  # noqa: UP045 - the KFP SDK reads Optional
+        checkpoint_root: str = "",
     ):
         """StreetVision default pipeline.
 
@@ -82,7 +81,7 @@ def build_pipeline(options: PlatformOptions | None = None):
             max_fnr: Policy constraint: largest false-negative rate on val_calib (1.0: none).
             min_test_mcc: Release gate on held-out val_test MCC (-1.0: none).
             checkpoint_root: s3:// prefix for training checkpoints (one per epoch, under the run's id):
-                a preempted and retried training resumes from its last epoch. Unset: no checkpoints.
+                a preempted and retried training resumes from its last epoch. Empty: no checkpoints.
         """
         dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
         dataset.set_display_name("dataset")

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--splits", required=True, help="make_splits output directory or URI")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--checkpoint-root",
+        default="",
+        metavar="DIR_OR_S3",
+        help="checkpoint under DIR_OR_S3/<--run-id>/train-baseline (how a Kubeflow retry finds them)",
+    )
     _common(p)
 
     p = sub.add_parser("sweep-thresholds", help="phase 2: exact threshold sweep, max-MCC policy, report")

@@ -21,6 +21,8 @@ CACHED = ("train", "val_select")
 
 
 class RoadworkData(L.LightningDataModule):
+    """train and val_select for fitting (images, or cached features), and any split's images."""
+
     def __init__(
         self,
         root: Path,

@@ -104,7 +104,12 @@ def step_config(stem: str, files=(), overrides=()):
 
 
 def run_from_cli(stem: str, args: dict[str, Any]):
-    config = step_config(stem, args.get("config") or [], args.get("overrides") or [])
+    overrides = list(args.get("overrides") or [])
+    if root := args.get("checkpoint_root"):  # derived from the run, so every retry of it finds the same place
+        if not args.get("run_id"):
+            raise StreetVisionError("--checkpoint-root needs --run-id (checkpoints live under the run's id)")
+        overrides.append(f"trainer.checkpoint_uri={store.join(root, args['run_id'], stem.replace('_', '-'))}")
+    config = step_config(stem, args.get("config") or [], overrides)
     uris = {name: str(args[name]) for name in STEPS[stem]}
     return run_step(
         stem,
