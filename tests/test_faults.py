@@ -617,9 +617,14 @@ def test_sigkill_during_training_leaves_no_manifest_and_the_rerun_succeeds(world
     argv = [sys.executable, "-m", "streetvision", "train-baseline", "--dataset", world["dataset"],
             "--splits", world["splits"], *TINY_TRAIN]  # fmt: skip
     out = tmp_path / "train_baseline"
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # what a killed process cannot clean stays here
+    (tmp_path / "tmp").mkdir()
     for _ in range(3):
         proc = subprocess.Popen(
-            [*map(str, argv), "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [*map(str, argv), "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         time.sleep(rng.uniform(2.0, 12.0))
         proc.kill()

@@ -1,6 +1,7 @@
 """train_baseline on tiny timm models (pretrained=False) and a small generated dataset."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -374,8 +375,10 @@ def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identic
 
     whole = subprocess.run(argv(tmp_path / "whole", tmp_path / "ck-whole"), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # what the killed process cannot clean stays here
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen(
-        argv(tmp_path / "resumed", ckpt), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        argv(tmp_path / "resumed", ckpt), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     deadline = time.time() + 120
     while not ((ckpt / CHECKPOINT).exists() and load(ckpt / CHECKPOINT)["epoch"] >= 1):
