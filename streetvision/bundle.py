@@ -6,10 +6,10 @@ is absolute, has a ``..`` component, or is a symlink leading outside the bundle.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from streetvision.config import read_json
 from streetvision.errors import StreetVisionError
 from streetvision.io.atomic import compute_file_sha256
 from streetvision.io.manifests import verify_dir
@@ -76,6 +76,13 @@ def referenced_paths(bundle: dict[str, Any]) -> list[str]:
     return [bundle["model"]["weights"], bundle["model"]["config"], bundle["policy"]["file"], bundle["splits"]]
 
 
+def check_threshold(value: Any, where: str) -> float:
+    """A threshold policy's threshold: a number in [0, 1]."""
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1):
+        raise BundleError(f"{where}: threshold must be a number in [0, 1], not {value!r}")
+    return float(value)
+
+
 def _shape(bundle: Any, where: str) -> dict[str, Any]:
     if not isinstance(bundle, dict):
         raise BundleError(f"{where}: not a JSON object")
@@ -96,9 +103,7 @@ def _shape(bundle: Any, where: str) -> dict[str, Any]:
         )
     if policy.get("type") not in POLICY_TYPES:
         raise BundleError(f"{where}: unknown policy type {policy.get('type')!r}")
-    threshold = policy["params"].get("threshold")
-    if not (isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold <= 1):
-        raise BundleError(f"{where}: policy threshold must be a number in [0, 1], not {threshold!r}")
+    check_threshold(policy["params"].get("threshold"), f"{where}: policy")
     names = bundle["class_names"]
     if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise BundleError(f"{where}: class_names must be two names")
@@ -110,11 +115,7 @@ def load_bundle_json(root: str | Path) -> dict[str, Any]:
     path = Path(root) / BUNDLE_FILE
     if not path.is_file():
         raise BundleError(f"{root}: no {BUNDLE_FILE}; not a StreetVision bundle")
-    try:
-        bundle = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
-    return _shape(bundle, str(path))
+    return _shape(read_json(path, BundleError), str(path))
 
 
 def verify_bundle(root: str | Path) -> dict[str, Any]:
@@ -147,14 +148,8 @@ def check_bundle(root: str | Path) -> dict[str, Any]:
             )
         if compute_file_sha256(target) != meta.get("sha256"):
             raise BundleError(f"{root}: {name}: sha256 differs from {BUNDLE_FILE}")
-    try:
-        policy_file = json.loads((root / bundle["policy"]["file"]).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{root}: {bundle['policy']['file']}: not valid JSON ({e})") from None
-    if (
-        not isinstance(policy_file, dict)
-        or policy_file.get("threshold") != bundle["policy"]["params"]["threshold"]
-    ):
+    policy_file = read_json(root / bundle["policy"]["file"], BundleError)
+    if policy_file.get("threshold") != bundle["policy"]["params"]["threshold"]:
         raise BundleError(
             f"{root}: the threshold in {BUNDLE_FILE} differs from the one in {bundle['policy']['file']}"
         )

@@ -105,7 +105,7 @@ def predict_files(
 
 def predict_cli(bundle: str, inputs: Sequence[str], served: bool = False) -> int:
     files = expand(inputs)
-    with store.local_step(bundle, "export_bundle") as root:
+    with store.staged_step(bundle, "export_bundle") as root:  # Predictor verifies it
         predictor = Predictor(root)
         failures = 0
         for row in predict_files(predictor, files, served):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from streetvision.io import store
-from streetvision.io.manifests import ManifestError, verify_dir
+from streetvision.io.manifests import ManifestError, load_manifest
 
 
 def verify_path(path: str) -> dict[str, Any]:
@@ -19,7 +19,7 @@ def verify_path(path: str) -> dict[str, Any]:
     from streetvision.steps import STEPS
 
     with store.local_step(path) as root:
-        manifest = verify_dir(root, hashes=False)
+        manifest = load_manifest(root)
         if manifest.step not in STEPS:
             raise ManifestError(f"{path}: names step {manifest.step!r}, which this version does not know")
         report: dict[str, Any] = {

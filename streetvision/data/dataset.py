@@ -95,27 +95,26 @@ def load_index(root: str | Path, *, check_images: bool = True) -> Dataset:
     ids: list[str] = []
     labels: list[int] = []
     hashes: dict[str, str] = {}
-    cache = HashCache()
-    for lineno, row in enumerate(rows, start=2):
-        name, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
-        if label not in ("0", "1"):
-            bad.setdefault("label outside {0,1}", []).append(f"line {lineno} ({label!r})")
-        if not name or _escapes(root, name):
-            bad.setdefault("path escaping the dataset root", []).append(f"line {lineno} ({name!r})")
-            continue
-        if name in seen:
-            bad.setdefault("duplicate id", []).append(name)
-        seen.add(name)
-        path = root / name
-        if not path.is_file():
-            bad.setdefault("missing file", []).append(name)
-        elif check_images and not _readable(path):
-            bad.setdefault("unreadable or truncated image", []).append(name)
-        else:
-            hashes[name] = cache.file_sha256(path)
-        ids.append(name)
-        labels.append(1 if label == "1" else 0)
-    cache.close()
+    with HashCache() as cache:
+        for lineno, row in enumerate(rows, start=2):
+            name, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
+            if label not in ("0", "1"):
+                bad.setdefault("label outside {0,1}", []).append(f"line {lineno} ({label!r})")
+            if not name or _escapes(root, name):
+                bad.setdefault("path escaping the dataset root", []).append(f"line {lineno} ({name!r})")
+                continue
+            if name in seen:
+                bad.setdefault("duplicate id", []).append(name)
+            seen.add(name)
+            path = root / name
+            if not path.is_file():
+                bad.setdefault("missing file", []).append(name)
+            elif check_images and not _readable(path):
+                bad.setdefault("unreadable or truncated image", []).append(name)
+            else:
+                hashes[name] = cache.file_sha256(path)
+            ids.append(name)
+            labels.append(1 if label == "1" else 0)
     if bad:
         parts = [
             f"{kind}: {len(v)} ({', '.join(v[:SHOW])}{', ...' if len(v) > SHOW else ''})"
@@ -163,7 +162,7 @@ def content_identity(uri: str | Path) -> str:
             name = (row.get("image") or "").strip()
             if name not in objects:
                 return f"missing image {name}"
-            key = f"s3:{store.join(str(uri), name)}|{objects[name][0]}|{objects[name][1]}"
             obj = store.join(str(uri), name)
+            key = f"s3:{obj}|{objects[name][0]}|{objects[name][1]}"
             hashes[name] = cache.get(key) or cache.put(key, hashlib.sha256(store.read_bytes(obj)).hexdigest())
     return content_sha256(hashlib.sha256(raw).hexdigest(), hashes)

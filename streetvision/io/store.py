@@ -24,6 +24,7 @@ from streetvision.io.manifests import (
     ManifestError,
     check_relative,
     expected_step,
+    load_manifest,
     manifest_sha256,
     parse_manifest,
     redact_text,
@@ -296,7 +297,7 @@ def download_tree(uri: str, local: str | os.PathLike) -> list[str]:
     return names
 
 
-def upload_tree(local: str | os.PathLike, uri: str, exclude: set[str] = frozenset()) -> list[str]:
+def upload_tree(local: str | os.PathLike, uri: str, exclude: frozenset[str] = frozenset()) -> list[str]:
     """Upload every file under a local folder (e.g. a dataset) to an ``s3://`` prefix."""
     bucket, prefix = split_s3(uri)
     root = Path(local)
@@ -320,11 +321,10 @@ def local_tree(uri: str | os.PathLike, prefix: str = "sv-in-") -> Iterator[Path]
 
 
 @contextmanager
-def local_step(uri: str | os.PathLike, step: str | None = None) -> Iterator[Path]:
-    """A verified local step directory (of ``step``, when given): the directory itself, or a verified
-    download of an ``s3://`` one. This is the one way every reader opens a step output."""
+def staged_step(uri: str | os.PathLike, step: str | None = None) -> Iterator[Path]:
+    """A step directory on local disk: the folder itself, for a reader that verifies it (each step's
+    ``run`` does), or a download of an ``s3://`` one, verified as it lands."""
     if not is_s3(uri):
-        verify_dir(uri, step)
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory(prefix="sv-in-") as tmp:
@@ -332,10 +332,20 @@ def local_step(uri: str | os.PathLike, step: str | None = None) -> Iterator[Path
         yield Path(tmp) / "step"
 
 
+@contextmanager
+def local_step(uri: str | os.PathLike, step: str | None = None) -> Iterator[Path]:
+    """A verified local step directory (of ``step``, when given): the folder itself after
+    :func:`verify_dir`, or a verified download of an ``s3://`` one."""
+    with staged_step(uri, step) as root:
+        if not is_s3(uri):
+            verify_dir(root, step)
+        yield root
+
+
 def verified(uri: str, step: str | None = None) -> tuple[Manifest, str]:
     """(manifest, sha256 of manifest.json) of a committed, intact step output; raises naming the problem."""
     with local_step(uri, step) as root:
-        return verify_dir(root, step, hashes=False), manifest_sha256(root)
+        return load_manifest(root, step), manifest_sha256(root)
 
 
 @contextmanager

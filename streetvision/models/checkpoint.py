@@ -142,16 +142,13 @@ class EpochCheckpoint(Checkpoint):
     def __init__(self, uri: str):
         self.uri = uri
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)
-
     def save_history(self, trainer: L.Trainer) -> None:
         trainer.logger.save()
         rows = Path(trainer.logger.log_dir) / "metrics.csv"
         if rows.is_file():
             store.write_bytes(store.join(self.uri, HISTORY), rows.read_bytes())
 
-    def save(self, trainer: L.Trainer) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with tempfile.TemporaryDirectory(prefix="sv-ckpt-") as tmp:
             local = Path(tmp) / CHECKPOINT if store.is_s3(self.uri) else Path(self.uri) / CHECKPOINT
             if trainer.is_global_zero:  # history first: a resume keeps the rows its checkpoint covers

@@ -1,8 +1,8 @@
 """Pipeline phases, one module per stem; each exposes ``Config`` and one ``run(config, *, inputs..., out)``.
 
 :func:`run_from_cli` is the glue the CLI uses: it resolves and range-checks the config, checks the output
-path against the inputs before any work, opens every step input through the one verification
-(``store.local_step``, which also stages ``s3://`` inputs), runs the step, and writes the KFP executor
+path against the inputs before any work, stages ``s3://`` step inputs (verified as they download; each
+step verifies what it reads, local or not), runs the step, and writes the KFP executor
 output when asked. The step modules themselves never see URIs, argv or the environment.
 """
 
@@ -84,7 +84,7 @@ def run_step(
     with ExitStack() as stack:
         inputs = {
             name: stack.enter_context(
-                local_dataset(uris[name]) if producer is None else store.local_step(uris[name], producer)
+                local_dataset(uris[name]) if producer is None else store.staged_step(uris[name], producer)
             )
             for name, producer in STEPS[stem].items()
         }

@@ -21,6 +21,7 @@ from streetvision.bundle import (
     BundleError,
     apply_policy,
     check_bundle,
+    check_threshold,
 )
 from streetvision.config import read_json, require, to_dict, to_yaml
 from streetvision.eval.metrics import compute_all_metrics
@@ -77,11 +78,7 @@ def find_policy(policy_dir: Path) -> tuple[str, str, dict[str, Any]]:
         )
     if POLICY_FILES[kind] != present[0]:
         raise BundleError(f"{policy_dir / present[0]}: policy_type {kind!r} does not belong in this file")
-    threshold = content.get("threshold")
-    if not (isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold <= 1):
-        raise BundleError(
-            f"{policy_dir / present[0]}: threshold must be a number in [0, 1], not {threshold!r}"
-        )
+    check_threshold(content.get("threshold"), str(policy_dir / present[0]))
     return kind, present[0], content
 
 
