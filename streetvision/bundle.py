@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from streetvision.config import read_json
 from streetvision.errors import StreetVisionError
 from streetvision.io.atomic import compute_file_sha256
@@ -46,14 +48,24 @@ def apply_policy(kind: str, params: dict[str, Any], scores):
     raise BundleError(f"policy type {kind!r} cannot be applied")
 
 
-def served_probability(p: float, threshold: float) -> float:
-    """Monotone piecewise-linear remap of P(roadwork) that puts ``threshold`` at 0.5.
+SERVED_MARGIN = 1e-6  # how far above 0.5 the threshold itself is served
 
-    For consumers that cut at 0.5 (the StreetVision subnet validator rounds the returned float).
+
+def served_probability(p, threshold: float):
+    """Monotone piecewise-linear remap of P(roadwork) for consumers that cut at 0.5 with ``np.round``
+    (the StreetVision subnet validator), which reads exactly 0.5 as "no roadwork".
+
+    Scores at or above ``threshold`` map into [0.5 + 1e-6, 1] (the threshold itself to 0.500001), scores
+    below it into [0, 0.5), so the served answer decides exactly as the policy does. A float in, a float
+    out; an array in, an array out.
     """
-    if p < threshold:
-        return 0.5 * p / threshold if threshold > 0 else 0.0
-    return 0.5 + 0.5 * (p - threshold) / (1 - threshold) if threshold < 1 else 1.0
+    p = np.asarray(p, dtype=np.float64)
+    t = float(threshold)
+    lo, hi = 0.5 - 0.5 * SERVED_MARGIN, 0.5 + SERVED_MARGIN
+    below = lo * p / t if t > 0 else np.zeros_like(p)
+    above = hi + (1 - hi) * (p - t) / (1 - t) if t < 1 else np.ones_like(p)
+    out = np.clip(np.where(p >= t, above, below), 0.0, 1.0)
+    return float(out) if out.ndim == 0 else out
 
 
 def safe_member(root: Path, name: str) -> Path:

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
 
+    p = sub.add_parser("export-hf", help="a bundle as a timm model folder to push to a model hub")
+    p.add_argument("--bundle", required=True, help="export_bundle output directory or URI")
+    p.add_argument("--out", required=True, help="local folder to write (then: huggingface-cli upload)")
+    p.add_argument("--submitted-by", required=True, metavar="HOTKEY", help="your wallet's hotkey address")
+    p.add_argument("--version", dest="model_version", default="1.0.0", help="model version X.Y.Z")
+    p.add_argument("--model-name", default="", help="model_card.json model_name")
+    p.add_argument("--description", default="", help="model_card.json description")
+
     p = sub.add_parser("run", help="run the default pipeline locally (demo data when no dataset is given)")
     p.add_argument("--out", default="runs/local", help="output folder or s3:// prefix")
     p.add_argument("--dataset", default=None, help="dataset folder or s3:// prefix (default: demo data)")
@@ -120,6 +128,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         from streetvision.predict import predict_cli
 
         return predict_cli(args.bundle, args.images, served=args.served_probability)
+    if cmd == "export-hf":
+        from streetvision.publish import export_hf
+
+        export_hf(
+            args.bundle,
+            args.out,
+            submitted_by=args.submitted_by,
+            version=args.model_version,
+            model_name=args.model_name,
+            description=args.description,
+        )
+        print(f"wrote {args.out}: push it with huggingface-cli upload <user>/<repo> {args.out}")
+        return 0
     if cmd == "run":
         from streetvision.pipeline import run_local
 

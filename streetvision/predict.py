@@ -24,9 +24,14 @@ BATCH = 32
 
 
 class Predictor:
-    """A loaded bundle: network, preprocessing and policy."""
+    """A loaded, verified bundle: network, preprocessing and policy, ready for one image or a batch.
 
-    def __init__(self, root: Path):
+    ``Predictor.from_bundle(path)`` verifies the bundle (a folder or an ``s3://`` prefix) once and keeps
+    the network in memory; ``predictor(image)`` returns the served probability of one PIL image, the
+    float a StreetVision miner answers with.
+    """
+
+    def __init__(self, root: Path, device: str = "cpu"):
         import torch
         from safetensors.torch import load_file
 
@@ -34,22 +39,37 @@ class Predictor:
 
         self.bundle = verify_bundle(root)
         b = self.bundle
+        self.device = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
         self.net = build_network(
             b["backbone"], pretrained=False, dropout=b["model"]["dropout"], arch=b["model"]["architecture"]
         )
         self.net.load_state_dict(load_file(root / b["model"]["weights"]), strict=True)
-        self.net.eval()
+        self.net.to(self.device).eval()
         self.transform = create_transform(b["preprocessing"])
         self.min_side = int(b["decode_min_side"])
         self.policy = b["policy"]
+        self.threshold = float(self.policy["params"]["threshold"])
         self._torch = torch
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        """Verify and load the bundle at ``path`` (folder or ``s3://``); the files are not read again."""
+        with store.staged_step(str(path), "export_bundle") as root:  # verified by __init__
+            return cls(root, device)
 
     def probabilities(self, images: Sequence[Any]) -> np.ndarray:
         """P(roadwork) per image, defined as the sweep defines it on the same logits."""
         torch = self._torch
         with torch.no_grad():
-            batch = torch.stack([self.transform(im) for im in images])
-            return sweep.probabilities(self.net(batch).float().numpy())
+            batch = torch.stack([self.transform(im) for im in images]).to(self.device)
+            return sweep.probabilities(self.net(batch).float().cpu().numpy())
+
+    def __call__(self, image: Any) -> float:
+        """The served probability of one PIL image: above 0.5 exactly when the policy says roadwork."""
+        from PIL import ImageOps
+
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+        return float(served_probability(float(self.probabilities([rgb])[0]), self.threshold))
 
 
 def expand(inputs: Sequence[str]) -> list[Path]:
@@ -79,7 +99,7 @@ def predict_files(
 
     from streetvision.data.images import load_rgb
 
-    threshold = float(predictor.policy["params"]["threshold"])
+    threshold = predictor.threshold
     names = predictor.bundle["class_names"]
     for start in range(0, len(files), BATCH):
         rows: list[dict[str, Any]] = []

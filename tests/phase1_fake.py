@@ -7,13 +7,20 @@ import numpy as np
 from streetvision.io.outputs import StepOutputs
 
 
-def fake_phase1(root, logits, labels, *, test_logits=None, test_labels=None):
+def fake_phase1(root, logits, labels, *, test_logits=None, test_labels=None, challenge=True):
+    """With ``challenge``, each split also has one challenge view per image whose logit is the clean one
+    (levels 0-3 in turn), so a sweep on either view gives the same policy."""
     out = StepOutputs(root, "train_baseline")
-    out.write_npy("logits_val_calib.npy", np.asarray(logits))
-    out.write_npy("labels_val_calib.npy", np.asarray(labels))
+    splits = {"val_calib": (logits, labels)}
     if test_logits is not None:
-        out.write_npy("logits_val_test.npy", np.asarray(test_logits))
-        out.write_npy("labels_val_test.npy", np.asarray(test_labels))
+        splits["val_test"] = (test_logits, test_labels)
+    for split, (lg, lb) in splits.items():
+        out.write_npy(f"logits_{split}.npy", np.asarray(lg))
+        out.write_npy(f"labels_{split}.npy", np.asarray(lb))
+        if challenge:
+            rows = np.arange(len(np.asarray(lb)))
+            out.write_npy(f"logits_{split}_challenge.npy", np.asarray(lg))
+            out.write_npy(f"views_{split}_challenge.npy", np.stack([rows, rows % 4], axis=1))
     out.commit(config={})
     return root
 

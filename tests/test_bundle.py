@@ -47,7 +47,22 @@ def test_bundle_carries_relative_paths_checksums_lineage_and_held_out_metrics(bu
     assert b["backbone"] == "test_efficientnet" and b["class_names"] == ["no_roadwork", "roadwork"]
     assert b["lineage"]["dataset"]["index_sha256"] and b["lineage"]["phase1"]["manifest_sha256"]
     labels = np.load(trained["phase1"] / "labels_val_test.npy")
-    assert b["test_metrics"]["n"] == len(labels) and b["test_metrics"]["split"] == "val_test"
+    views = np.load(trained["phase1"] / "views_val_test_challenge.npy")
+    assert b["test_metrics"]["split"] == "val_test" and b["test_metrics"]["views"] == "challenge"
+    assert b["test_metrics"]["n"] == len(views) == 4 * len(labels) and b["test_metrics"]["images"] == len(
+        labels
+    )
+    held = b["held_out"]
+    assert held["clean"]["metrics"]["n"] == len(labels) and all(
+        b["test_metrics"][k] == v for k, v in held["challenge"]["metrics"].items()
+    )
+    assert set(held["challenge"]["by_level"]) == {"level_0", "level_1", "level_2", "level_3"}
+    assert sum(m["tp"] + m["tn"] + m["fp"] + m["fn"] for m in held["challenge"]["by_level"].values()) == len(
+        views
+    )
+    for view in ("clean", "challenge"):
+        assert 0 <= held[view]["reward"]["served"]["reward"] <= 1
+    assert "| challenge |" in (bundle / "report.md").read_text()
     r = cli("verify", str(bundle))
     assert r.returncode == 0, r.stderr
 
@@ -65,7 +80,7 @@ def test_predictions_from_the_bundle_equal_the_models_own_logits_through_the_pol
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     for row, p in zip(rows, expected, strict=True):
         assert row["decision"] == ("roadwork" if p >= threshold else "no_roadwork")
-        assert (row["served_probability"] >= 0.5) == (row["decision"] == "roadwork")
+        assert (np.round(row["served_probability"]) == 1) == (row["decision"] == "roadwork")
 
 
 def test_unreadable_images_are_reported_without_stopping_the_batch(bundle, trained, tmp_path):
@@ -76,12 +91,18 @@ def test_unreadable_images_are_reported_without_stopping_the_batch(bundle, train
     assert r.returncode == 1 and "error" in rows[0] and rows[1]["decision"] in ("roadwork", "no_roadwork")
 
 
-def test_served_probability_is_monotone_and_puts_the_threshold_at_one_half():
-    ps = np.linspace(0, 1, 101)
-    for t in (0.1, 0.37, 0.5, 0.9):
-        served = [served_probability(p, t) for p in ps]
-        assert served_probability(t, t) == 0.5 and all(np.diff(served) >= 0)
-        assert served[0] == 0.0 and served[-1] == 1.0
+def test_served_probability_is_monotone_and_np_round_reads_the_policys_decision():
+    rng = np.random.default_rng(0)
+    for t in (0.0, 0.07, 0.1, 0.37, 0.5, 0.9, 1.0, *rng.random(20)):
+        ps = np.sort(
+            np.r_[np.linspace(0, 1, 101), rng.random(500), t, np.nextafter(t, 0), np.nextafter(t, 1)]
+        )
+        ps = ps[(ps >= 0) & (ps <= 1)]
+        served = served_probability(ps, t)
+        assert np.all(np.diff(served) >= 0) and served.min() >= 0 and served.max() <= 1
+        np.testing.assert_array_equal(np.round(served) == 1, ps >= t)  # the validator's cut
+        assert served_probability(t, t) > 0.5 and isinstance(served_probability(t, t), float)
+        assert served[-1] == 1.0
 
 
 def tampered_copy(bundle, tmp_path):

@@ -87,3 +87,67 @@ def compute_all_metrics(y_true: Any, y_pred: Any) -> dict[str, float | int]:
 
 def compute_mcc(y_true: Any, y_pred: Any) -> float:
     return float(mcc_from_counts(*confusion_counts(y_true, y_pred)))
+
+
+# The StreetVision subnet validator's reward (natixnetwork/streetvision-subnet: natix/validator/reward.py,
+# miner_performance_tracker.py, config.py): per challenge, (0.5 * max(0, MCC over the miner's last 100
+# answers) + 0.5 * accuracy over its last 10) ** 3, each answer cut with np.round (0.5 counts as 0).
+REWARD_MCC_WINDOW = 100
+REWARD_ACCURACY_WINDOW = 10
+REWARD_EXPONENT = 3.0
+
+
+def _rolling(x: np.ndarray, window: int) -> np.ndarray:
+    """Sums over the last ``window`` columns ending at each column from ``window - 1`` on."""
+    c = np.cumsum(x, axis=1, dtype=np.int64)
+    c = np.concatenate([np.zeros((x.shape[0], 1), np.int64), c], axis=1)
+    return c[:, window:] - c[:, :-window]
+
+
+def subnet_reward(
+    labels: Any,
+    served: Any,
+    *,
+    seed: int = 0,
+    steps: int = 2000,
+    repeats: int = 20,
+) -> dict[str, float | int]:
+    """The validator's expected reward per challenge for a miner that answers ``served[i]`` to item ``i``.
+
+    Simulated: ``repeats`` streams of ``steps`` challenges, each drawing the label 50/50 (as the validator
+    does) and then one of the items with that label uniformly; rewards are averaged from the first
+    challenge with a full 100-answer window on (the validator's EMA smooths rewards, it does not change
+    their mean). Returns the mean reward and the mean windowed MCC and accuracy.
+    """
+    y = _as_binary(labels, "labels")
+    p = np.asarray(served, dtype=np.float64).reshape(-1)
+    if p.shape != y.shape or y.size == 0:
+        raise ValueError(f"labels and served probabilities must be equal, non-empty ({y.size} vs {p.size})")
+    if steps < REWARD_MCC_WINDOW:
+        raise ValueError(f"steps must be at least {REWARD_MCC_WINDOW}")
+    decided = (np.round(p) == 1).astype(np.int64)  # what the validator does with the float
+    rng = np.random.default_rng(seed)
+    by_label = [np.flatnonzero(y == c) for c in (0, 1)]
+    truth = rng.integers(0, 2, (repeats, steps))
+    pick = np.empty_like(truth)
+    for c in (0, 1):
+        if by_label[c].size == 0:
+            raise ValueError(f"no item with label {c}: the validator asks about both classes")
+        mask = truth == c
+        pick[mask] = by_label[c][rng.integers(0, by_label[c].size, mask.sum())]
+    answer = decided[pick]
+    counts = [
+        _rolling((truth == t) & (answer == a), REWARD_MCC_WINDOW) for t, a in ((1, 1), (0, 0), (0, 1), (1, 0))
+    ]
+    mcc = np.maximum(0.0, mcc_from_counts(*counts))
+    correct = (truth == answer).astype(np.int64)
+    accuracy = _rolling(correct, REWARD_ACCURACY_WINDOW)[:, REWARD_MCC_WINDOW - REWARD_ACCURACY_WINDOW :]
+    accuracy = accuracy / REWARD_ACCURACY_WINDOW
+    reward = (0.5 * mcc + 0.5 * accuracy) ** REWARD_EXPONENT
+    return {
+        "reward": float(reward.mean()),
+        "mcc_100": float(mcc.mean()),
+        "accuracy_10": float(accuracy.mean()),
+        "steps": steps,
+        "repeats": repeats,
+    }

@@ -66,12 +66,17 @@ def markdown(
 ) -> str:
     """The report; ``images`` maps each plot's file name to how the report links it."""
     m = policy["metrics"]
+    source = (
+        f"{policy['n']} validator-style challenge views of {policy['images']} calibration images"
+        if policy.get("views") == "challenge"
+        else f"{policy['n']} calibration images"
+    )
     lines = [
         "# Threshold sweep (val_calib)",
         "",
         f"Policy: predict roadwork when P(roadwork) >= **{policy['threshold']:.6f}** "
         f"(max MCC{', constrained by ' + str(policy['constraint']) if policy['constraint'] else ''}), "
-        f"from {policy['n']} calibration images ({policy['n_positive']} roadwork).",
+        f"from {source} ({policy['n_positive']} roadwork).",
         "",
         "| metric | value |",
         "|---|---|",
@@ -79,6 +84,7 @@ def markdown(
         f"| confusion (tp / fp / tn / fn) | {m['tp']} / {m['fp']} / {m['tn']} / {m['fn']} |",
         f"| AURC / E-AURC | {aurc:.4f} / {e_aurc:.4f} |",
         "",
+        *level_table(policy.get("by_level", {})),
         f"![MCC vs threshold]({images['mcc_vs_threshold.png']})",
         "",
         f"![Risk-coverage]({images['risk_coverage.png']})",
@@ -95,3 +101,19 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def level_table(by_level: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of metrics per challenge level (nothing when there are none)."""
+    if not by_level:
+        return []
+    return [
+        "| challenge level | n | mcc | accuracy | fnr | fpr |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name.removeprefix('level_')} | {m['tp'] + m['tn'] + m['fp'] + m['fn']} | {m['mcc']:.4f} | "
+            f"{m['accuracy']:.4f} | {m['fnr']:.4f} | {m['fpr']:.4f} |"
+            for name, m in by_level.items()
+        ),
+        "",
+    ]

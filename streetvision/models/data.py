@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from streetvision.data import challenge
 from streetvision.data.images import load_rgb
 
 
@@ -27,6 +28,46 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         image = load_rgb(self.root / self.ids[i], self.min_side)
         return self.transform(image), torch.tensor(self.labels[i]), i
+
+
+class ChallengeViews(Dataset):
+    """``views`` validator-style challenge views of every image (:mod:`streetvision.data.challenge`), then
+    the eval ``transform``; item ``k`` is view ``k % views`` of image ``k // views``.
+
+    The levels are spread evenly (view ``k`` has level ``k % 4``), where the validator draws each with
+    probability 1/4; every other parameter is drawn from a generator seeded by (seed, image, view), so
+    the views are the same on every rank and every run.
+    """
+
+    def __init__(self, images: ImageDataset, views: int, seed: int):
+        self.images, self.views, self.seed = images, views, seed
+
+    def __len__(self) -> int:
+        return len(self.images) * self.views
+
+    def rows(self) -> np.ndarray:
+        """(image index, level) of every item."""
+        k = np.arange(len(self))
+        return np.stack([k // self.views, k % len(challenge.LEVEL_PROBS)], axis=1)
+
+    def __getitem__(self, k: int):
+        (i, view), level = divmod(k, self.views), k % len(challenge.LEVEL_PROBS)
+        image = load_rgb(self.images.root / self.images.ids[i], challenge.DECODE_SIDE)
+        rng = np.random.default_rng([self.seed, i, view])
+        view, _ = challenge.challenge(image, rng, level)
+        return self.images.transform(view), torch.tensor(self.images.labels[i]), k
+
+
+class ChallengeAugment:
+    """A training transform: a random challenge view (level drawn as the validator draws it), then
+    ``transform``. Its generator is seeded from torch's, which Lightning seeds per run and per worker."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        return self.transform(challenge.challenge(image, rng)[0])
 
 
 class EpochShuffle(Sampler[int]):

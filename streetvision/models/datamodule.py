@@ -14,7 +14,15 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from streetvision.models.data import ImageDataset, as_features, infer, loader
+from streetvision.data import challenge
+from streetvision.models.data import (
+    ChallengeAugment,
+    ChallengeViews,
+    ImageDataset,
+    as_features,
+    infer,
+    loader,
+)
 from streetvision.models.network import create_transform
 
 CACHED = ("train", "val_select")
@@ -33,7 +41,7 @@ class RoadworkData(L.LightningDataModule):
         *,
         batch_size: int,
         num_workers: int,
-        augment: bool,
+        augment: str,
         cache: bool,
         seed: int,
     ):
@@ -43,16 +51,25 @@ class RoadworkData(L.LightningDataModule):
         self.augment, self.cache = augment, cache
         self.features: dict[str, Dataset] = {}
 
-    def images(self, split: str, *, training: bool = False) -> ImageDataset:
+    def images(self, split: str, *, augment: str = "none") -> ImageDataset:
+        """A split's images with the eval transform, or with training augmentation (``timm``: timm's
+        own; ``challenge``: the validator's challenge views, :class:`ChallengeAugment`)."""
         ids = self.parts[split]
         labels = np.array([self.label_of[i] for i in ids])
-        return ImageDataset(self.root, ids, labels, create_transform(self.prep, training=training), self.side)
+        if augment == "challenge":
+            transform, side = ChallengeAugment(create_transform(self.prep)), challenge.DECODE_SIDE
+        else:
+            transform, side = create_transform(self.prep, training=augment == "timm"), self.side
+        return ImageDataset(self.root, ids, labels, transform, side)
+
+    def challenge_views(self, split: str, views: int) -> ChallengeViews:
+        return ChallengeViews(self.images(split), views, self.seed)
 
     def fit_data(self, split: str) -> Dataset:
         """What the loop sees for train / val_select: cached features, or images (augmented for train)."""
         if self.cache:
             return self.features[split]
-        return self.images(split, training=self.augment and split == "train")
+        return self.images(split, augment=self.augment if split == "train" else "none")
 
     def train_dataloader(self) -> DataLoader:
         workers = 0 if self.cache else self.num_workers  # cached features are in memory already

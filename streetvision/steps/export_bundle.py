@@ -22,15 +22,19 @@ from streetvision.bundle import (
     apply_policy,
     check_bundle,
     check_threshold,
+    served_probability,
 )
 from streetvision.config import read_json, require, to_dict, to_yaml
-from streetvision.eval.metrics import compute_all_metrics
-from streetvision.eval.sweep import check_labels, probabilities
+from streetvision.eval import views
+from streetvision.eval.metrics import compute_all_metrics, subnet_reward
+from streetvision.eval.report import level_table
+from streetvision.eval.views import VIEWS
 from streetvision.io.manifests import Manifest, code_version, input_record, manifest_sha256, verify_dir
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import SPLITS_FILE
 
 STEP = "export_bundle"
+REPORT_FILE = "report.md"
 # Each policy step and the one file it commits. The file's own policy_type must agree.
 MODEL_FIELDS = (
     "backbone",
@@ -93,6 +97,64 @@ def check_lineage(what: str, manifest: Manifest, name: str, upstream: Path, uri:
         )
 
 
+def held_out(phase1: Path, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """val_test, per view phase 1 has (clean; challenge, also per level): the policy's metrics, and the
+    subnet reward simulated for the served probability and, for comparison, the raw one cut at 0.5."""
+    report: dict[str, Any] = {}
+    for view in VIEWS:
+        try:
+            s = views.load(phase1, "val_test", view)
+        except views.ViewError:
+            if view == "clean":
+                raise
+            continue  # phase 1 made no challenge views
+        decided = apply_policy(kind, params, s.scores)
+        served = served_probability(s.scores, params["threshold"])
+        if not np.array_equal(np.round(served) == 1, decided == 1):  # what the validator reads
+            raise BundleError("the served probability does not reproduce the policy's decisions")
+        report[view] = {
+            "metrics": {
+                **compute_all_metrics(s.labels, decided),
+                "n": int(len(s.labels)),
+                "images": s.images,
+            },
+            "by_level": {
+                f"level_{v}": compute_all_metrics(s.labels[m], decided[m]) for v, m in s.by_level().items()
+            },
+            "reward": {
+                "served": subnet_reward(s.labels, served),
+                "raw": subnet_reward(s.labels, s.scores),
+            },
+        }
+    return report
+
+
+def held_out_markdown(bundle: dict[str, Any]) -> str:
+    """The bundle's held-out report (val_test): metrics per view and level, and the simulated reward."""
+    t = bundle["policy"]["params"]["threshold"]
+    lines = [
+        "# Held-out evaluation (val_test)",
+        "",
+        f"Policy: roadwork when P(roadwork) >= {t:.6f}, fitted on val_calib "
+        f"({bundle['test_metrics']['views']} views). Subnet reward: the validator's formula, "
+        f"(0.5·max(0, MCC over 100) + 0.5·accuracy over 10)^3, simulated over val_test (50/50 labels).",
+        "",
+        "| view | images | rows | mcc | accuracy | fnr | fpr | reward (served) | reward (raw p, cut 0.5) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for view, r in bundle["held_out"].items():
+        m = r["metrics"]
+        lines.append(
+            f"| {view} | {m['images']} | {m['n']} | {m['mcc']:.4f} | {m['accuracy']:.4f} | {m['fnr']:.4f} | "
+            f"{m['fpr']:.4f} | {r['reward']['served']['reward']:.4f} | {r['reward']['raw']['reward']:.4f} |"
+        )
+    lines.append("")
+    for view, r in bundle["held_out"].items():
+        if r["by_level"]:
+            lines += [f"## {view} views by level", "", *level_table(r["by_level"])]
+    return "\n".join(lines)
+
+
 def run(
     config: Config,
     *,
@@ -115,17 +177,17 @@ def run(
     if missing := [k for k in MODEL_FIELDS if k not in model_info]:
         raise BundleError(f"{phase1 / 'model.json'}: missing field(s) {', '.join(missing)}")
 
-    try:
-        scores = probabilities(np.load(phase1 / "logits_val_test.npy", allow_pickle=False))
-        labels = check_labels(scores, np.load(phase1 / "labels_val_test.npy", allow_pickle=False))
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{phase1}: cannot read val_test logits/labels ({e})") from None
-    test = compute_all_metrics(labels, apply_policy(kind, policy_content, scores))
+    params = {"threshold": policy_content["threshold"]}
+    report = held_out(phase1, kind, params)
+    calibrated_on = policy_content.get("views", "clean")
+    if calibrated_on not in report:
+        raise BundleError(f"{phase1}: no {calibrated_on} views of val_test, which the policy was fitted on")
+    test = report[calibrated_on]["metrics"]
     gate = config.export.min_test_mcc
     if gate is not None and test["mcc"] < gate:
         raise BundleError(
             f"release gate: held-out val_test MCC {test['mcc']:.4f} < export.min_test_mcc {gate} "
-            f"(n={len(labels)}); no bundle written"
+            f"({calibrated_on} views, n={test['n']}); no bundle written"
         )
 
     with StepOutputs(out, STEP) as outputs:
@@ -166,16 +228,22 @@ def run(
             },
             "splits": SPLITS_FILE,
             "files": files,
-            "test_metrics": {**test, "split": "val_test", "n": int(len(labels))},
+            "test_metrics": {**test, "split": "val_test", "views": calibrated_on},
+            "held_out": report,
             "lineage": lineage,
         }
         outputs.write_json(BUNDLE_FILE, bundle)
+        outputs.write_text(REPORT_FILE, held_out_markdown(bundle))
         outputs.write_text("config.yaml", to_yaml(config))
         check_bundle(outputs.root)  # what a loader will check, checked before the manifest commits it
         return outputs.commit(
             config=to_dict(config),
             inputs=lineage,
-            metrics={f"test_{k}": v for k, v in test.items()},
+            metrics={
+                **{f"test_{k}": v for k, v in test.items()},
+                **{f"{view}_subnet_reward": r["reward"]["served"]["reward"] for view, r in report.items()},
+                **{f"{view}_mcc": r["metrics"]["mcc"] for view, r in report.items()},
+            },
             run_id=run_id,
             task=task,
             extra={"policy_type": kind},

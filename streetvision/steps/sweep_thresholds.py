@@ -14,8 +14,9 @@ from typing import Optional
 import numpy as np
 
 from streetvision.config import probability, require, to_dict, to_yaml
-from streetvision.eval import report, sweep
+from streetvision.eval import report, sweep, views
 from streetvision.eval.metrics import RATE_NAMES, compute_all_metrics
+from streetvision.eval.views import VIEWS
 from streetvision.io.manifests import Manifest, input_record, verify_dir
 from streetvision.io.outputs import StepOutputs
 
@@ -27,6 +28,9 @@ SPLIT = "val_calib"
 @dataclass
 class PolicyConfig:
     optimize: str = "mcc"
+    # What the threshold is fitted on: val_calib's images as they are (clean), or phase 1's
+    # validator-style challenge views of them (challenge: what a subnet miner is asked about).
+    views: str = "challenge"
     max_fnr: Optional[float] = None  # noqa: UP045 - OmegaConf reads Optional, not X | None
     max_fpr: Optional[float] = None  # noqa: UP045
     min_precision: Optional[float] = None  # noqa: UP045
@@ -40,6 +44,7 @@ class Config:
     def check(self) -> None:
         p = self.policy
         require(p.optimize == "mcc", "policy.optimize", p.optimize, "only 'mcc' is supported")
+        require(p.views in VIEWS, "policy.views", p.views, ", ".join(VIEWS))
         for key in ("max_fnr", "max_fpr", "min_precision"):
             probability(f"policy.{key}", getattr(p, key))
         require(self.roc_points >= 2, "roc_points", self.roc_points, "at least 2")
@@ -49,15 +54,6 @@ def _csv(header: list[str], columns: list[np.ndarray], fmt: str) -> str:
     buf = io.StringIO()
     np.savetxt(buf, np.column_stack(columns), delimiter=",", header=",".join(header), comments="", fmt=fmt)
     return buf.getvalue()
-
-
-def _load_calibration(phase1: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        logits = np.load(phase1 / f"logits_{SPLIT}.npy", allow_pickle=False)
-        labels = np.load(phase1 / f"labels_{SPLIT}.npy", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise sweep.SweepError(f"{phase1}: cannot read {SPLIT} logits/labels ({e})") from None
-    return logits, labels
 
 
 def run(
@@ -72,9 +68,8 @@ def run(
     if config.policy.optimize != "mcc":
         raise sweep.SweepError(f"policy.optimize={config.policy.optimize!r}: only 'mcc' is supported")
     verify_dir(phase1, "train_baseline")  # before anything is read
-    logits, labels = _load_calibration(phase1)
-    scores = sweep.probabilities(logits)
-    labels = sweep.check_labels(scores, labels)
+    calib = views.load(phase1, SPLIT, config.policy.views)
+    scores, labels = calib.scores, calib.labels
     curve = sweep.exact_sweep(scores, labels)
     constraint = sweep.Constraint(config.policy.max_fnr, config.policy.max_fpr, config.policy.min_precision)
     threshold, k = sweep.choose_threshold(curve, constraint)
@@ -94,7 +89,12 @@ def run(
         "n": int(len(labels)),
         "n_positive": int(labels.sum()),
         "split": SPLIT,
+        "views": config.policy.views,
+        "images": calib.images,
         "selected_score": float(curve.thresholds[k]),
+        "by_level": {
+            f"level_{v}": compute_all_metrics(labels[m], predicted[m]) for v, m in calib.by_level().items()
+        },
     }
     m = curve.metrics()
     roc = sweep.thin(len(curve.thresholds), config.roc_points)

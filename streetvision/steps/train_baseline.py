@@ -44,6 +44,8 @@ PRECISIONS = (
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "single")
 DEVICES = re.compile(r"auto|-1|[1-9][0-9]*|\[\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*\]")
 EVAL_SPLITS = ("val_select", "val_calib", "val_test")
+CHALLENGE_SPLITS = ("val_calib", "val_test")  # what phase 2 calibrates on and phase 6 reports
+AUGMENTS = ("none", "timm", "challenge")
 
 
 @dataclass
@@ -63,7 +65,7 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 0
     image_size: int = 0  # 0: the backbone's own input size
-    augment: bool = False  # timm's training augmentation (disables feature caching)
+    augment: str = "none"  # none, timm (timm's training augmentation) or challenge (the validator's views)
 
 
 @dataclass
@@ -79,10 +81,18 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Validator-style challenge views per image of val_calib and val_test (levels spread evenly), whose
+    # logits phase 2 can calibrate on and phase 6 reports; 0: none.
+    challenge_views: int = 4
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
     def check(self) -> None:
@@ -93,6 +103,10 @@ class Config:
         require(0 <= m.dropout < 1, "model.dropout", m.dropout, "a probability in [0, 1)")
         require(0 <= m.warmup_epochs < 1e6, "model.warmup_epochs", m.warmup_epochs, "a number >= 0")
         require(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
+        require(d.augment in AUGMENTS, "data.augment", d.augment, ", ".join(AUGMENTS))
+        require(
+            0 <= self.eval.challenge_views <= 64, "eval.challenge_views", self.eval.challenge_views, "0..64"
+        )
         require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
         require(
             d.image_size == 0 or 16 <= d.image_size <= 4096, "data.image_size", d.image_size, "0 or 16..4096"
@@ -174,7 +188,7 @@ def run(
     L.seed_everything(config.seed, workers=True, verbose=False)
 
     net, arch, prep = _network(config)
-    cached = config.model.freeze_backbone and not config.data.augment and config.trainer.cache_features
+    cached = config.model.freeze_backbone and config.data.augment == "none" and config.trainer.cache_features
     data = RoadworkData(
         ds.root,
         parts,
@@ -231,6 +245,19 @@ def run(
                 precision=str(trainer.precision),
                 strategy=trainer.strategy,
             )
+        views = config.eval.challenge_views
+        challenged = {
+            split: infer(
+                net,
+                data.challenge_views(split, views),
+                batch_size=config.data.batch_size,
+                num_workers=config.data.num_workers,
+                device=trainer.strategy.root_device,
+                precision=str(trainer.precision),
+                strategy=trainer.strategy,
+            )
+            for split in (CHALLENGE_SPLITS if views else ())
+        }
         if not trainer.is_global_zero:
             return None
         precision, side = str(trainer.precision), decode_side(prep)
@@ -254,6 +281,15 @@ def run(
                         for k, v in per_split[split].items()
                         if k in ("mcc", "accuracy", "fnr", "fpr")
                     }
+
+            for split, (logits, labels, idx) in challenged.items():
+                rows = data.challenge_views(split, views).rows()[idx]
+                outputs.write_npy(f"logits_{split}_challenge.npy", logits.astype(np.float32))
+                outputs.write_npy(f"views_{split}_challenge.npy", rows.astype(np.int64))
+                if split == "val_calib":
+                    at = metrics_at(probabilities(logits), labels.astype(int), SELECTION_THRESHOLD)
+                    per_split["val_calib_challenge"] = at
+                    metrics |= {f"val_calib_challenge_{k}": at[k] for k in ("mcc", "accuracy")}
 
             state = {k: v.contiguous() for k, v in net.state_dict().items()}
             outputs.write_safetensors(

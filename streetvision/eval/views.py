@@ -1,0 +1,76 @@
+"""Phase 1's scores on a split, as the images were (``clean``) or as the validator sends them (``challenge``).
+
+``challenge``: ``eval.challenge_views`` validator-style views of every image (``data.challenge``), their
+logits in ``logits_<split>_challenge.npy`` and, per row, the image's row in the split and the view's level
+in ``views_<split>_challenge.npy``. Numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streetvision.errors import StreetVisionError
+from streetvision.eval.sweep import check_labels, probabilities
+
+VIEWS = ("clean", "challenge")
+LEVELS = 4
+
+
+class ViewError(StreetVisionError):
+    """A phase-1 output lacks a view's scores, or they do not fit together."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    scores: np.ndarray  # P(roadwork) per row
+    labels: np.ndarray  # 0/1 per row
+    levels: np.ndarray | None  # challenge level per row (None for clean)
+    images: int  # distinct images the rows come from
+
+    def by_level(self) -> dict[int, np.ndarray]:
+        """Row masks per challenge level present."""
+        if self.levels is None:
+            return {}
+        return {int(v): self.levels == v for v in np.unique(self.levels)}
+
+
+def _npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ViewError(f"{path}: cannot be read as a .npy array ({e})") from None
+
+
+def load(phase1: Path, split: str, view: str) -> Scores:
+    """The scores and labels of ``split`` in ``view`` from a verified phase-1 directory."""
+    if view not in VIEWS:
+        raise ViewError(f"view {view!r}: one of {', '.join(VIEWS)}")
+    scores = probabilities(_npy(phase1 / f"logits_{split}.npy"))
+    labels = check_labels(scores, _npy(phase1 / f"labels_{split}.npy"))
+    if view == "clean":
+        return Scores(scores, labels, None, len(labels))
+    logits_file = phase1 / f"logits_{split}_challenge.npy"
+    if not logits_file.is_file():
+        raise ViewError(
+            f"{phase1}: no challenge views of {split} (phase 1 ran with eval.challenge_views=0); "
+            "re-run phase 1 with eval.challenge_views=4, or use policy.views=clean"
+        )
+    views = _npy(phase1 / f"views_{split}_challenge.npy")
+    challenged = probabilities(_npy(logits_file))
+    if views.ndim != 2 or views.shape != (len(challenged), 2) or views.dtype.kind not in "iu":
+        raise ViewError(
+            f"{phase1}: views_{split}_challenge.npy must be (rows, 2) integers matching its logits"
+        )
+    rows, levels = views[:, 0], views[:, 1]
+    if (
+        len(rows) == 0
+        or rows.min() < 0
+        or rows.max() >= len(labels)
+        or levels.min() < 0
+        or levels.max() >= LEVELS
+    ):
+        raise ViewError(f"{phase1}: views_{split}_challenge.npy names rows or levels out of range")
+    return Scores(challenged, labels[rows], levels.astype(np.int64), len(np.unique(rows)))
