@@ -10,6 +10,7 @@ def export_bundle(
     splits: dsl.Input[dsl.Artifact],
     bundle: dsl.Output[dsl.Model],
     test_metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.Markdown],
     min_test_mcc: float = -1.0,
 ):
     """Phase 6: export model, policy and splits as a portable bundle, with held-out val_test metrics.
@@ -22,7 +23,9 @@ def export_bundle(
 
     Returns:
         bundle: bundle.json plus the files it names (relative paths, sha256 each), and manifest.json.
-        test_metrics: Held-out val_test metrics of the bundled model and policy.
+        test_metrics: Held-out val_test metrics of the bundled model and policy, and the simulated subnet
+            reward per view.
+        report: Held-out report: metrics per view (clean, challenge) and challenge level, and reward.
     """
     return dsl.ContainerSpec(
         image=BASE_IMAGE,

@@ -13,11 +13,13 @@ def sweep_thresholds(
     max_fnr: float = 1.0,
     max_fpr: float = 1.0,
     min_precision: float = 0.0,
+    views: str = "challenge",
 ):
     """Phase 2: exact threshold sweep on val_calib; the max-MCC threshold policy, its curves and report.
 
     Args:
         phase1: train_baseline output (only its val_calib logits and labels are read).
+        views: Fit on val_calib as it is (clean) or on its validator-style views (challenge).
         max_fnr: Largest false-negative rate the policy may have (1.0: no constraint).
         max_fpr: Largest false-positive rate the policy may have (1.0: no constraint).
         min_precision: Smallest precision the policy may have (0.0: no constraint).
@@ -40,5 +42,6 @@ def sweep_thresholds(
             dsl.ConcatPlaceholder(["policy.max_fnr=", max_fnr]),
             dsl.ConcatPlaceholder(["policy.max_fpr=", max_fpr]),
             dsl.ConcatPlaceholder(["policy.min_precision=", min_precision]),
+            dsl.ConcatPlaceholder(["policy.views=", views]),
         ],
     )

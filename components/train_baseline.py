@@ -19,6 +19,8 @@ def train_baseline(
     batch_size: int = TRAIN.data.batch_size,
     image_size: int = TRAIN.data.image_size,
     seed: int = TRAIN.seed,
+    augment: str = TRAIN.data.augment,
+    challenge_views: int = TRAIN.eval.challenge_views,
     checkpoint_root: str = "",
 ):
     """Phase 1: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
@@ -35,12 +37,15 @@ def train_baseline(
         batch_size: Images per batch.
         image_size: Input side in pixels; 0 keeps the backbone's own.
         seed: Seed for initialisation and shuffling.
+        augment: Training augmentation: none, timm, or challenge (the subnet validator's views).
+        challenge_views: Validator-style views per val_calib and val_test image, scored for phase 2 and
+            the bundle's report (0: none).
         checkpoint_root: Folder or s3:// prefix for per-epoch checkpoints (empty: none); the step writes
             under <checkpoint_root>/<run id>/train-baseline, so a retried task resumes where it stopped.
 
     Returns:
         model: Step directory: model.safetensors, model.json, logits/labels/ids for val_select, val_calib
-            and val_test, history.csv, metrics.json, config.yaml, manifest.json.
+            and val_test (and their challenge views), history.csv, metrics.json, config.yaml, manifest.json.
         metrics: val_select and val_calib metrics for the Kubeflow UI.
     """
     return dsl.ContainerSpec(
@@ -65,5 +70,7 @@ def train_baseline(
             dsl.ConcatPlaceholder(["data.batch_size=", batch_size]),
             dsl.ConcatPlaceholder(["data.image_size=", image_size]),
             dsl.ConcatPlaceholder(["seed=", seed]),
+            dsl.ConcatPlaceholder(["data.augment=", augment]),
+            dsl.ConcatPlaceholder(["eval.challenge_views=", challenge_views]),
         ],
     )

@@ -61,6 +61,9 @@ def build_pipeline(options: PlatformOptions | None = None):
         batch_size: int = TRAIN.data.batch_size,
         image_size: int = TRAIN.data.image_size,
         seed: int = TRAIN.seed,
+        augment: str = TRAIN.data.augment,
+        challenge_views: int = TRAIN.eval.challenge_views,
+        calibrate_on: str = "challenge",
         max_fnr: float = 1.0,
         min_test_mcc: float = -1.0,
         checkpoint_root: str = "",
@@ -78,6 +81,9 @@ def build_pipeline(options: PlatformOptions | None = None):
             batch_size: Training batch size.
             image_size: Input side in pixels (0: the backbone's own).
             seed: Seed for the splits and the training.
+            augment: Training augmentation: none, timm, or challenge (the subnet validator's views).
+            challenge_views: Validator-style views per val_calib and val_test image (0: none).
+            calibrate_on: What the threshold is fitted on: challenge (validator-style views) or clean.
             max_fnr: Policy constraint: largest false-negative rate on val_calib (1.0: none).
             min_test_mcc: Release gate on held-out val_test MCC (-1.0: none).
             checkpoint_root: s3:// prefix for training checkpoints (one per epoch, under the run's id):
@@ -100,6 +106,8 @@ def build_pipeline(options: PlatformOptions | None = None):
             batch_size=batch_size,
             image_size=image_size,
             seed=seed,
+            augment=augment,
+            challenge_views=challenge_views,
             checkpoint_root=checkpoint_root,
         )
         # Only training is retried: a preempted GPU node is worth another try. Bad input and the release
@@ -119,7 +127,7 @@ def build_pipeline(options: PlatformOptions | None = None):
                 effect=t.get("effect"),
             )
 
-        sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr)
+        sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
 
         export = export_bundle(
             phase1=train.outputs["model"],

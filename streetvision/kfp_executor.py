@@ -75,8 +75,8 @@ def _artifact_metadata(schema: str, path: str, out: Path, manifest: Manifest) ->
         atomic.write_json(path, meta)
         return meta
     if schema in ("system.Markdown", "system.HTML"):
-        report = out / "report_inline.md"
-        atomic.write_text(path, report.read_text() if report.exists() else f"# {manifest.step}\n")
+        report = next((out / n for n in ("report_inline.md", "report.md") if (out / n).exists()), None)
+        atomic.write_text(path, report.read_text() if report else f"# {manifest.step}\n")
         return {}
     # The step directory itself (Model, Artifact, Dataset): identify it by its manifest.
     digest = atomic.compute_file_sha256(out / MANIFEST)
