@@ -134,7 +134,8 @@ CONFIG_CASES = {
         'model.backbone=""', "model.pretrained=maybe", "model.freeze_backbone=2", "data.batch_size=0",
         "data.batch_size=-1", "data.batch_size=abc", "data.batch_size=1.5", "data.num_workers=-1",
         "data.image_size=-1", "data.image_size=8", "data.image_size=5000", "data.image_size=abc",
-        "data.augment=perhaps", "trainer.max_epochs=0", "trainer.max_epochs=-1", "trainer.max_epochs=abc",
+        "data.augment=perhaps", "data.augment=true", "eval.challenge_views=-1", "eval.challenge_views=65",
+        "eval.challenge_views=abc", "trainer.max_epochs=0", "trainer.max_epochs=-1", "trainer.max_epochs=abc",
         "trainer.patience=-1", "trainer.accelerator=bogus", "trainer.accelerator=", "trainer.devices=abc",
         "trainer.devices=0", "trainer.devices=[a]", "trainer.devices=1.5", "trainer.devices=",
         "trainer.precision=bogus", "trainer.precision=8", "trainer.precision=", "trainer.strategy=bogus",
@@ -145,7 +146,7 @@ CONFIG_CASES = {
         "policy.max_fnr=1.5", "policy.max_fnr=-0.1", "policy.max_fnr=nan", "policy.max_fnr=abc",
         "policy.max_fnr=inf", "policy.max_fpr=2", "policy.max_fpr=nan", "policy.min_precision=-1",
         "policy.min_precision=nan", "policy.optimize=f1", "policy.optimize=", "roc_points=1", "roc_points=0",
-        "roc_points=-3", "roc_points=abc", "policy.bogus=1",
+        "roc_points=-3", "roc_points=abc", "policy.bogus=1", "policy.views=perhaps", "policy.views=",
     ],
     "export_bundle": [
         "export.min_test_mcc=2", "export.min_test_mcc=-2", "export.min_test_mcc=nan", "export.min_test_mcc=abc",
