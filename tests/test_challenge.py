@@ -121,3 +121,66 @@ def test_each_distortion_does_what_its_parameter_says():
         and len(k) == 9
         and abs(np.sqrt((k * (np.arange(9) - 4) ** 2).sum()) - 1.5) < 0.05
     )
+
+
+def _tiny_images(tmp_path, n=6):
+    from streetvision.models.data import ImageDataset
+    from streetvision.models.network import create_transform
+
+    for i in range(n):
+        _photo(120, 90, seed=i).save(tmp_path / f"{i}.jpg")
+    prep = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+            "crop_pct": 1.0, "crop_mode": "center"}  # fmt: skip
+    return ImageDataset(
+        tmp_path, [f"{i}.jpg" for i in range(n)], np.arange(n) % 2, create_transform(prep), 32
+    )
+
+
+def test_challenge_views_are_seeded_and_spread_over_the_levels(tmp_path):
+    import torch
+
+    from streetvision.models.data import ChallengeViews
+
+    images = _tiny_images(tmp_path)
+    a, b, c = (
+        ChallengeViews(images, 4, seed=1),
+        ChallengeViews(images, 4, seed=1),
+        ChallengeViews(images, 4, seed=2),
+    )
+    assert len(a) == 24 and np.bincount(a.rows()[:, 1]).tolist() == [6, 6, 6, 6]
+    assert a.rows()[:, 0].tolist() == np.repeat(np.arange(6), 4).tolist()
+    x, y, k = a[9]
+    assert k == 9 and y == images.labels[2] and torch.equal(x, b[9][0]) and not torch.equal(x, c[9][0])
+
+
+def test_challenge_augmentation_draws_from_torchs_generator(tmp_path):
+    import torch
+
+    from streetvision.models.data import ChallengeAugment
+
+    augment = ChallengeAugment(_tiny_images(tmp_path).transform)
+    image = _photo(120, 90)
+    torch.manual_seed(0)
+    first = [augment(image) for _ in range(3)]
+    torch.manual_seed(0)
+    again = [augment(image) for _ in range(3)]
+    assert all(torch.equal(p, q) for p, q in zip(first, again, strict=True))
+    assert not torch.equal(first[0], first[1]) and first[0].shape == (3, 32, 32)
+
+
+@pytest.mark.slow
+def test_training_on_challenge_views_turns_the_feature_cache_off(demo_dataset, demo_splits, tmp_path):
+    from streetvision.config import load_config
+    from streetvision.io.manifests import verify_dir
+    from streetvision.steps import train_baseline
+
+    overrides = ["model.backbone=test_efficientnet", "model.pretrained=false", "model.freeze_backbone=true",
+                 "data.image_size=64", "data.augment=challenge", "trainer.max_epochs=1",
+                 "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=2"]  # fmt: skip
+    cfg = load_config(train_baseline.Config, [], overrides)
+    train_baseline.run(cfg, dataset=demo_dataset, splits=demo_splits, out=tmp_path / "p1")
+    m = verify_dir(tmp_path / "p1", "train_baseline")
+    assert m.extra["feature_cache"] is False
+    calib = np.load(tmp_path / "p1" / "labels_val_calib.npy")
+    views = np.load(tmp_path / "p1" / "views_val_calib_challenge.npy")
+    assert len(np.load(tmp_path / "p1" / "logits_val_calib_challenge.npy")) == len(views) == 2 * len(calib)

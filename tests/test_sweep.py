@@ -256,3 +256,53 @@ def test_executor_output_validates_against_the_kfp_sdk(tmp_path):
     assert raw["artifacts"]["classification"]["artifacts"][0]["metadata"] == ref.metadata
     assert 2 < len(ref.metadata["confidenceMetrics"]) <= 200
     assert (tmp_path / "report").read_text().startswith("# Threshold sweep")
+
+
+def test_challenge_views_are_what_the_threshold_is_fitted_on(tmp_path):
+    logits, labels = separable_logits(n=200, seed=3)
+    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    # Replace the fake's challenge views by shifted logits: two views per image, levels 0-3.
+    shifted = np.repeat(logits, 2, axis=0) - 1.5
+    rows = np.repeat(np.arange(len(labels)), 2)
+    views = np.stack([rows, np.arange(len(rows)) % 4], axis=1)
+    from streetvision.io.outputs import StepOutputs
+
+    out = StepOutputs(tmp_path / "p1b", "train_baseline")
+    for name in ("logits_val_calib.npy", "labels_val_calib.npy"):
+        out.copy(name, p1 / name)
+    out.write_npy("logits_val_calib_challenge.npy", shifted)
+    out.write_npy("views_val_calib_challenge.npy", views)
+    out.commit(config={})
+    run_step(tmp_path / "c", tmp_path / "p1b")
+    run_step(tmp_path / "k", tmp_path / "p1b", "policy.views=clean")
+    challenge = json.loads((tmp_path / "c" / "sweep" / "thresholds.json").read_text())
+    clean = json.loads((tmp_path / "k" / "sweep" / "thresholds.json").read_text())
+    expected, _ = sweep.choose_threshold(sweep.exact_sweep(sweep.probabilities(shifted), labels[rows]))
+    assert challenge["threshold"] == expected and challenge["views"] == "challenge"
+    assert challenge["n"] == 2 * len(labels) and challenge["images"] == len(labels)
+    assert set(challenge["by_level"]) == {"level_0", "level_1", "level_2", "level_3"}
+    assert clean["views"] == "clean" and clean["threshold"] != challenge["threshold"]
+    assert "challenge level" in (tmp_path / "c" / "sweep" / "report.md").read_text()
+
+
+def test_missing_or_malformed_challenge_views_get_one_line(tmp_path):
+    logits, labels = separable_logits(n=100)
+    p1 = fake_phase1(tmp_path / "p1", logits, labels, challenge=False)
+    r = cli("sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "eval.challenge_views" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert (
+        cli(
+            "sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "o2"), "policy.views=clean"
+        ).returncode
+        == 0
+    )
+    from streetvision.io.outputs import StepOutputs
+
+    out = StepOutputs(tmp_path / "bad", "train_baseline")
+    for name in ("logits_val_calib.npy", "labels_val_calib.npy"):
+        out.copy(name, p1 / name)
+    out.write_npy("logits_val_calib_challenge.npy", logits)
+    out.write_npy("views_val_calib_challenge.npy", np.stack([np.arange(100) + 5, np.zeros(100, int)], axis=1))
+    out.commit(config={})
+    r = cli("sweep-thresholds", "--phase1", str(tmp_path / "bad"), "--out", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "out of range" in r.stderr and len(r.stderr.splitlines()) == 1
