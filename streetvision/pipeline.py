@@ -245,6 +245,11 @@ def _summary(outs: dict[str, str], done: dict[str, str]) -> dict[str, Any]:
             f"  val_test (held out) MCC {m['test_mcc']:.3f}  accuracy {m['test_accuracy']:.3f}  "
             f"FNR {m['test_fnr']:.3f}  FPR {m['test_fpr']:.3f}"
         )
+        rewards = [
+            f"{v}: {m[f'{v}_subnet_reward']:.3f}" for v in ("clean", "challenge") if f"{v}_subnet_reward" in m
+        ]
+        if rewards:
+            lines.append(f"  simulated subnet reward on val_test  {'  '.join(rewards)}")
         lines.append(
             f"  verified bundle: {outs['export_bundle']}  (check: streetvision verify {outs['export_bundle']})"
         )
