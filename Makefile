@@ -41,13 +41,20 @@ bench: $(STAMP)
 run: $(STAMP)
 	$(BIN)/streetvision run --out $(OUT) $(ARGS)
 
-# Regenerate pipelines/streetvision.yaml and components/*.yaml (REGISTRY / TAG override the images).
+# Regenerate pipelines/streetvision.yaml and components/*.yaml. Other images (REGISTRY / TAG, or digests in
+# BASE_REF / TRAIN_REF as `make push` prints them) or COMPILE_ARGS options write build/streetvision.yaml.
+BASE_REF  ?= $(BASE_IMAGE)
+TRAIN_REF ?= $(TRAIN_IMAGE)
 compile: $(STAMP)
-	STREETVISION_REGISTRY=$(REGISTRY) STREETVISION_TAG=$(TAG) $(BIN)/python -m pipelines.compile $(COMPILE_ARGS)
+	STREETVISION_BASE_IMAGE=$(BASE_REF) STREETVISION_TRAIN_IMAGE=$(TRAIN_REF) \
+		$(BIN)/python -m pipelines.compile $(COMPILE_ARGS)
 
 # Upload the compiled pipeline and start a run: make submit KFP_ENDPOINT=http://... PARAMS="dataset_uri=s3://..."
+# (PACKAGE=build/streetvision.yaml for a pipeline compiled with options; NO_CACHE=1 re-runs every step).
+PACKAGE ?= pipelines/streetvision.yaml
 submit: $(STAMP)
-	KFP_ENDPOINT=$(KFP_ENDPOINT) $(BIN)/python -m pipelines.submit --service-account "$(SERVICE_ACCOUNT)" $(PARAMS)
+	KFP_ENDPOINT=$(KFP_ENDPOINT) $(BIN)/python -m pipelines.submit --package $(PACKAGE) \
+		--service-account "$(SERVICE_ACCOUNT)" $(if $(NO_CACHE),--no-cache) $(PARAMS)
 
 # Build both images with the tags the components reference, from the repository root (the .dockerignore
 # keeps the context to pyproject.toml, constraints.txt, README.md and streetvision/).
@@ -57,9 +64,14 @@ images: $(STAMP)
 	$(DOCKER_BUILD) -f images/train/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(TRAIN_IMAGE) .
 	docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F -e $(BASE_IMAGE) -e $(TRAIN_IMAGE)
 
+# Push both images, then print their digests and the command that compiles the pipeline pinned to them.
 push:
 	docker push $(BASE_IMAGE)
 	docker push $(TRAIN_IMAGE)
+	@base=$$(docker image inspect --format '{{index .RepoDigests 0}}' $(BASE_IMAGE)) && \
+	 train=$$(docker image inspect --format '{{index .RepoDigests 0}}' $(TRAIN_IMAGE)) && \
+	 echo "$$base" && echo "$$train" && \
+	 echo "pin them: make compile BASE_REF=$$base TRAIN_REF=$$train"
 
 clean:
 	rm -rf $(VENV) runs .bench .pytest_cache .ruff_cache

@@ -16,6 +16,12 @@ BASE_IMAGE = os.environ.get("STREETVISION_BASE_IMAGE", f"{REGISTRY}/streetvision
 # Training and prediction: the base plus torch, Lightning and timm.
 TRAIN_IMAGE = os.environ.get("STREETVISION_TRAIN_IMAGE", f"{REGISTRY}/streetvision-train:{TAG}")
 
+# True when the images are the ones the committed YAML references.
+DEFAULT = (BASE_IMAGE, TRAIN_IMAGE) == (
+    "ghcr.io/streetvision/streetvision-base:0.1.0",
+    "ghcr.io/streetvision/streetvision-train:0.1.0",
+)
+
 ENTRYPOINT = ["python", "-m", "streetvision"]
 # Every step gets the executor input (to write the UI's outputs) and the run and task that ran it, which
 # its manifest records so that a manifest leads back to its run in the Kubeflow UI.

@@ -1,8 +1,13 @@
 """``python -m pipelines.compile``: write pipelines/streetvision.yaml and components/<stem>.yaml.
 
 Platform options (off by default): ``--gpus N``, ``--node-selector key=value``, ``--toleration
-key=value:effect``, ``--s3-secret NAME``. Image references come from components/images.py (environment
-overrides ``STREETVISION_REGISTRY``, ``STREETVISION_TAG``).
+key=value:effect``, ``--s3-secret NAME``, ``--train-cpu``/``--train-memory``/``--step-cpu``/``--step-memory``
+(requests; memory limits equal them), ``--legacy-platform-spec`` (for KFP backends older than the SDK).
+Image references come from components/images.py (environment overrides ``STREETVISION_REGISTRY``,
+``STREETVISION_TAG``, or digests in ``STREETVISION_BASE_IMAGE`` / ``STREETVISION_TRAIN_IMAGE``).
+
+The committed files are only ever the defaults: with any option or other images the pipeline goes to
+``--output`` (default ``build/streetvision.yaml``) and the components beside it, never over them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 
 from kfp import compiler
 
+from components import images
 from components.export_bundle import export_bundle
 from components.make_splits import make_splits
 from components.sweep_thresholds import sweep_thresholds
@@ -19,6 +25,8 @@ from components.train_baseline import train_baseline
 from pipelines.streetvision import PlatformOptions, build_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "pipelines" / "streetvision.yaml"
+BUILD = ROOT / "build" / "streetvision.yaml"
 COMPONENTS = {
     "make_splits": make_splits,
     "train_baseline": train_baseline,
@@ -47,24 +55,82 @@ def _toleration(spec: str) -> dict[str, str]:
     }
 
 
-def main() -> None:
+# What a KFP backend older than the SDK's knows of the Kubernetes platform spec (kfp-kubernetes 1.x): newer
+# fields (e.g. SecretAsEnv's ``secretNameParameter`` and ``optional``) make its driver fail with "unknown
+# field". Per platform-spec section, the fields kept by --legacy-platform-spec.
+LEGACY_FIELDS = {
+    "secretAsEnv": {"secretName", "keyToEnv"},
+    "nodeSelector": {"labels"},
+    "tolerations": {"key", "operator", "value", "effect", "tolerationSeconds"},
+}
+
+
+def legacy_platform_spec(path: Path) -> None:
+    """Rewrite the compiled pipeline's Kubernetes platform spec in the form older backends accept."""
+    import yaml
+
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for doc in docs[1:]:
+        executors = (
+            doc.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+        )
+        for config in executors.values():
+            unknown = set(config) - set(LEGACY_FIELDS)
+            if unknown:
+                raise SystemExit(f"--legacy-platform-spec: no legacy form for {', '.join(sorted(unknown))}")
+            for section, keep in LEGACY_FIELDS.items():
+                value = config.get(section)
+                entries = value if isinstance(value, list) else [value] if value else []
+                for entry in entries:
+                    for key in set(entry) - keep:
+                        del entry[key]
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output", type=Path, default=ROOT / "pipelines" / "streetvision.yaml")
-    p.add_argument("--components-dir", type=Path, default=ROOT / "components")
+    p.add_argument("--output", type=Path, default=None, help=f"default: {COMMITTED} (defaults) or {BUILD}")
+    p.add_argument("--components-dir", type=Path, default=None)
     p.add_argument("--gpus", type=int, default=0)
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
     p.add_argument("--s3-secret", default=PlatformOptions().s3_secret)
-    a = p.parse_args()
+    d = PlatformOptions()
+    for name in ("train_cpu", "train_memory", "step_cpu", "step_memory"):
+        p.add_argument(
+            f"--{name.replace('_', '-')}", default=getattr(d, name), help=f"default {getattr(d, name)}"
+        )
+    p.add_argument("--legacy-platform-spec", action="store_true", help="for KFP backends older than 2.17")
+    a = p.parse_args(argv)
     options = PlatformOptions(
         s3_secret=a.s3_secret,
         gpus=a.gpus,
         node_selector=dict(s.split("=", 1) for s in a.node_selector),
         tolerations=[_toleration(t) for t in a.toleration],
+        train_cpu=a.train_cpu,
+        train_memory=a.train_memory,
+        step_cpu=a.step_cpu,
+        step_memory=a.step_memory,
     )
-    compile_all(a.output, a.components_dir, options)
-    print(f"wrote {a.output} and {len(COMPONENTS)} component specs in {a.components_dir}")
+    default = options == PlatformOptions() and not a.legacy_platform_spec and images.DEFAULT
+    output = a.output or (COMMITTED if default else BUILD)
+    if not default and output.resolve() == COMMITTED.resolve():
+        p.error(
+            f"{COMMITTED.relative_to(ROOT)} holds the defaults only; write these options to another --output"
+        )
+    components = a.components_dir or (
+        ROOT / "components" if output.resolve() == COMMITTED.resolve() else output.parent / "components"
+    )
+    if not default and components.resolve() == (ROOT / "components").resolve():
+        p.error("components/*.yaml hold the default images only; give another --components-dir")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    components.mkdir(parents=True, exist_ok=True)
+    compile_all(output, components, options)
+    if a.legacy_platform_spec:
+        legacy_platform_spec(output)
+    print(f"wrote {output} and {len(COMPONENTS)} component specs in {components}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

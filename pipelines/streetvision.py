@@ -1,7 +1,7 @@
 """The default StreetVision pipeline: make_splits -> train_baseline -> sweep_thresholds -> export_bundle.
 
 ``build_pipeline(options)`` returns the pipeline function; :class:`PlatformOptions` holds what is decided
-at compile time (credentials Secret, GPU request, node selector, tolerations). The committed
+at compile time (credentials Secret, GPU request, node selector, tolerations, CPU and memory). The committed
 ``pipelines/streetvision.yaml`` is ``build_pipeline()`` with the defaults (CPU, no selectors).
 """
 
@@ -32,6 +32,16 @@ class PlatformOptions:
     gpu_resource: str = "nvidia.com/gpu"
     node_selector: dict[str, str] = field(default_factory=dict)  # for the training step
     tolerations: list[dict[str, str]] = field(default_factory=list)  # {key, operator, value, effect}
+    # Requests per pod; memory limits equal the requests (a pod that outgrows them is told so plainly
+    # instead of starving its node) and CPU is not limited (a CPU limit only throttles).
+    train_cpu: str = "4"
+    train_memory: str = "16G"
+    step_cpu: str = "1"
+    step_memory: str = "2G"
+
+
+def _with_resources(task, cpu: str, memory: str):
+    return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
 
 
 def _with_credentials(task, options: PlatformOptions):
@@ -138,6 +148,9 @@ def build_pipeline(options: PlatformOptions | None = None):
 
         for task in (splits, train, sweep, export):
             _with_credentials(task, options)
+        _with_resources(train, options.train_cpu, options.train_memory)
+        for task in (splits, sweep, export):
+            _with_resources(task, options.step_cpu, options.step_memory)
 
     return streetvision
 

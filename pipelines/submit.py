@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default="streetvision")
     p.add_argument("--run-name", default=None)
     p.add_argument("--service-account", default="", help="Kubernetes service account for the run's pods")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="re-run every step instead of reusing cached results (Kubeflow caches by inputs and parameters)",
+    )
     p.add_argument("params", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     endpoint = os.environ.get("KFP_ENDPOINT")
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment_name=a.experiment,
         run_name=a.run_name,
         service_account=a.service_account or None,
+        enable_caching=False if a.no_cache else None,
     )
     print(f"started run {run.run_id} on {endpoint}")
     return 0

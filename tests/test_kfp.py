@@ -2,6 +2,7 @@
 each component's compiled command line runs the real step (contract tests)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,68 @@ def test_export_bundle_component_runs_its_compiled_command(trained, tmp_path):
         [sys.executable, "-m", "streetvision", "verify", str(root / "bundle")], capture_output=True
     )
     assert r.returncode == 0
+
+
+def test_options_never_overwrite_the_committed_files(tmp_path, monkeypatch):
+    from pipelines import compile as compile_module
+
+    committed = (ROOT / "pipelines" / "streetvision.yaml").read_bytes()
+    components = {p.name: p.read_bytes() for p in (ROOT / "components").glob("*.yaml")}
+    monkeypatch.setattr(compile_module, "BUILD", tmp_path / "build" / "streetvision.yaml")
+    assert compile_module.main(["--gpus", "1", "--train-memory", "64G"]) == 0
+    built = yaml.safe_load_all((tmp_path / "build" / "streetvision.yaml").read_text())
+    train = next(built)["deploymentSpec"]["executors"]["exec-train-baseline"]["container"]["resources"]
+    assert train["resourceMemoryRequest"] == "64G" and train["accelerator"]["resourceCount"] == "1"
+    assert sorted(p.name for p in (tmp_path / "build" / "components").glob("*.yaml")) == sorted(components)
+    with pytest.raises(SystemExit) as e:
+        compile_module.main(["--gpus", "1", "--output", str(ROOT / "pipelines" / "streetvision.yaml")])
+    assert e.value.code == 2
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", "--output", str(ROOT / "pipelines" / "streetvision.yaml")],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "STREETVISION_REGISTRY": "reg.example/team"},
+    )  # fmt: skip
+    assert r.returncode == 2 and "defaults only" in r.stderr
+    assert (ROOT / "pipelines" / "streetvision.yaml").read_bytes() == committed
+    assert {p.name: p.read_bytes() for p in (ROOT / "components").glob("*.yaml")} == components
+
+
+def test_every_step_requests_cpu_and_memory_and_limits_memory(spec):
+    pipeline, _ = spec
+    executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
+    for name, (cpu, memory) in {
+        "exec-train-baseline": ("4", "16G"),
+        "exec-make-splits": ("1", "2G"),
+        "exec-sweep-thresholds": ("1", "2G"),
+        "exec-export-bundle": ("1", "2G"),
+    }.items():
+        r = executors[name]["container"]["resources"]
+        assert (r["resourceCpuRequest"], r["resourceMemoryRequest"], r["resourceMemoryLimit"]) == (
+            cpu,
+            memory,
+            memory,
+        )
+        assert "resourceCpuLimit" not in r  # a CPU limit only throttles
+
+
+def test_legacy_platform_spec_keeps_only_fields_older_backends_know(tmp_path):
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
+
+    from pipelines.compile import LEGACY_FIELDS
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.compile", "--output", str(tmp_path / "p.yaml"), "--legacy-platform-spec",
+         "--node-selector", "pool=gpu", "--toleration", "nvidia.com/gpu=present:NoSchedule"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == 4
+    for config in executors.values():
+        assert set(config) <= set(LEGACY_FIELDS)
+        for section, entries in config.items():
+            for entry in entries if isinstance(entries, list) else [entries]:
+                assert set(entry) <= LEGACY_FIELDS[section], (section, entry)
+        json_format.ParseDict(config, k8s_pb2.KubernetesExecutorConfig())  # still a valid spec
+    assert executors["exec-train-baseline"]["secretAsEnv"][0]["secretName"] == "streetvision-s3"
+    assert executors["exec-train-baseline"]["nodeSelector"] == {"labels": {"pool": "gpu"}}

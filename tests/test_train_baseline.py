@@ -56,6 +56,7 @@ EXPECTED = {
         for s in ("val_select", "val_calib", "val_test")
         for kind, ext in (("logits", "npy"), ("labels", "npy"), ("ids", "json"))
     ),
+    *(f"{kind}_{s}_challenge.npy" for s in ("val_calib", "val_test") for kind in ("logits", "views")),
 }
 
 
