@@ -10,6 +10,7 @@ def make_splits(
     splits: dsl.Output[dsl.Artifact],
     seed: int = SPLITS.seed,
     ratios: str = SPLIT_RATIOS,
+    dataset_fingerprint: str = "",
 ):
     """Phase 0: stratified, seeded split of a dataset into train / val_select / val_calib / val_test.
 
@@ -17,6 +18,8 @@ def make_splits(
         dataset: Folder with labels.csv (image,label; 1 = roadwork) and the images it lists.
         seed: Seed of the per-class shuffle.
         ratios: Shares of train, val_select, val_calib, val_test, as a list summing to 1.
+        dataset_fingerprint: The dataset_fingerprint step's output, recorded in the config so that the cache
+            key changes with the dataset's content.
 
     Returns:
         splits: Step directory with splits.json (disjoint id lists, seed, ratios) and manifest.json.
@@ -32,5 +35,6 @@ def make_splits(
             *KFP_RUN,
             dsl.ConcatPlaceholder(["splits.seed=", seed]),
             dsl.ConcatPlaceholder(["splits.ratios=", ratios]),
+            dsl.ConcatPlaceholder(["dataset_fingerprint=", dataset_fingerprint]),
         ],
     )

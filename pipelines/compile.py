@@ -18,6 +18,7 @@ from pathlib import Path
 from kfp import compiler
 
 from components import images
+from components.dataset_fingerprint import dataset_fingerprint
 from components.export_bundle import export_bundle
 from components.make_splits import make_splits
 from components.sweep_thresholds import sweep_thresholds
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "pipelines" / "streetvision.yaml"
 BUILD = ROOT / "build" / "streetvision.yaml"
 COMPONENTS = {
+    "dataset_fingerprint": dataset_fingerprint,
     "make_splits": make_splits,
     "train_baseline": train_baseline,
     "sweep_thresholds": sweep_thresholds,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from components.dataset_fingerprint import dataset_fingerprint
 from components.defaults import TRAIN
 from components.export_bundle import export_bundle
 from components.make_splits import make_splits
@@ -102,7 +103,14 @@ def build_pipeline(options: PlatformOptions | None = None):
         dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
         dataset.set_display_name("dataset")
 
-        splits = make_splits(dataset=dataset.output, seed=seed)
+        # The importer does not look at the data: a dataset rewritten in place keeps its URI. A never-cached
+        # fingerprint of its listing feeds make_splits, so the cache key of every step follows the content.
+        fingerprint = dataset_fingerprint(dataset_uri=dataset_uri)
+        fingerprint.set_caching_options(False)
+        fingerprint.set_display_name("dataset-fingerprint")
+        splits = make_splits(
+            dataset=dataset.output, seed=seed, dataset_fingerprint=fingerprint.outputs["fingerprint"]
+        )
 
         train = train_baseline(
             dataset=dataset.output,
@@ -146,10 +154,10 @@ def build_pipeline(options: PlatformOptions | None = None):
             min_test_mcc=min_test_mcc,
         )
 
-        for task in (splits, train, sweep, export):
+        for task in (fingerprint, splits, train, sweep, export):
             _with_credentials(task, options)
         _with_resources(train, options.train_cpu, options.train_memory)
-        for task in (splits, sweep, export):
+        for task in (fingerprint, splits, sweep, export):
             _with_resources(task, options.step_cpu, options.step_memory)
 
     return streetvision

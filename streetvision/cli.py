@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from streetvision import __version__
 from streetvision.errors import StreetVisionError
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=240, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
+
+    p = sub.add_parser("fingerprint", help="a dataset's current fingerprint (Kubeflow's cache key)")
+    p.add_argument("--dataset", required=True, help="dataset folder or s3:// prefix holding labels.csv")
+    p.add_argument("--output-file", default=None, help="also write it to this file (a KFP output)")
 
     p = sub.add_parser("make-splits", help="phase 0: stratified train/val_select/val_calib/val_test splits")
     p.add_argument("--dataset", required=True, help="dataset folder or s3:// prefix holding labels.csv")
@@ -123,6 +128,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         path = write_demo(args.out, n=args.n, seed=args.seed, size=args.size)
         print(f"wrote {args.n} images and labels.csv to {path}")
+        return 0
+    if cmd == "fingerprint":
+        from streetvision.data.dataset import fingerprint
+        from streetvision.io import atomic
+
+        value = fingerprint(args.dataset)
+        if args.output_file:
+            Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(args.output_file, value)
+        print(value)
         return 0
     if cmd == "predict":
         from streetvision.predict import predict_cli

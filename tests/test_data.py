@@ -177,3 +177,26 @@ def test_exif_orientation_is_honoured(tmp_path):
     assert img.size == (32, 64)
     top = np.asarray(img)[2, 16]
     assert top[2] > 150 and top[0] < 80  # the blue left half is now on top
+
+
+def test_fingerprint_follows_content_rewritten_in_place_locally_and_on_s3(s3, tmp_path):
+    from streetvision.data.dataset import fingerprint
+    from streetvision.data.demo import write_demo
+    from streetvision.io import store
+
+    local = write_demo_dataset(tmp_path / "d", n=10, seed=3, size=48)
+    write_demo(s3, n=10, seed=3, size=48)
+    before = {"local": fingerprint(local), "s3": fingerprint(s3)}
+    assert fingerprint(local) == before["local"] and fingerprint(s3) == before["s3"]  # stable
+    first = sorted((local / "images").iterdir())[0]
+    first.write_bytes(sorted((local / "images").iterdir())[1].read_bytes())  # same name, other pixels
+    store.upload_file(first, store.join(s3, f"images/{first.name}"))
+    assert fingerprint(local) != before["local"] and fingerprint(s3) != before["s3"]
+    out = tmp_path / "kfp" / "outputs" / "fingerprint"
+    r = subprocess.run([sys.executable, "-m", "streetvision", "fingerprint", "--dataset", s3, "--output-file",
+                        str(out)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == r.stdout.strip() == fingerprint(s3)
+    r = subprocess.run([sys.executable, "-m", "streetvision", "fingerprint", "--dataset", str(tmp_path / "nope")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "not a directory" in r.stderr

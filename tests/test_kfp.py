@@ -76,7 +76,17 @@ def producer(task, kind, name):
 def test_dag_wires_each_output_to_the_right_input(spec):
     pipeline, _ = spec
     tasks = pipeline.root.dag.tasks
-    assert set(tasks) == {"importer", "make-splits", "train-baseline", "sweep-thresholds", "export-bundle"}
+    assert set(tasks) == {
+        "importer", "dataset-fingerprint", "make-splits", "train-baseline", "sweep-thresholds", "export-bundle"
+    }  # fmt: skip
+    # The dataset's content reaches the cache key: the never-cached fingerprint feeds make_splits.
+    fp = tasks["make-splits"].inputs.parameters["dataset_fingerprint"].task_output_parameter
+    assert (fp.producer_task, fp.output_parameter_key) == ("dataset-fingerprint", "fingerprint")
+    assert not tasks["dataset-fingerprint"].caching_options.enable_cache
+    assert (
+        tasks["dataset-fingerprint"].inputs.parameters["dataset_uri"].component_input_parameter
+        == "dataset_uri"
+    )
     assert producer(tasks["make-splits"], "artifacts", "dataset") == ("importer", "artifact")
     assert producer(tasks["train-baseline"], "artifacts", "dataset") == ("importer", "artifact")
     assert producer(tasks["train-baseline"], "artifacts", "splits") == ("make-splits", "splits")
@@ -274,7 +284,7 @@ def test_legacy_platform_spec_keeps_only_fields_older_backends_know(tmp_path):
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 4
+    assert len(executors) == 5
     for config in executors.values():
         assert set(config) <= set(LEGACY_FIELDS)
         for section, entries in config.items():

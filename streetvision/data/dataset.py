@@ -166,3 +166,22 @@ def content_identity(uri: str | Path) -> str:
             key = f"s3:{obj}|{objects[name][0]}|{objects[name][1]}"
             hashes[name] = cache.get(key) or cache.put(key, hashlib.sha256(store.read_bytes(obj)).hexdigest())
     return content_sha256(hashlib.sha256(raw).hexdigest(), hashes)
+
+
+def fingerprint(uri: str | Path) -> str:
+    """A cheap identity of what a dataset holds now, for Kubeflow's cache key: on the object store, the
+    SHA-256 of ``labels.csv`` and of every listed image's key, size and ETag (a listing, no download);
+    locally, :func:`content_identity`. Rewriting an image or the index in place changes it."""
+    if not store.is_s3(uri):
+        if not Path(uri).is_dir():
+            raise DataError(f"dataset {uri} is not a directory")
+        return content_identity(uri)
+    index = store.join(str(uri), INDEX)
+    raw = store.read_bytes(index)
+    objects = store.list_objects(str(uri))
+    lines = [f"{INDEX} {hashlib.sha256(raw).hexdigest()}"]
+    for row in _rows(raw, index):
+        name = (row.get("image") or "").strip()
+        size, etag = objects.get(name, (-1, "missing"))
+        lines.append(f"{name} {size} {etag}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -27,6 +27,9 @@ class SplitsConfig:
 @dataclass
 class Config:
     splits: SplitsConfig = field(default_factory=SplitsConfig)
+    # The dataset's fingerprint when the run was submitted (Kubeflow's fingerprint step), recorded so that
+    # Kubeflow's cache key changes when the dataset at the same URI does; not used otherwise.
+    dataset_fingerprint: str = ""
 
     def check(self) -> None:
         r = self.splits.ratios
