@@ -10,9 +10,12 @@ TAG      ?= 0.1.0
 BASE_IMAGE  := $(REGISTRY)/streetvision-base:$(TAG)
 TRAIN_IMAGE := $(REGISTRY)/streetvision-train:$(TAG)
 GIT_SHA  := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
-DOCKER_BUILD ?= DOCKER_BUILDKIT=0 docker build --network host
+# BuildKit through buildx where it is installed; Debian's docker.io 20.10 has no buildx, and there the
+# legacy builder is what works (it also runs RUN steps on the host network, with no bridge).
+DOCKER_BUILD ?= $(if $(shell docker buildx version 2>/dev/null),docker buildx build --load,DOCKER_BUILDKIT=0 docker build) --network host
+TORCH_INDEX_URL ?=
 
-.PHONY: venv test test-fast test-faults lint bench run compile submit images push clean
+.PHONY: venv test test-fast test-faults lint bench run compile submit deploy-check images push clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,16 +55,24 @@ compile: $(STAMP)
 # Upload the compiled pipeline and start a run: make submit KFP_ENDPOINT=http://... PARAMS="dataset_uri=s3://..."
 # (PACKAGE=build/streetvision.yaml for a pipeline compiled with options; NO_CACHE=1 re-runs every step).
 PACKAGE ?= pipelines/streetvision.yaml
+SERVICE_ACCOUNT ?= streetvision-pipeline-runner
+OVERLAY ?= manifests/overlays/example
 submit: $(STAMP)
 	KFP_ENDPOINT=$(KFP_ENDPOINT) $(BIN)/python -m pipelines.submit --package $(PACKAGE) \
 		--service-account "$(SERVICE_ACCOUNT)" $(if $(NO_CACHE),--no-cache) $(PARAMS)
+
+# Before applying anything: render OVERLAY and check it against PACKAGE (Secret keys, ServiceAccount,
+# launcher config and object store).
+deploy-check: $(STAMP)
+	$(BIN)/python -m pipelines.deploy_check --overlay $(OVERLAY) --package $(PACKAGE) --service-account $(SERVICE_ACCOUNT)
 
 # Build both images with the tags the components reference, from the repository root (the .dockerignore
 # keeps the context to pyproject.toml, constraints.txt, README.md and streetvision/).
 images: $(STAMP)
 	$(DOCKER_BUILD) -f images/base/Dockerfile --build-arg STREETVISION_GIT_SHA=$(GIT_SHA) \
 		--build-arg STREETVISION_VERSION=$(TAG) -t $(BASE_IMAGE) .
-	$(DOCKER_BUILD) -f images/train/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(TRAIN_IMAGE) .
+	$(DOCKER_BUILD) -f images/train/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t $(TRAIN_IMAGE) .
 	docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F -e $(BASE_IMAGE) -e $(TRAIN_IMAGE)
 
 # Push both images, then print their digests and the command that compiles the pipeline pinned to them.

@@ -121,32 +121,65 @@ def test_a_phase_runs_against_s3_with_the_aws_variables(images, s3, s3_server, s
     assert s3_server.secret_key not in r.stdout + r.stderr
 
 
+def readme_blocks(title: str) -> list[tuple[str, str]]:
+    from test_readme import section
+
+    return section(title)
+
+
+def _shell(code: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **(extra or {}),
+    }
+
+
 @pytest.mark.slow
-def test_the_compiled_pipeline_runs_end_to_end_in_containers(images, shared):
-    from kfp import local
+@pytest.mark.parametrize("user", ["yours", "arbitrary"])
+def test_readme_docker_run_commands_run_as_written(images, s3_server, tmp_path, user):
+    """The README's `docker run` block, verbatim (and with an arbitrary uid, as OpenShift runs images)."""
+    import boto3
 
-    from pipelines.streetvision import streetvision
+    (lang, code), *_ = readme_blocks("Container images")
+    assert lang == "bash" and '--user "$(id -u):$(id -g)"' in code
+    if user == "arbitrary":
+        code = "umask 0\n" + code.replace('"$(id -u):$(id -g)"', "4242:4242")
+    env = _env(s3_server.env())
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name=env["AWS_DEFAULT_REGION"],
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    if "streetvision-demo" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket="streetvision-demo")
+    r = _shell("streetvision demo-data --out s3://streetvision-demo/roadwork --n 40 --size 48", tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    r = _shell(code, tmp_path, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stem in ("make_splits", "train_baseline"):
+        verify_dir(tmp_path / "out" / stem, stem)
+    store.verified("s3://streetvision-demo/runs/1/make_splits", "make_splits")
+    owners = {p.stat().st_uid for p in (tmp_path / "out").rglob("*")}
+    assert owners == ({os.getuid()} if user == "yours" else {4242})
+    if user == "yours":
+        shutil.rmtree(tmp_path / "out")  # the user can delete what the containers wrote
 
-    root = shared / "pipeline_root"
-    root.mkdir()
-    root.chmod(0o777)
-    data = write_demo_dataset(root / "dataset", n=80, seed=3, size=64)
-    old = os.umask(0)  # kfp.local creates task folders on the host; the containers' user must write them
-    try:
-        # The runner passes command + args as the container command: clear the image's ENTRYPOINT as
-        # Kubernetes does when a pod sets `command`.
-        local.init(runner=local.DockerRunner(network_mode="host", entrypoint=[""]), pipeline_root=str(root))
-        streetvision(
-            dataset_uri=str(data),
-            backbone="test_efficientnet",
-            pretrained=False,
-            freeze_backbone=False,
-            epochs=2,
-            batch_size=16,
-            image_size=64,
-        )
-    finally:
-        os.umask(old)
+
+@pytest.mark.slow
+def test_the_readme_kfp_local_snippet_runs_the_compiled_pipeline_in_containers(images, tmp_path):
+    """The README's kfp.local blocks, verbatim, from a folder outside the repository."""
+    (_, data_cmd), (lang, snippet) = readme_blocks("Container images")[1:3]
+    assert lang == "python" and "local.DockerRunner" in snippet
+    env = _env()
+    r = _shell(data_cmd, tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env={**env, "PYTHONPATH": ""},
+                       capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = tmp_path / "kfp-root"
     (run_dir,) = [p for p in root.iterdir() if p.name.startswith("streetvision-")]
     for task, artifact in [
         ("make-splits", "splits"),
@@ -155,21 +188,16 @@ def test_the_compiled_pipeline_runs_end_to_end_in_containers(images, shared):
         ("export-bundle", "bundle"),
     ]:
         verify_dir(run_dir / task / artifact)
+    assert {p.stat().st_uid for p in run_dir.rglob("*")} == {os.getuid()}
+    recorded = verify_dir(run_dir / "make-splits" / "splits", "make_splits").config["dataset_fingerprint"]
+    assert len(recorded) == 64  # the fingerprint step ran and fed make_splits
     report = verify_path(str(run_dir / "export-bundle" / "bundle"))
     assert report["bundle_files"] == 4
     bundle = json.loads((run_dir / "export-bundle" / "bundle" / "bundle.json").read_text())
-    assert bundle["backbone"] == "test_efficientnet" and "mcc" in bundle["test_metrics"]
+    assert bundle["backbone"] == "test_efficientnet" and "challenge" in bundle["held_out"]
+    data = root / "dataset"
     predict = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streetvision",
-            "predict",
-            "--bundle",
-            str(run_dir / "export-bundle" / "bundle"),
-            str(data / "images"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+        [sys.executable, "-m", "streetvision", "predict", "--bundle", str(run_dir / "export-bundle" / "bundle"),
+         str(data / "images")], capture_output=True, text=True,
+    )  # fmt: skip
     assert predict.returncode == 0 and len(predict.stdout.splitlines()) == 80

@@ -4,6 +4,7 @@ API schemas offline (the `kubernetes` client's models; an unknown or mistyped fi
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,47 @@ def test_the_in_cluster_object_store_runs_its_own_command_line_with_the_pinned_s
         weed.wait(timeout=30)
         for sock in set(Path("/tmp").glob("seaweedfs-*.sock")) - sockets:  # weed keeps them in /tmp
             sock.unlink(missing_ok=True)
+
+
+REPO = ROOT.parent
+
+
+def _deploy_check(overlay, *extra):
+    return subprocess.run([sys.executable, "-m", "pipelines.deploy_check", "--overlay", str(overlay), *extra],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (None, None),
+        (("base/s3-secret.yaml", "  AWS_DEFAULT_REGION: us-east-1\n", ""), "lacks key(s) the steps read: AWS_DEFAULT_REGION"),
+        (("overlays/example/in-cluster-s3.yaml", "svc.cluster.local:8333\n        region", "svc.cluster.local:9000\n        region"),
+         "different stores"),
+        (("object-store/seaweedfs.yaml", "kind: Service\nmetadata:\n  name: streetvision-s3", "kind: Service\nmetadata:\n  name: other-s3"), "no Service"),
+        (("base/serviceaccount.yaml", 'resourceNames: ["streetvision-s3"]', 'resourceNames: ["other"]'),
+         "may not get secrets/streetvision-s3"),
+        (("base/kfp-launcher.yaml", "s3://streetvision-artifacts/pipelines", "minio://x"), "not an s3:// URI"),
+    ],
+)  # fmt: skip
+def test_deploy_check_finds_what_does_not_fit_before_anything_is_applied(tmp_path, edit, message):
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    shutil.copytree(ROOT, tmp_path / "manifests")
+    if edit:
+        path, old, new = edit
+        f = tmp_path / "manifests" / path
+        assert old in f.read_text(), f"the edit no longer applies to {path}"
+        f.write_text(f.read_text().replace(old, new))
+    r = _deploy_check(tmp_path / "manifests" / "overlays" / "example")
+    if message is None:
+        assert r.returncode == 0 and "fit together" in r.stdout, r.stderr
+    else:
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+
+
+def test_deploy_check_names_a_service_account_that_does_not_exist():
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    r = _deploy_check(ROOT / "overlays" / "example", "--service-account", "default-editor")
+    assert r.returncode == 1 and "no ServiceAccount 'default-editor'" in r.stderr

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import re
 import tempfile
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,8 @@ def run(
             "were they made from another dataset?"
         )
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # Lightning 2.6 calls a torch API that torch 2.14 deprecates, once per fit: noise in every job's log.
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
     L.seed_everything(config.seed, workers=True, verbose=False)
 
     net, arch, prep = _network(config)
