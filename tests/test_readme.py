@@ -47,17 +47,35 @@ def test_the_serving_section_has_its_snippets():
     assert langs == ["bash", "python", "python"]
 
 
+def _env(**extra):
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+@pytest.mark.slow
+def test_the_cli_chain_runs_as_written(tmp_path):
+    import json
+
+    (lang, code), *_ = section("The CLI")
+    assert lang == "bash" and "export.min_test_mcc=0.5" in code
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=1800)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    policy = json.loads((tmp_path / "runs/x/sweep_thresholds/thresholds.json").read_text())
+    bundle = json.loads((tmp_path / "runs/x/export_bundle/bundle.json").read_text())
+    assert policy["metrics"]["fnr"] <= 0.2 and bundle["test_metrics"]["mcc"] >= 0.5
+    print(
+        f"val_calib FPR {policy['metrics']['fpr']:.2f}, held-out challenge MCC {bundle['test_metrics']['mcc']:.2f}"
+    )
+    assert len(r.stdout.splitlines()) >= 1200  # predict: one line per image
+
+
 @pytest.mark.slow
 def test_serving_on_the_subnet_runs_as_written(tmp_path):
     stub = tmp_path / "stub" / "base_miner"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("")
     (stub / "registry.py").write_text(REGISTRY_STUB)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(tmp_path / "stub"),
-    }
+    env = _env(PYTHONPATH=str(tmp_path / "stub"))
     work = tmp_path / "work"
     work.mkdir()
     outputs = []

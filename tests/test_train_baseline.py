@@ -317,9 +317,10 @@ def test_a_frozen_backbone_sees_every_image_exactly_once_and_on_the_trainers_dev
     monkeypatch.setattr(network, "create_backbone", recording)
     m = train_baseline.run(cfg, dataset=demo_dataset, splits=demo_splits, out=tmp_path / "p1")
     parts = json.loads((demo_splits / "splits.json").read_text())
-    assert sum(n for _, n in seen) == sum(
+    views = cfg.eval.challenge_views * sum(len(parts[s]) for s in ("val_calib", "val_test"))
+    assert sum(n for _, n in seen) == views + sum(
         len(parts[s]) for s in ("train", "val_select", "val_calib", "val_test")
-    )
+    )  # and each challenge view (another image) once
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert {device for device, _ in seen} == {expected}
     assert m.extra["precision"] == ("bf16-mixed" if expected == "cuda" else "32-true")
