@@ -142,7 +142,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("user", ["yours", "arbitrary"])
-def test_readme_docker_run_commands_run_as_written(images, s3_server, tmp_path, user):
+def test_readme_docker_run_commands_run_as_written(images, s3, s3_server, tmp_path, user):
     """The README's `docker run` block, verbatim (and with an arbitrary uid, as OpenShift runs images)."""
     import boto3
 
