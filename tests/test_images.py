@@ -65,6 +65,13 @@ def test_images_run_as_a_non_root_numeric_user(images, which):
     assert r.returncode == 0 and r.stdout.strip() not in ("", "0")
 
 
+def test_each_image_is_labelled_as_itself(images):
+    for which in ("base", "train"):
+        title = docker("image", "inspect", "--format", '{{index .Config.Labels "org.opencontainers.image.title"}}',
+                       images[which]).stdout.strip()  # fmt: skip
+        assert title == f"streetvision-{which}"
+
+
 def test_base_image_has_no_torch_and_train_image_has_the_stack(images):
     code = "import importlib.util as u; print([m for m in ('torch','timm','lightning') if u.find_spec(m)])"
     base = docker("run", "--rm", *HOST, "--entrypoint", "python", images["base"], "-c", code)

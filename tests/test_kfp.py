@@ -170,6 +170,7 @@ def run_component(stem, inputs, tmp_path, parameters=None):
     assert argv[:3] == ["python", "-m", "streetvision"]
     r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning" not in r.stderr and "deprecated" not in r.stderr, f"noise in the job's log:\n{r.stderr}"
     out = json.loads((tmp_path / "outputs" / "executor_output.json").read_text())
     json_format.ParseDict(out, pipeline_spec_pb2.ExecutorOutput())
     declared = set(component["spec"]["outputDefinitions"]["artifacts"])
