@@ -15,6 +15,7 @@ from pathlib import Path
 
 from streetvision import __version__
 from streetvision.errors import StreetVisionError
+from streetvision.phases import PHASES
 
 EXIT_BAD_INPUT = 2
 
@@ -59,34 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset folder or s3:// prefix holding labels.csv")
     p.add_argument("--output-file", default=None, help="also write it to this file (a KFP output)")
 
-    p = sub.add_parser("make-splits", help="phase 0: stratified train/val_select/val_calib/val_test splits")
-    p.add_argument("--dataset", required=True, help="dataset folder or s3:// prefix holding labels.csv")
-    p.add_argument("--out", required=True)
-    _common(p)
-
-    p = sub.add_parser("train-baseline", help="phase 1: train the timm + Lightning classifier")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--splits", required=True, help="make_splits output directory or URI")
-    p.add_argument("--out", required=True)
-    p.add_argument(
-        "--checkpoint-root",
-        default="",
-        metavar="DIR_OR_S3",
-        help="checkpoint under DIR_OR_S3/<--run-id>/train-baseline (how a Kubeflow retry finds them)",
-    )
-    _common(p)
-
-    p = sub.add_parser("sweep-thresholds", help="phase 2: exact threshold sweep, max-MCC policy, report")
-    p.add_argument("--phase1", required=True, help="train_baseline output directory or URI")
-    p.add_argument("--out", required=True)
-    _common(p)
-
-    p = sub.add_parser("export-bundle", help="phase 6: export a verified, portable bundle")
-    p.add_argument("--phase1", required=True)
-    p.add_argument("--policy", required=True, help="policy step output (e.g. sweep_thresholds)")
-    p.add_argument("--splits", required=True)
-    p.add_argument("--out", required=True)
-    _common(p)
+    for phase in PHASES:  # one command per phase, its input flags from the registry
+        p = sub.add_parser(phase.command, help=phase.help)
+        for name in phase.inputs:
+            p.add_argument(f"--{name}", required=True, help=phase.input_help.get(name))
+        p.add_argument("--out", required=True)
+        if phase.stem == "train_baseline":
+            p.add_argument(
+                "--checkpoint-root",
+                default="",
+                metavar="DIR_OR_S3",
+                help="checkpoint under DIR_OR_S3/<--run-id>/train-baseline (how a Kubeflow retry finds them)",
+            )
+        _common(p)
 
     p = sub.add_parser("verify", help="verify a step directory or bundle (local or s3://) by its checksums")
     p.add_argument("path")

@@ -9,6 +9,7 @@ Every declared output artifact is listed. It needs no KFP install: the base imag
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,12 @@ def _scalars(manifest: Manifest) -> dict[str, float]:
     }
 
 
-def classification_metadata(out: Path) -> dict[str, Any]:
-    """Confusion matrix at the policy threshold and thinned ROC points, from a sweep's outputs."""
-    policy = json.loads((out / "thresholds.json").read_text())
-    m = policy["metrics"]
-    roc = json.loads((out / "roc.json").read_text())
+def confusion_and_roc(metrics: dict[str, int], roc: dict[str, list[float]]) -> dict[str, Any]:
+    """ClassificationMetrics metadata: the confusion matrix (rows: true class) and ROC points."""
     return {
         "confusionMatrix": {
             "annotationSpecs": [{"displayName": c} for c in CLASS_NAMES],
-            "rows": [{"row": [m["tn"], m["fp"]]}, {"row": [m["fn"], m["tp"]]}],  # rows: true class
+            "rows": [{"row": [metrics["tn"], metrics["fp"]]}, {"row": [metrics["fn"], metrics["tp"]]}],
         },
         "confidenceMetrics": [
             {"confidenceThreshold": t, "recall": r, "falsePositiveRate": f}
@@ -66,16 +64,20 @@ def classification_metadata(out: Path) -> dict[str, Any]:
 
 
 def _artifact_metadata(schema: str, path: str, out: Path, manifest: Manifest) -> dict[str, Any]:
+    """What the UI shows for one declared output. The step declares its content: ``ui_outputs(out)`` in
+    its module returns the ClassificationMetrics metadata and the Markdown report's file name."""
+    step = importlib.import_module(f"streetvision.steps.{manifest.step}")
+    declared = step.ui_outputs(out) if hasattr(step, "ui_outputs") else {}
     if schema == "system.Metrics":
         scalars = _scalars(manifest)
         atomic.write_json(path, scalars)
         return scalars
     if schema == "system.ClassificationMetrics":
-        meta = classification_metadata(out)
+        meta = declared["classification"]
         atomic.write_json(path, meta)
         return meta
     if schema in ("system.Markdown", "system.HTML"):
-        report = next((out / n for n in ("report_inline.md", "report.md") if (out / n).exists()), None)
+        report = out / declared["report"] if "report" in declared else None
         atomic.write_text(path, report.read_text() if report else f"# {manifest.step}\n")
         return {}
     # The step directory itself (Model, Artifact, Dataset): identify it by its manifest.

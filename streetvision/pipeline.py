@@ -28,15 +28,11 @@ from streetvision.data.dataset import content_identity
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
+from streetvision.phases import ALIASES, PHASES
 from streetvision.steps import STEPS, step_config
 
-ORDER = list(STEPS)  # the steps in dependency order
-PHASE_NAMES = {
-    "phase0": "make_splits",
-    "phase1": "train_baseline",
-    "phase2": "sweep_thresholds",
-    "phase6": "export_bundle",
-}
+ORDER = [p.stem for p in PHASES]  # the phases in dependency order
+PHASE_NAMES = ALIASES  # phase0, phase1, ... -> stem
 DEMO_PROFILE = Path(__file__).parent / "configs" / "demo.yaml"
 
 
@@ -190,16 +186,10 @@ def run_local(
     configs = {stem: step_config(stem, [], routed[stem]) for stem in ORDER}  # all validated before any work
     data = dataset or _demo_data(out, runner.demo)
     outs = {stem: store.join(out, stem) for stem in ORDER}
-    available = {
-        "dataset": data,
-        "splits": outs["make_splits"],
-        "phase1": outs["train_baseline"],
-        "policy": outs["sweep_thresholds"],
-    }
     run_id = uuid.uuid4().hex
     done: dict[str, str] = {}
     for stem in ORDER:
-        uris = {name: available[name] for name in STEPS[stem]}
+        uris = {name: data if producer is None else outs[producer] for name, producer in STEPS[stem].items()}
         if stem not in selected:
             done[stem] = "not selected" if committed(outs[stem], stem) else "absent"
             continue

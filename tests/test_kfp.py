@@ -73,6 +73,34 @@ def producer(task, kind, name):
     return sel.task_output_artifact.producer_task, sel.task_output_artifact.output_artifact_key
 
 
+def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
+    from components.images import BASE_IMAGE, TRAIN_IMAGE
+    from streetvision.phases import BY_STEM, PHASES
+
+    pipeline, _ = spec
+    tasks = pipeline.root.dag.tasks
+    executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
+    assert set(tasks) - {"importer", "dataset-fingerprint"} == {p.command for p in PHASES}
+    for p in PHASES:
+        task = tasks[p.command]
+        for name, made_by in p.inputs.items():
+            expected = (
+                ("importer", "artifact")
+                if made_by is None
+                else (made_by.replace("_", "-"), BY_STEM[made_by].artifact)
+            )
+            assert producer(task, "artifacts", name) == expected, (p.stem, name)
+        component = pipeline.components[task.component_ref.name]
+        outputs = component.output_definitions.artifacts
+        assert set(outputs) == {p.artifact, *p.ui}, p.stem
+        assert all(outputs[name].artifact_type.schema_title == schema for name, schema in p.ui.items()), (
+            p.stem
+        )
+        container = executors[component.executor_label]["container"]
+        assert container["image"] == {"base": BASE_IMAGE, "train": TRAIN_IMAGE}[p.image], p.stem
+        assert container["command"] == ["python", "-m", "streetvision", p.command], p.stem
+
+
 def test_dag_wires_each_output_to_the_right_input(spec):
     pipeline, _ = spec
     tasks = pipeline.root.dag.tasks

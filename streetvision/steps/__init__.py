@@ -18,14 +18,10 @@ from typing import Any
 from streetvision.config import load_config
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
+from streetvision.phases import PHASES
 
-# stem -> {input name: the step whose commit it must be, or None for a dataset}
-STEPS: dict[str, dict[str, str | None]] = {
-    "make_splits": {"dataset": None},
-    "train_baseline": {"dataset": None, "splits": "make_splits"},
-    "sweep_thresholds": {"phase1": "train_baseline"},
-    "export_bundle": {"phase1": "train_baseline", "policy": "sweep_thresholds", "splits": "make_splits"},
-}
+# stem -> {input name: the phase whose commit it must be, or None for a dataset}; from the registry.
+STEPS: dict[str, dict[str, str | None]] = {p.stem: p.inputs for p in PHASES}
 
 
 def _key(uri: str) -> str:

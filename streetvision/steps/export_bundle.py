@@ -155,6 +155,11 @@ def held_out_markdown(bundle: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ui_outputs(out: Path) -> dict[str, Any]:
+    """What the Kubeflow UI shows of a committed bundle besides its metrics: the held-out report."""
+    return {"report": REPORT_FILE}
+
+
 def run(
     config: Config,
     *,

@@ -9,7 +9,7 @@ import base64
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -54,6 +54,16 @@ def _csv(header: list[str], columns: list[np.ndarray], fmt: str) -> str:
     buf = io.StringIO()
     np.savetxt(buf, np.column_stack(columns), delimiter=",", header=",".join(header), comments="", fmt=fmt)
     return buf.getvalue()
+
+
+def ui_outputs(out: Path) -> dict[str, Any]:
+    """What the Kubeflow UI shows of a committed sweep: the confusion matrix at the policy threshold with
+    thinned ROC points, and the report with its plots inlined."""
+    from streetvision.config import read_json
+    from streetvision.kfp_executor import confusion_and_roc
+
+    policy, roc = read_json(out / POLICY_FILE), read_json(out / "roc.json")
+    return {"classification": confusion_and_roc(policy["metrics"], roc), "report": "report_inline.md"}
 
 
 def run(

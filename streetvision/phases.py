@@ -1,0 +1,92 @@
+"""The pipeline's shape, in one place: every phase, what it reads, what it shows, where it runs.
+
+A phase has one canonical name, its stem: the module ``streetvision.steps.<stem>``, the CLI command
+``streetvision <stem with dashes>``, the Kubeflow component and task, the folder ``streetvision run``
+writes, and the ``step`` in its manifest. ``phaseN`` is a documented alias for ``pipeline.phases``.
+
+The CLI's step commands, ``streetvision run`` (order, inputs, up-to-date checks) and the step glue are
+derived from :data:`PHASES`; a test checks the compiled Kubeflow pipeline's wiring against it, so a new
+phase is added here and in its own step module and component.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DATASET = None  # an input that no phase produces: the dataset folder or prefix
+
+
+@dataclass(frozen=True)
+class Phase:
+    stem: str
+    number: int
+    help: str
+    # Input name (the CLI flag --<name>, run()'s keyword, the component's input) -> the producing phase's
+    # stem, or DATASET.
+    inputs: dict[str, str | None]
+    image: str  # "base" (no torch) or "train"
+    artifact: str  # the component output holding the step directory
+    # The component's other outputs for the Kubeflow UI: output name -> KFP schema title.
+    ui: dict[str, str] = field(default_factory=dict)
+    input_help: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        return self.stem.replace("_", "-")
+
+    @property
+    def alias(self) -> str:
+        return f"phase{self.number}"
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase(
+        "make_splits",
+        0,
+        "phase 0: stratified train/val_select/val_calib/val_test splits",
+        {"dataset": DATASET},
+        "base",
+        "splits",
+        input_help={"dataset": "dataset folder or s3:// prefix holding labels.csv"},
+    ),
+    Phase(
+        "train_baseline",
+        1,
+        "phase 1: train the timm + Lightning classifier",
+        {"dataset": DATASET, "splits": "make_splits"},
+        "train",
+        "model",
+        {"metrics": "system.Metrics"},
+        input_help={"splits": "make_splits output directory or URI"},
+    ),
+    Phase(
+        "sweep_thresholds",
+        2,
+        "phase 2: exact threshold sweep, max-MCC policy, report",
+        {"phase1": "train_baseline"},
+        "base",
+        "thresholds",
+        {
+            "metrics": "system.Metrics",
+            "classification": "system.ClassificationMetrics",
+            "report": "system.Markdown",
+        },
+        input_help={"phase1": "train_baseline output directory or URI"},
+    ),
+    Phase(
+        "export_bundle",
+        6,
+        "phase 6: export a verified, portable bundle",
+        {"phase1": "train_baseline", "policy": "sweep_thresholds", "splits": "make_splits"},
+        "base",
+        "bundle",
+        {"test_metrics": "system.Metrics", "report": "system.Markdown"},
+        input_help={"policy": "policy step output (e.g. sweep_thresholds)"},
+    ),
+)
+BY_STEM = {p.stem: p for p in PHASES}
+ALIASES = {p.alias: p.stem for p in PHASES}
+
+
+def phase(stem: str) -> Phase:
+    return BY_STEM[stem]
