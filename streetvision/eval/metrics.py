@@ -151,3 +151,27 @@ def subnet_reward(
         "steps": steps,
         "repeats": repeats,
     }
+
+
+def calibration_errors(probs: Any, labels: Any, bins: int = 15) -> dict[str, float]:
+    """How well P(roadwork) matches frequencies: ECE and MCE over ``bins`` equal-width bins of the
+    top-label confidence max(p, 1 - p) against the accuracy of deciding p >= 0.5, the NLL and the Brier
+    score."""
+    p = np.clip(np.asarray(probs, dtype=np.float64).reshape(-1), 1e-12, 1 - 1e-12)
+    y = _as_binary(labels, "labels")
+    if p.shape != y.shape or y.size == 0:
+        raise ValueError("probabilities and labels must be equal, non-empty")
+    confidence = np.maximum(p, 1 - p)
+    correct = (p >= 0.5).astype(np.int64) == y
+    which = np.minimum((confidence - 0.5) * 2 * bins, bins - 1).astype(np.int64)
+    gaps = []
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            gaps.append((in_bin.mean(), abs(confidence[in_bin].mean() - correct[in_bin].mean())))
+    return {
+        "ece": float(sum(w * g for w, g in gaps)),
+        "mce": float(max(g for _, g in gaps)),
+        "nll": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
+        "brier": float(np.mean((p - y) ** 2)),
+    }
