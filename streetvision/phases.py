@@ -29,6 +29,7 @@ class Phase:
     # The component's other outputs for the Kubeflow UI: output name -> KFP schema title.
     ui: dict[str, str] = field(default_factory=dict)
     input_help: dict[str, str] = field(default_factory=dict)
+    optional: bool = False  # not in the default pipeline; named in pipeline.phases to run
 
     @property
     def command(self) -> str:
@@ -72,6 +73,17 @@ PHASES: tuple[Phase, ...] = (
             "report": "system.Markdown",
         },
         input_help={"phase1": "train_baseline output directory or URI"},
+    ),
+    Phase(
+        "calibrate_scrc",
+        5,
+        "phase 5: temperature scaling and selective conformal risk control (answer or defer)",
+        {"phase1": "train_baseline"},
+        "base",
+        "scrc",
+        {"metrics": "system.Metrics", "report": "system.Markdown"},
+        input_help={"phase1": "train_baseline output directory or URI"},
+        optional=True,
     ),
     Phase(
         "export_bundle",

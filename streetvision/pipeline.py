@@ -50,7 +50,7 @@ class DemoConfig:
 
 @dataclass
 class PipelineConfig:
-    phases: list[str] = field(default_factory=lambda: list(PHASE_NAMES))
+    phases: list[str] = field(default_factory=lambda: [p.alias for p in PHASES if not p.optional])
 
 
 @dataclass

@@ -148,6 +148,11 @@ CONFIG_CASES = {
         "policy.min_precision=nan", "policy.optimize=f1", "policy.optimize=", "roc_points=1", "roc_points=0",
         "roc_points=-3", "roc_points=abc", "policy.bogus=1", "policy.views=perhaps", "policy.views=",
     ],
+    "calibrate_scrc": [
+        "scrc.alpha=0", "scrc.alpha=1", "scrc.alpha=-0.1", "scrc.alpha=nan", "scrc.alpha=abc", "scrc.delta=0",
+        "scrc.delta=1.5", "scrc.delta=nan", "scrc.risk=bogus", "scrc.views=bogus", "scrc.fit_fraction=0",
+        "scrc.fit_fraction=1", "scrc.seed=-1", "scrc.bogus=1",
+    ],
     "export_bundle": [
         "export.min_test_mcc=2", "export.min_test_mcc=-2", "export.min_test_mcc=nan", "export.min_test_mcc=abc",
         "export.min_test_mcc=inf", "export.bogus=1",
@@ -167,6 +172,7 @@ def step_commands(world) -> dict[str, list]:
         "make_splits": ["make-splits", "--dataset", w["dataset"]],
         "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
         "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
+        "calibrate_scrc": ["calibrate-scrc", "--phase1", w["phase1"]],
         "export_bundle": ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"], "--splits", w["splits"]],
     }  # fmt: skip
 

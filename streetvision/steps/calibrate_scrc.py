@@ -1,0 +1,218 @@
+"""Phase 5, ``calibrate_scrc``: temperature scaling and selective conformal risk control on val_calib.
+
+Reads only phase 1's val_calib logits and labels (clean, or one seeded challenge view per image, so the
+calibration units stay exchangeable). val_calib's images are split in two by the seed: the first part
+fits the temperature and the max-MCC decision threshold on the calibrated probability, the second,
+untouched by those fits, chooses the answering threshold lambda on the confidence |2·served − 1| (the
+margin from the decision threshold, the served probability putting it at 0.5) with the guarantee of
+``eval.conformal``: expected risk <= alpha (``scrc.delta: null``) or risk among answered <= alpha with
+probability 1 − delta. Numpy only; never imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from streetvision.bundle import served_probability
+from streetvision.config import probability, require, to_dict, to_yaml
+from streetvision.eval import conformal, sweep, views
+from streetvision.eval.metrics import calibration_errors, compute_all_metrics
+from streetvision.io.manifests import Manifest, input_record, verify_dir
+from streetvision.io.outputs import StepOutputs
+
+STEP = "calibrate_scrc"
+POLICY_FILE = "scrc.json"
+SPLIT = "val_calib"
+
+
+@dataclass
+class ScrcConfig:
+    alpha: float = 0.05  # the risk level
+    delta: Optional[float] = None  # noqa: UP045 - null: in expectation (CRC); a number: with prob. 1 - delta
+    risk: str = "error"  # error (wrong answers) or fnr (missed roadwork among roadwork answered)
+    views: str = "challenge"  # what val_calib is: clean images, or one challenge view per image
+    fit_fraction: float = 0.5  # share of val_calib's images that fits the temperature and threshold
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    scrc: ScrcConfig = field(default_factory=ScrcConfig)
+
+    def check(self) -> None:
+        s = self.scrc
+        require(0 < s.alpha < 1, "scrc.alpha", s.alpha, "a risk level in (0, 1)")
+        probability("scrc.delta", s.delta)
+        require(s.delta is None or 0 < s.delta < 1, "scrc.delta", s.delta, "in (0, 1), or null")
+        require(s.risk in conformal.RISKS, "scrc.risk", s.risk, ", ".join(conformal.RISKS))
+        require(s.views in views.VIEWS, "scrc.views", s.views, ", ".join(views.VIEWS))
+        require(0 < s.fit_fraction < 1, "scrc.fit_fraction", s.fit_fraction, "a share in (0, 1)")
+        require(0 <= s.seed < 2**32, "scrc.seed", s.seed, "an integer in [0, 2^32)")
+
+
+def _logits(phase1: Path, view: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logit, label, image row) per calibration unit: every image once (a seeded view of it)."""
+
+    def load(name: str) -> np.ndarray:
+        try:
+            return np.load(phase1 / name, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise views.ViewError(f"{phase1 / name}: cannot be read as a .npy array ({e})") from None
+
+    scores = views.load(phase1, SPLIT, view)  # checks shapes, labels and view rows
+    logits = load(f"logits_{SPLIT}.npy" if view == "clean" else f"logits_{SPLIT}_challenge.npy").reshape(-1)
+    if view == "clean":
+        return logits, scores.labels, np.arange(len(logits))
+    rows = load(f"views_{SPLIT}_challenge.npy")[:, 0]
+    return logits, scores.labels, rows
+
+
+def ui_outputs(out: Path) -> dict[str, Any]:
+    return {"report": "report.md"}
+
+
+def run(
+    config: Config,
+    *,
+    phase1: Path,
+    out: Path,
+    sources: dict[str, str] | None = None,
+    run_id: str | None = None,
+    task: str = "",
+) -> Manifest:
+    c = config.scrc
+    verify_dir(phase1, "train_baseline")
+    logits, labels, rows = _logits(phase1, c.views)
+    rng = np.random.default_rng(c.seed)
+    images = np.unique(rows)
+    one_view = np.array([rng.choice(np.flatnonzero(rows == i)) for i in images])  # one unit per image
+    shuffled = rng.permutation(len(one_view))
+    n_fit = int(round(c.fit_fraction * len(one_view)))
+    fit, cal = one_view[shuffled[:n_fit]], one_view[shuffled[n_fit:]]
+    if min(len(fit), len(cal)) < 2 or len(np.unique(labels[fit])) < 2:
+        raise conformal.ConformalError(
+            f"val_calib has {len(images)} images: too few to fit on {len(fit)} and calibrate on {len(cal)}"
+        )
+
+    temperature = conformal.fit_temperature(logits[fit], labels[fit])
+    raw, calibrated = sweep.probabilities(logits), sweep.probabilities(logits / temperature)
+    threshold, _ = sweep.choose_threshold(sweep.exact_sweep(calibrated[fit], labels[fit]))
+    decisions = sweep.decide(calibrated, threshold)
+    confidence = np.abs(2 * served_probability(calibrated, threshold) - 1)
+    select = (
+        conformal.crc(confidence[cal], labels[cal], decisions[cal], alpha=c.alpha, risk=c.risk)
+        if c.delta is None
+        else conformal.ltt(
+            confidence[cal], labels[cal], decisions[cal], alpha=c.alpha, delta=c.delta, risk=c.risk
+        )
+    )
+    answered = cal[confidence[cal] >= select.lam]
+    on_answered = compute_all_metrics(labels[answered], decisions[answered]) if len(answered) else {}
+    policy: dict[str, Any] = {
+        "policy_type": "scrc",
+        "temperature": temperature,
+        "threshold": threshold,
+        "score": "P(roadwork) = sigmoid(logit / temperature)",
+        "decision": "roadwork when score >= threshold",
+        "confidence": "|2 * served - 1|, served: the score remapped so that the threshold is at 0.5",
+        "lambda": select.lam,
+        "answer": "answer when confidence >= lambda, else defer",
+        "alpha": c.alpha,
+        "delta": c.delta,
+        "risk": c.risk,
+        "guarantee": (
+            f"E[{c.risk} loss] <= alpha (Conformal Risk Control)"
+            if c.delta is None
+            else f"P({c.risk} risk among answered > alpha) <= delta (Learn then Test)"
+        ),
+        "views": c.views,
+        "n_fit": int(len(fit)),
+        "n": select.n,
+        "coverage": select.coverage,
+        "risk_on_calibration": select.risk,
+        "answered_metrics": on_answered,
+        "calibration": {
+            "before": calibration_errors(raw[cal], labels[cal]),
+            "after": calibration_errors(calibrated[cal], labels[cal]),
+        },
+    }
+    rc = sweep.risk_coverage(confidence[cal], decisions[cal] == labels[cal])
+    with StepOutputs(out, STEP) as outputs:
+        outputs.write_json(POLICY_FILE, policy)
+        outputs.write_bytes("risk_coverage.png", _plot(rc, select))
+        outputs.write_text("report.md", _report(policy))
+        outputs.write_text("config.yaml", to_yaml(config))
+        return outputs.commit(
+            config=to_dict(config),
+            inputs={"phase1": input_record(phase1, (sources or {}).get("phase1"))},
+            metrics={
+                "temperature": temperature,
+                "threshold": threshold,
+                "lambda": select.lam,
+                "coverage": select.coverage,
+                "risk": select.risk,
+                "alpha": c.alpha,
+                "ece_before": policy["calibration"]["before"]["ece"],
+                "ece_after": policy["calibration"]["after"]["ece"],
+                "n": select.n,
+            },
+            run_id=run_id,
+            task=task,
+        )
+
+
+def _plot(rc: sweep.RiskCoverage, select: conformal.Selection) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    ax.step(rc.coverage, rc.risk, where="post", lw=1.2, label="selective risk (calibration part)")
+    ax.axvline(
+        select.coverage,
+        color="tab:red",
+        ls="--",
+        label=f"lambda={select.lam:.3f}, coverage {select.coverage:.2f}",
+    )
+    ax.set(xlabel="coverage", ylabel="risk among answered", xlim=(0, 1), title="Risk-coverage")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _report(policy: dict[str, Any]) -> str:
+    b, a = policy["calibration"]["before"], policy["calibration"]["after"]
+    return "\n".join(
+        [
+            "# Selective conformal risk control (val_calib)",
+            "",
+            f"Guarantee: {policy['guarantee']}, alpha={policy['alpha']}"
+            + (f", delta={policy['delta']}" if policy["delta"] is not None else "")
+            + f"; {policy['views']} views, {policy['n_fit']} images fit the temperature and threshold, "
+            f"{policy['n']} calibrate lambda.",
+            "",
+            "| | value |",
+            "|---|---|",
+            f"| temperature | {policy['temperature']:.4f} |",
+            f"| decision threshold | {policy['threshold']:.6f} |",
+            f"| lambda (answer when confidence >= lambda) | {policy['lambda']:.6f} |",
+            f"| coverage | {policy['coverage']:.4f} |",
+            f"| {policy['risk']} risk on the calibration part | {policy['risk_on_calibration']:.4f} |",
+            f"| ECE before / after | {b['ece']:.4f} / {a['ece']:.4f} |",
+            f"| MCE before / after | {b['mce']:.4f} / {a['mce']:.4f} |",
+            f"| NLL before / after | {b['nll']:.4f} / {a['nll']:.4f} |",
+            "",
+            "![Risk-coverage](risk_coverage.png)",
+            "",
+        ]
+    )
