@@ -70,3 +70,25 @@ def test_calibrate_scrc_does_not_import_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert np.isfinite(json.loads((tmp_path / "o" / "scrc.json").read_text())["lambda"])
+
+
+@pytest.mark.slow
+def test_streetvision_run_runs_phase_5_when_named(tmp_path):
+    from streetvision.pipeline import run_local
+
+    summary = run_local(
+        str(tmp_path / "run"),
+        overrides=[
+            "demo.n=240",
+            "trainer.max_epochs=1",
+            "pipeline.phases=[phase0,phase1,phase5]",
+            "scrc.alpha=0.3",
+        ],
+    )
+    assert (
+        summary["steps"]["calibrate_scrc"].startswith("ran") and summary["steps"]["export_bundle"] == "absent"
+    )
+    verify_dir(tmp_path / "run" / "calibrate_scrc", "calibrate_scrc")
+    again = run_local(str(tmp_path / "run"), overrides=["demo.n=240", "trainer.max_epochs=1",
+                                                        "pipeline.phases=[phase0,phase1,phase5]", "scrc.alpha=0.3"])  # fmt: skip
+    assert again["steps"]["calibrate_scrc"] == "up to date, skipped"
