@@ -306,3 +306,21 @@ def test_missing_or_malformed_challenge_views_get_one_line(tmp_path):
     out.commit(config={})
     r = cli("sweep-thresholds", "--phase1", str(tmp_path / "bad"), "--out", str(tmp_path / "o3"))
     assert r.returncode == 2 and "out of range" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_selective_confidence_is_the_margin_from_the_decision_threshold(tmp_path):
+    # Scores just below a low threshold are decided "no roadwork" with little margin: not confident.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    logits = np.where(labels == 1, rng.normal(-1.0, 0.5, 400), rng.normal(-3.5, 0.5, 400))[:, None]
+    run_step(tmp_path, fake_phase1(tmp_path / "p1", logits, labels))
+    t = json.loads((tmp_path / "sweep" / "thresholds.json").read_text())["threshold"]
+    assert t < 0.3
+    table = json.loads((tmp_path / "sweep" / "selective_table.json").read_text())
+    from streetvision.bundle import served_probability
+
+    p = sweep.probabilities(logits)
+    served = served_probability(p, t)
+    row = next(r for r in table if r["threshold"] == 0.8)
+    assert row["num_accepted"] == int((np.maximum(served, 1 - served) >= 0.8).sum())
+    assert row["num_accepted"] < int((np.maximum(p, 1 - p) >= 0.8).sum())  # what |2p-1| would have accepted

@@ -48,7 +48,7 @@ def plots(
         xlabel="coverage",
         ylabel="selective risk",
         xlim=(0, 1),
-        title="Risk-coverage (confidence = max class probability)",
+        title="Risk-coverage (confidence = max(served, 1 - served))",
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -90,6 +90,8 @@ def markdown(
         f"![Risk-coverage]({images['risk_coverage.png']})",
         "",
         "## Selective prediction (accept when confidence >= threshold)",
+        "",
+        "Confidence is max(served, 1 - served), the served probability putting the decision threshold at 0.5.",
         "",
         "| threshold | coverage | selective_accuracy | selective_risk | num_accepted |",
         "|---|---|---|---|---|",

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from streetvision.bundle import served_probability
 from streetvision.config import probability, require, to_dict, to_yaml
 from streetvision.eval import report, sweep, views
 from streetvision.eval.metrics import RATE_NAMES, compute_all_metrics
@@ -85,7 +86,10 @@ def run(
     threshold, k = sweep.choose_threshold(curve, constraint)
     predicted = sweep.decide(scores, threshold)
     at = compute_all_metrics(labels, predicted)
-    confidence = np.maximum(scores, 1 - scores)
+    # Confidence in the decision actually made: the margin from the threshold, as the served probability
+    # (threshold at 0.5) expresses it; max(p, 1 - p) would call scores just below a low threshold sure.
+    served = served_probability(scores, threshold)
+    confidence = np.maximum(served, 1 - served)
     rc = sweep.risk_coverage(confidence, predicted == labels)
     table = sweep.selective_table(confidence, predicted == labels)
     policy = {
