@@ -19,7 +19,12 @@ from streetvision.io.manifests import verify_dir
 BUNDLE_FILE = "bundle.json"
 BUNDLE_SCHEMA = 1
 ARCH_KEYS = {"img_size"}  # what a bundle may pass to timm.create_model besides the name
-POLICY_TYPES = ("threshold",)  # gate and scrc join when their phases exist
+POLICY_TYPES = ("threshold", "scrc")
+# What each policy type carries into bundle.json (and must equal in its policy file).
+POLICY_PARAMS = {
+    "threshold": ("threshold",),
+    "scrc": ("threshold", "temperature", "lambda", "alpha", "delta", "risk"),
+}
 REQUIRED = (
     "schema_version",
     "files",
@@ -39,13 +44,28 @@ class BundleError(StreetVisionError):
     """A bundle is malformed, tampered with, or names a path outside itself."""
 
 
-def apply_policy(kind: str, params: dict[str, Any], scores):
-    """Decisions (1 roadwork, 0 not) of a policy on P(roadwork) scores (a numpy array)."""
-    if kind == "threshold":
-        from streetvision.eval.sweep import decide
+def policy_outputs(kind: str, params: dict[str, Any], scores) -> dict[str, Any]:
+    """What a policy makes of raw P(roadwork) scores (numpy arrays): the probability it decides on
+    (temperature-calibrated for ``scrc``), the decision (1 roadwork, 0 not), whether it answers (``scrc``
+    defers below its confidence threshold lambda) and the served probability (decision threshold at 0.5)."""
+    p = np.asarray(scores, dtype=np.float64)
+    if kind not in POLICY_TYPES:
+        raise BundleError(f"policy type {kind!r} cannot be applied")
+    t = float(params["threshold"])
+    if kind == "scrc":
+        logit = np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(1 - p, 1e-300, None))
+        p = 0.5 * (1.0 + np.tanh(0.5 * logit / float(params["temperature"])))
+    served = served_probability(p, t)
+    decision = (p >= t).astype(np.int64)
+    answered = np.ones(p.shape, dtype=bool)
+    if kind == "scrc":
+        answered = np.abs(2 * served - 1) >= float(params["lambda"])
+    return {"probability": p, "decision": decision, "answered": answered, "served": served}
 
-        return decide(scores, float(params["threshold"]))
-    raise BundleError(f"policy type {kind!r} cannot be applied")
+
+def apply_policy(kind: str, params: dict[str, Any], scores):
+    """Decisions (1 roadwork, 0 not) of a policy on P(roadwork) scores (a numpy array), for every image."""
+    return policy_outputs(kind, params, scores)["decision"]
 
 
 SERVED_MARGIN = 1e-6  # how far above 0.5 the threshold itself is served
@@ -95,6 +115,29 @@ def check_threshold(value: Any, where: str) -> float:
     return float(value)
 
 
+def check_policy_params(kind: str, params: dict[str, Any], where: str) -> None:
+    """A policy's parameters: a threshold in [0, 1]; for ``scrc`` also a positive temperature, a
+    confidence threshold lambda in [0, 1], alpha in (0, 1), delta null or in (0, 1), a known risk."""
+    if set(params) != set(POLICY_PARAMS[kind]):
+        raise BundleError(f"{where}: a {kind} policy carries exactly {', '.join(POLICY_PARAMS[kind])}")
+    check_threshold(params.get("threshold"), where)
+    if kind != "scrc":
+        return
+
+    def number(key: str, ok) -> None:
+        v = params.get(key)
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and ok(v)):
+            raise BundleError(f"{where}: {key} is {v!r}, out of range")
+
+    number("temperature", lambda v: 0 < v < 1e6)
+    number("lambda", lambda v: 0 <= v <= 1)
+    number("alpha", lambda v: 0 < v < 1)
+    if params.get("delta") is not None:
+        number("delta", lambda v: 0 < v < 1)
+    if params.get("risk") not in ("error", "fnr"):
+        raise BundleError(f"{where}: risk is {params.get('risk')!r}, not error or fnr")
+
+
 def _shape(bundle: Any, where: str) -> dict[str, Any]:
     if not isinstance(bundle, dict):
         raise BundleError(f"{where}: not a JSON object")
@@ -115,7 +158,7 @@ def _shape(bundle: Any, where: str) -> dict[str, Any]:
         )
     if policy.get("type") not in POLICY_TYPES:
         raise BundleError(f"{where}: unknown policy type {policy.get('type')!r}")
-    check_threshold(policy["params"].get("threshold"), f"{where}: policy")
+    check_policy_params(policy["type"], policy["params"], f"{where}: policy")
     names = bundle["class_names"]
     if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise BundleError(f"{where}: class_names must be two names")
@@ -161,8 +204,9 @@ def check_bundle(root: str | Path) -> dict[str, Any]:
         if compute_file_sha256(target) != meta.get("sha256"):
             raise BundleError(f"{root}: {name}: sha256 differs from {BUNDLE_FILE}")
     policy_file = read_json(root / bundle["policy"]["file"], BundleError)
-    if policy_file.get("threshold") != bundle["policy"]["params"]["threshold"]:
-        raise BundleError(
-            f"{root}: the threshold in {BUNDLE_FILE} differs from the one in {bundle['policy']['file']}"
-        )
+    for key, value in bundle["policy"]["params"].items():
+        if policy_file.get(key) != value:
+            raise BundleError(
+                f"{root}: the {key} in {BUNDLE_FILE} differs from the one in {bundle['policy']['file']}"
+            )
     return bundle

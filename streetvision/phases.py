@@ -22,8 +22,8 @@ class Phase:
     number: int
     help: str
     # Input name (the CLI flag --<name>, run()'s keyword, the component's input) -> the producing phase's
-    # stem, or DATASET.
-    inputs: dict[str, str | None]
+    # stem, or DATASET, or several stems of which the step's config names one (``Config.source(name)``).
+    inputs: dict[str, str | tuple[str, ...] | None]
     image: str  # "base" (no torch) or "train"
     artifact: str  # the component output holding the step directory
     # The component's other outputs for the Kubeflow UI: output name -> KFP schema title.
@@ -89,11 +89,17 @@ PHASES: tuple[Phase, ...] = (
         "export_bundle",
         6,
         "phase 6: export a verified, portable bundle",
-        {"phase1": "train_baseline", "policy": "sweep_thresholds", "splits": "make_splits"},
+        {
+            "phase1": "train_baseline",
+            "policy": ("sweep_thresholds", "calibrate_scrc"),
+            "splits": "make_splits",
+        },
         "base",
         "bundle",
         {"test_metrics": "system.Metrics", "report": "system.Markdown"},
-        input_help={"policy": "policy step output (e.g. sweep_thresholds)"},
+        input_help={
+            "policy": "the policy step's output: sweep_thresholds, or calibrate_scrc with export.policy=scrc"
+        },
     ),
 )
 BY_STEM = {p.stem: p for p in PHASES}
@@ -102,3 +108,11 @@ ALIASES = {p.alias: p.stem for p in PHASES}
 
 def phase(stem: str) -> Phase:
     return BY_STEM[stem]
+
+
+def producers(stem: str, config) -> dict[str, str | None]:
+    """Input name -> the phase that must have produced it, for this step and its config."""
+    return {
+        name: config.source(name) if isinstance(made_by, tuple) else made_by
+        for name, made_by in BY_STEM[stem].inputs.items()
+    }

@@ -28,8 +28,8 @@ from streetvision.data.dataset import content_identity
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
-from streetvision.phases import ALIASES, PHASES
-from streetvision.steps import STEPS, step_config
+from streetvision.phases import ALIASES, PHASES, producers
+from streetvision.steps import step_config
 
 ORDER = [p.stem for p in PHASES]  # the phases in dependency order
 PHASE_NAMES = ALIASES  # phase0, phase1, ... -> stem
@@ -133,7 +133,7 @@ def stale_reason(stem: str, config, uris: dict[str, str], out: str) -> str | Non
         return f"its committed output failed verification ({e})"
     if manifest.config_sha256 != sha256_json(redact(to_dict(config))):
         return "its config changed"
-    for name, producer in STEPS[stem].items():
+    for name, producer in producers(stem, config).items():
         recorded = manifest.inputs.get(name, {})
         if producer is None:
             if recorded.get("content_sha256") != content_identity(uris[name]):
@@ -189,11 +189,12 @@ def run_local(
     run_id = uuid.uuid4().hex
     done: dict[str, str] = {}
     for stem in ORDER:
-        uris = {name: data if producer is None else outs[producer] for name, producer in STEPS[stem].items()}
+        made_by = producers(stem, configs[stem])
+        uris = {name: data if producer is None else outs[producer] for name, producer in made_by.items()}
         if stem not in selected:
             done[stem] = "not selected" if committed(outs[stem], stem) else "absent"
             continue
-        for name, producer in STEPS[stem].items():
+        for name, producer in made_by.items():
             if producer is not None and committed(uris[name], producer) is None:
                 raise StreetVisionError(
                     f"phase {stem} needs a committed {name} at {uris[name]}; "

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from streetvision.bundle import apply_policy, served_probability, verify_bundle
+from streetvision.bundle import policy_outputs, verify_bundle
 from streetvision.errors import StreetVisionError
 from streetvision.eval import sweep
 from streetvision.io import store
@@ -58,7 +58,8 @@ class Predictor:
             return cls(root, device)
 
     def probabilities(self, images: Sequence[Any]) -> np.ndarray:
-        """P(roadwork) per image, defined as the sweep defines it on the same logits."""
+        """Raw P(roadwork) per image, defined as the sweep defines it on the same logits (the policy may
+        calibrate it: :func:`bundle.policy_outputs`)."""
         torch = self._torch
         with torch.no_grad():
             batch = torch.stack([self.transform(im) for im in images]).to(self.device)
@@ -69,7 +70,8 @@ class Predictor:
         from PIL import ImageOps
 
         rgb = ImageOps.exif_transpose(image).convert("RGB")
-        return float(served_probability(float(self.probabilities([rgb])[0]), self.threshold))
+        out = policy_outputs(self.policy["type"], self.policy["params"], self.probabilities([rgb]))
+        return float(out["served"][0])
 
 
 def expand(inputs: Sequence[str]) -> list[Path]:
@@ -99,8 +101,8 @@ def predict_files(
 
     from streetvision.data.images import load_rgb
 
-    threshold = predictor.threshold
     names = predictor.bundle["class_names"]
+    selective = predictor.policy["type"] == "scrc"
     for start in range(0, len(files), BATCH):
         rows: list[dict[str, Any]] = []
         images = []
@@ -111,15 +113,22 @@ def predict_files(
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 rows.append({"id": str(f), "error": f"unreadable image: {type(e).__name__}: {e}"})
         if images:
-            probs = predictor.probabilities(images)
-            decisions = apply_policy(predictor.policy["type"], predictor.policy["params"], probs)
-            readable = iter(zip(probs.tolist(), decisions.tolist(), strict=True))
+            out = policy_outputs(
+                predictor.policy["type"], predictor.policy["params"], predictor.probabilities(images)
+            )
+            readable = iter(
+                zip(
+                    *(out[k].tolist() for k in ("probability", "decision", "answered", "served")), strict=True
+                )
+            )
             for row in rows:
                 if "error" not in row:
-                    p, d = next(readable)
-                    row |= {"probability": p, "decision": names[d]}
-                    if served:
-                        row["served_probability"] = served_probability(p, threshold)
+                    p, d, answered, s = next(readable)
+                    # scrc: "defer" below its confidence threshold; the served probability still cuts at the
+                    # decision threshold, for a consumer that needs an answer for every image.
+                    row |= {"probability": p, "decision": names[d] if answered else "defer"}
+                    if served or selective:
+                        row["served_probability"] = s
         yield from rows
 
 

@@ -186,8 +186,8 @@ def test_bundle_round_trips_through_the_s3_server(s3, bundle, trained, tmp_path)
     assert cli("predict", "--bundle", f"{s3}/bundle", str(image)).returncode == 0
 
 
-def policy_dir(tmp_path, trained, files):
-    out = StepOutputs(tmp_path / "policy", "sweep_thresholds")
+def policy_dir(tmp_path, trained, files, step="sweep_thresholds"):
+    out = StepOutputs(tmp_path / "policy", step)
     for name, content in files.items():
         out.write_json(name, content)
     out.commit(config={}, inputs={"phase1": input_record(trained["phase1"])})
@@ -197,21 +197,57 @@ def policy_dir(tmp_path, trained, files):
 @pytest.mark.parametrize(
     "files,message",
     [
+        ({"notes.json": {}}, "no thresholds.json; export.policy=threshold needs the sweep_thresholds output"),
         (
-            {
-                "thresholds.json": {"policy_type": "threshold", "threshold": 0.5},
-                "scrcparams.json": {"policy_type": "scrc"},
-            },
-            "2 policies",
+            {"thresholds.json": {"policy_type": "magic", "threshold": 0.5}},
+            "policy_type 'magic' is not 'threshold'",
         ),
-        ({"notes.json": {}}, "no policy file"),
-        ({"thresholds.json": {"policy_type": "magic", "threshold": 0.5}}, "unknown policy_type 'magic'"),
+        (
+            {"thresholds.json": {"policy_type": "threshold", "threshold": 1.5}},
+            "threshold must be a number in",
+        ),
     ],
 )
-def test_two_policies_none_or_an_unknown_type_fail_clearly(trained, tmp_path, files, message):
+def test_a_missing_mistyped_or_out_of_range_policy_fails_clearly(trained, tmp_path, files, message):
     with pytest.raises(BundleError, match=message):
         export(trained, tmp_path / "out", policy=policy_dir(tmp_path, trained, files))
     assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+SCRC = {"policy_type": "scrc", "threshold": 0.5, "temperature": 2.0, "lambda": 0.3, "alpha": 0.1, "delta": None,
+        "risk": "error", "views": "challenge"}  # fmt: skip
+
+
+def test_an_scrc_bundle_defers_below_lambda_and_reports_selective_metrics(trained, tmp_path):
+    policy = policy_dir(tmp_path, trained, {"scrc.json": SCRC}, step="calibrate_scrc")
+    with pytest.raises(StreetVisionError, match="a 'sweep_thresholds' commit is expected"):
+        export(trained, tmp_path / "wrong", policy=policy)  # export.policy names the one policy to ship
+    export(trained, tmp_path / "b", "export.policy=scrc", policy=policy)
+    b = verify_bundle(tmp_path / "b")
+    assert b["policy"]["type"] == "scrc" and b["policy"]["params"]["lambda"] == 0.3
+    sel = b["test_metrics"]["selective"]
+    assert (
+        0 <= sel["coverage"] <= 1
+        and sel["alpha"] == 0.1
+        and {"selective_risk", "fnr_answered", "realised_risk"} <= set(sel)
+    )
+    ids = json.loads((trained["phase1"] / "ids_val_test.json").read_text())
+    raw = probabilities(np.load(trained["phase1"] / "logits_val_test.npy"))
+    calibrated = 1 / (1 + np.exp(-np.log(raw / (1 - raw)) / 2.0))
+    r = cli("predict", "--bundle", str(tmp_path / "b"), *(str(trained["dataset"] / i) for i in ids))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    for row, p in zip(rows, calibrated, strict=True):
+        assert row["probability"] == pytest.approx(p, abs=1e-5)
+        confident = abs(2 * row["served_probability"] - 1) >= 0.3
+        assert row["decision"] == (("roadwork" if p >= 0.5 else "no_roadwork") if confident else "defer")
+        assert (np.round(row["served_probability"]) == 1) == (p >= 0.5)  # an answer for every image too
+    bad = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    bad["policy"]["params"]["lambda"] = 0.0  # answer everything: must not pass as the calibrated policy
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(bad))
+    reseal(tmp_path / "b")
+    with pytest.raises(BundleError, match="lambda in bundle.json differs"):
+        verify_bundle(tmp_path / "b")
 
 
 def test_release_gate_refuses_a_weak_model_with_the_numbers(trained, tmp_path):

@@ -18,9 +18,9 @@ from typing import Any
 from streetvision.config import load_config
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
-from streetvision.phases import PHASES
+from streetvision.phases import PHASES, producers
 
-# stem -> {input name: the phase whose commit it must be, or None for a dataset}; from the registry.
+# stem -> {input name: the phase(s) whose commit it must be, or None for a dataset}; from the registry.
 STEPS: dict[str, dict[str, str | None]] = {p.stem: p.inputs for p in PHASES}
 
 
@@ -82,7 +82,7 @@ def run_step(
             name: stack.enter_context(
                 local_dataset(uris[name]) if producer is None else store.staged_step(uris[name], producer)
             )
-            for name, producer in STEPS[stem].items()
+            for name, producer in producers(stem, config).items()
         }
         local_out = stack.enter_context(store.output_step(out))
         manifest = module.run(config, **inputs, out=local_out, sources=dict(uris), run_id=run_id, task=task)

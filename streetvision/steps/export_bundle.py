@@ -17,12 +17,11 @@ import numpy as np
 from streetvision.bundle import (
     BUNDLE_FILE,
     BUNDLE_SCHEMA,
-    POLICY_TYPES,
+    POLICY_PARAMS,
     BundleError,
-    apply_policy,
     check_bundle,
-    check_threshold,
-    served_probability,
+    check_policy_params,
+    policy_outputs,
 )
 from streetvision.config import read_json, require, to_dict, to_yaml
 from streetvision.eval import views
@@ -46,12 +45,14 @@ MODEL_FIELDS = (
     "logit_columns",
     "dropout",
 )
-POLICY_FILES = {"threshold": "thresholds.json", "gate": "gateparams.json", "scrc": "scrcparams.json"}
+POLICY_FILES = {"threshold": "thresholds.json", "scrc": "scrc.json"}  # what each policy step commits
+POLICY_STEPS = {"threshold": "sweep_thresholds", "scrc": "calibrate_scrc"}
 
 
 @dataclass
 class ExportConfig:
     min_test_mcc: Optional[float] = None  # noqa: UP045 - release gate on held-out MCC (OmegaConf reads Optional)
+    policy: str = "threshold"  # the one policy to ship: threshold (phase 2) or scrc (phase 5)
 
 
 @dataclass
@@ -61,29 +62,28 @@ class Config:
     def check(self) -> None:
         gate = self.export.min_test_mcc
         require(gate is None or -1 <= gate <= 1, "export.min_test_mcc", gate, "an MCC in [-1, 1], or null")
+        require(
+            self.export.policy in POLICY_STEPS, "export.policy", self.export.policy, ", ".join(POLICY_STEPS)
+        )
+
+    def source(self, name: str) -> str:
+        """The phase whose commit --policy must be (the registry lists both)."""
+        assert name == "policy", name
+        return POLICY_STEPS[self.export.policy]
 
 
-def find_policy(policy_dir: Path) -> tuple[str, str, dict[str, Any]]:
-    """(type, file name, content) of the one policy in a policy step's directory."""
-    present = [name for name in POLICY_FILES.values() if (policy_dir / name).is_file()]
-    if not present:
+def find_policy(policy_dir: Path, kind: str) -> tuple[str, str, dict[str, Any]]:
+    """(type, file name, content) of the ``kind`` policy in a policy step's directory."""
+    name = POLICY_FILES[kind]
+    if not (policy_dir / name).is_file():
         raise BundleError(
-            f"{policy_dir}: no policy file (expected one of {', '.join(POLICY_FILES.values())})"
+            f"{policy_dir}: no {name}; export.policy={kind} needs the {POLICY_STEPS[kind]} output"
         )
-    if len(present) > 1:
-        raise BundleError(
-            f"{policy_dir}: {len(present)} policies ({', '.join(present)}); exactly one must be chosen"
-        )
-    content = read_json(policy_dir / present[0], BundleError)
-    kind = content.get("policy_type")
-    if kind not in POLICY_TYPES:
-        raise BundleError(
-            f"{policy_dir / present[0]}: unknown policy_type {kind!r} (known: {', '.join(POLICY_TYPES)})"
-        )
-    if POLICY_FILES[kind] != present[0]:
-        raise BundleError(f"{policy_dir / present[0]}: policy_type {kind!r} does not belong in this file")
-    check_threshold(content.get("threshold"), str(policy_dir / present[0]))
-    return kind, present[0], content
+    content = read_json(policy_dir / name, BundleError)
+    if content.get("policy_type") != kind:
+        raise BundleError(f"{policy_dir / name}: policy_type {content.get('policy_type')!r} is not {kind!r}")
+    check_policy_params(kind, {k: content.get(k) for k in POLICY_PARAMS[kind]}, str(policy_dir / name))
+    return kind, name, content
 
 
 def check_lineage(what: str, manifest: Manifest, name: str, upstream: Path, uri: str) -> None:
@@ -108,8 +108,8 @@ def held_out(phase1: Path, kind: str, params: dict[str, Any]) -> dict[str, Any]:
             if view == "clean":
                 raise
             continue  # phase 1 made no challenge views
-        decided = apply_policy(kind, params, s.scores)
-        served = served_probability(s.scores, params["threshold"])
+        out = policy_outputs(kind, params, s.scores)
+        decided, served, answered = out["decision"], out["served"], out["answered"]
         if not np.array_equal(np.round(served) == 1, decided == 1):  # what the validator reads
             raise BundleError("the served probability does not reproduce the policy's decisions")
         report[view] = {
@@ -126,16 +126,47 @@ def held_out(phase1: Path, kind: str, params: dict[str, Any]) -> dict[str, Any]:
                 "raw": subnet_reward(s.labels, s.scores),
             },
         }
+        if kind == "scrc":
+            report[view]["selective"] = selective_metrics(s.labels, decided, answered, params)
     return report
+
+
+def selective_metrics(labels, decided, answered, params: dict[str, Any]) -> dict[str, Any]:
+    """What an scrc policy does on held-out images: coverage, the risk among answered images, the FNR among
+    answered roadwork images, and the loss it controls (realised) next to alpha."""
+    wrong = labels != decided
+    missed = (labels == 1) & (decided == 0)
+    roadwork = answered & (labels == 1)
+    loss = answered & (wrong if params["risk"] == "error" else missed)
+    return {
+        "coverage": float(answered.mean()),
+        "answered": int(answered.sum()),
+        "selective_risk": float(wrong[answered].mean()) if answered.any() else 0.0,
+        "fnr_answered": float(missed[roadwork].mean()) if roadwork.any() else 0.0,
+        "realised_risk": float(loss.mean())
+        if params["delta"] is None
+        else (
+            float(loss[answered if params["risk"] == "error" else roadwork].mean()) if answered.any() else 0.0
+        ),
+        "alpha": params["alpha"],
+        "delta": params["delta"],
+        "risk": params["risk"],
+    }
 
 
 def held_out_markdown(bundle: dict[str, Any]) -> str:
     """The bundle's held-out report (val_test): metrics per view and level, and the simulated reward."""
-    t = bundle["policy"]["params"]["threshold"]
+    params = bundle["policy"]["params"]
+    rule = (
+        f"roadwork when sigmoid(logit / {params['temperature']:.4f}) >= {params['threshold']:.6f}, answered when "
+        f"|2·served − 1| >= {params['lambda']:.4f} (else defer)"
+        if bundle["policy"]["type"] == "scrc"
+        else f"roadwork when P(roadwork) >= {params['threshold']:.6f}"
+    )
     lines = [
         "# Held-out evaluation (val_test)",
         "",
-        f"Policy: roadwork when P(roadwork) >= {t:.6f}, fitted on val_calib "
+        f"Policy: {rule}, fitted on val_calib "
         f"({bundle['test_metrics']['views']} views). Subnet reward: the validator's formula, "
         f"(0.5·max(0, MCC over 100) + 0.5·accuracy over 10)^3, simulated over val_test (50/50 labels).",
         "",
@@ -149,6 +180,15 @@ def held_out_markdown(bundle: dict[str, Any]) -> str:
             f"{m['fpr']:.4f} | {r['reward']['served']['reward']:.4f} | {r['reward']['raw']['reward']:.4f} |"
         )
     lines.append("")
+    for view, r in bundle["held_out"].items():
+        if sel := r.get("selective"):
+            lines += [
+                f"Selective ({view}): answers {sel['coverage']:.1%} ({sel['answered']} of {r['metrics']['n']}); "
+                f"error rate among answered {sel['selective_risk']:.4f}, FNR among answered roadwork "
+                f"{sel['fnr_answered']:.4f}; controlled {sel['risk']} risk realised {sel['realised_risk']:.4f} "
+                f"vs alpha {sel['alpha']}.",
+                "",
+            ]
     for view, r in bundle["held_out"].items():
         if r["by_level"]:
             lines += [f"## {view} views by level", "", *level_table(r["by_level"])]
@@ -173,16 +213,16 @@ def run(
 ) -> Manifest:
     src = {"phase1": str(phase1), "policy": str(policy), "splits": str(splits), **(sources or {})}
     p1_manifest = verify_dir(phase1, "train_baseline")
-    policy_manifest = verify_dir(policy, "sweep_thresholds")
+    policy_manifest = verify_dir(policy, config.source("policy"))
     verify_dir(splits, "make_splits")
     check_lineage(f"--policy {src['policy']}", policy_manifest, "phase1", phase1, src["phase1"])
     check_lineage(f"--phase1 {src['phase1']}", p1_manifest, "splits", splits, src["splits"])
-    kind, policy_file, policy_content = find_policy(policy)
+    kind, policy_file, policy_content = find_policy(policy, config.export.policy)
     model_info = read_json(phase1 / "model.json", BundleError)
     if missing := [k for k in MODEL_FIELDS if k not in model_info]:
         raise BundleError(f"{phase1 / 'model.json'}: missing field(s) {', '.join(missing)}")
 
-    params = {"threshold": policy_content["threshold"]}
+    params = {k: policy_content[k] for k in POLICY_PARAMS[kind]}
     report = held_out(phase1, kind, params)
     calibrated_on = policy_content.get("views", "clean")
     if calibrated_on not in report:
@@ -229,11 +269,16 @@ def run(
             "policy": {
                 "type": kind,
                 "file": policy_file,
-                "params": {"threshold": policy_content["threshold"]},
+                "params": params,
             },
             "splits": SPLITS_FILE,
             "files": files,
-            "test_metrics": {**test, "split": "val_test", "views": calibrated_on},
+            "test_metrics": {
+                **test,
+                "split": "val_test",
+                "views": calibrated_on,
+                **({"selective": report[calibrated_on]["selective"]} if kind == "scrc" else {}),
+            },
             "held_out": report,
             "lineage": lineage,
         }
@@ -248,6 +293,11 @@ def run(
                 **{f"test_{k}": v for k, v in test.items()},
                 **{f"{view}_subnet_reward": r["reward"]["served"]["reward"] for view, r in report.items()},
                 **{f"{view}_mcc": r["metrics"]["mcc"] for view, r in report.items()},
+                **{
+                    f"test_{k}": v
+                    for k, v in report[calibrated_on].get("selective", {}).items()
+                    if k in ("coverage", "selective_risk", "fnr_answered", "realised_risk")
+                },
             },
             run_id=run_id,
             task=task,
