@@ -11,13 +11,15 @@ def export_bundle(
     bundle: dsl.Output[dsl.Model],
     test_metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.Markdown],
+    policy_type: str = "threshold",
     min_test_mcc: float = -1.0,
 ):
     """Phase 6: export model, policy and splits as a portable bundle, with held-out val_test metrics.
 
     Args:
         phase1: train_baseline output.
-        policy: The one policy step output to bundle (sweep_thresholds).
+        policy: The one policy step output to bundle: sweep_thresholds, or calibrate_scrc.
+        policy_type: Which it is: threshold or scrc.
         splits: make_splits output.
         min_test_mcc: Release gate: fail without a bundle when held-out MCC is lower (-1.0: no gate).
 
@@ -40,6 +42,7 @@ def export_bundle(
             "--out",
             bundle.path,
             *KFP_RUN,
+            dsl.ConcatPlaceholder(["export.policy=", policy_type]),
             dsl.ConcatPlaceholder(["export.min_test_mcc=", min_test_mcc]),
         ],
     )

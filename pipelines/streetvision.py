@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from components.calibrate_scrc import calibrate_scrc
 from components.dataset_fingerprint import dataset_fingerprint
 from components.defaults import TRAIN
 from components.export_bundle import export_bundle
@@ -76,6 +77,10 @@ def build_pipeline(options: PlatformOptions | None = None):
         challenge_views: int = TRAIN.eval.challenge_views,
         calibrate_on: str = "challenge",
         max_fnr: float = 1.0,
+        policy: str = "threshold",
+        scrc_alpha: float = 0.05,
+        scrc_delta: float = 0.0,
+        scrc_risk: str = "error",
         min_test_mcc: float = -1.0,
         checkpoint_root: str = "",
     ):
@@ -96,6 +101,11 @@ def build_pipeline(options: PlatformOptions | None = None):
             challenge_views: Validator-style views per val_calib and val_test image (0: none).
             calibrate_on: What the threshold is fitted on: challenge (validator-style views) or clean.
             max_fnr: Policy constraint: largest false-negative rate on val_calib (1.0: none).
+            policy: The policy to ship: threshold (phase 2, one threshold for every image) or scrc (phase 5:
+                answer or defer, with the risk of the answers controlled at scrc_alpha).
+            scrc_alpha: scrc: the risk level of the answered images.
+            scrc_delta: scrc: 0.0 controls the risk in expectation; otherwise with probability 1 - delta.
+            scrc_risk: scrc: error (wrong answers) or fnr (missed roadwork among answered roadwork).
             min_test_mcc: Release gate on held-out val_test MCC (-1.0: none).
             checkpoint_root: s3:// prefix for training checkpoints (one per epoch, under the run's id):
                 a preempted and retried training resumes from its last epoch. Empty: no checkpoints.
@@ -145,19 +155,30 @@ def build_pipeline(options: PlatformOptions | None = None):
                 effect=t.get("effect"),
             )
 
-        sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
+        # One policy is shipped, by name: phase 5 under policy=scrc, else phase 2.
+        with dsl.If(policy == "scrc", name="scrc-policy"):
+            scrc = calibrate_scrc(
+                phase1=train.outputs["model"],
+                alpha=scrc_alpha,
+                delta=scrc_delta,
+                risk=scrc_risk,
+                views=calibrate_on,
+            )
+        with dsl.Else(name="threshold-policy"):
+            sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
 
         export = export_bundle(
             phase1=train.outputs["model"],
-            policy=sweep.outputs["thresholds"],
+            policy=dsl.OneOf(scrc.outputs["scrc"], sweep.outputs["thresholds"]),
             splits=splits.outputs["splits"],
+            policy_type=policy,
             min_test_mcc=min_test_mcc,
         )
 
-        for task in (fingerprint, splits, train, sweep, export):
+        for task in (fingerprint, splits, train, sweep, scrc, export):
             _with_credentials(task, options)
         _with_resources(train, options.train_cpu, options.train_memory)
-        for task in (fingerprint, splits, sweep, export):
+        for task in (fingerprint, splits, sweep, scrc, export):
             _with_resources(task, options.step_cpu, options.step_memory)
 
     return streetvision

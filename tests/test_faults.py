@@ -149,7 +149,7 @@ CONFIG_CASES = {
         "roc_points=-3", "roc_points=abc", "policy.bogus=1", "policy.views=perhaps", "policy.views=",
     ],
     "calibrate_scrc": [
-        "scrc.alpha=0", "scrc.alpha=1", "scrc.alpha=-0.1", "scrc.alpha=nan", "scrc.alpha=abc", "scrc.delta=0",
+        "scrc.alpha=0", "scrc.alpha=1", "scrc.alpha=-0.1", "scrc.alpha=nan", "scrc.alpha=abc", "scrc.delta=-0.1",
         "scrc.delta=1.5", "scrc.delta=nan", "scrc.risk=bogus", "scrc.views=bogus", "scrc.fit_fraction=0",
         "scrc.fit_fraction=1", "scrc.seed=-1", "scrc.bogus=1",
     ],

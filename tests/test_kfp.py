@@ -68,9 +68,49 @@ def spec():
     return pipeline, platform
 
 
-def producer(task, kind, name):
-    sel = getattr(task.inputs, kind)[name]
-    return sel.task_output_artifact.producer_task, sel.task_output_artifact.output_artifact_key
+class Dag:
+    """The compiled pipeline's leaf tasks (inside condition branches too) and where each input artifact
+    comes from, followed through branch inputs and dsl.OneOf outputs to the producing leaf tasks."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.tasks: dict = {}
+        self.branch: dict[str, str] = {}  # leaf task -> the condition component holding it ("" at root)
+        self.sources: dict[tuple[str, str], set] = {}  # (leaf task, input) -> {(leaf task, output)}
+        self._walk(pipeline.root.dag, {}, "")
+
+    def _component(self, task):
+        return self.pipeline.components[task.component_ref.name]
+
+    def _outputs(self, task_name, task, key) -> set:
+        component = self._component(task)
+        if not component.HasField("dag"):
+            return {(task_name, key)}
+        found = set()
+        for sel in component.dag.outputs.artifacts[key].artifact_selectors:
+            inner = component.dag.tasks[sel.producer_subtask]
+            found |= self._outputs(sel.producer_subtask, inner, sel.output_artifact_key)
+        return found
+
+    def _resolve(self, dag, spec, context) -> set:
+        if spec.HasField("task_output_artifact"):
+            out = spec.task_output_artifact
+            return self._outputs(out.producer_task, dag.tasks[out.producer_task], out.output_artifact_key)
+        return context[spec.component_input_artifact]
+
+    def _walk(self, dag, context, branch):
+        for name, task in dag.tasks.items():
+            inputs = {k: self._resolve(dag, v, context) for k, v in task.inputs.artifacts.items()}
+            component = self._component(task)
+            if component.HasField("dag"):
+                self._walk(component.dag, inputs, task.component_ref.name)
+            else:
+                self.tasks[name], self.branch[name] = task, branch
+                for k, v in inputs.items():
+                    self.sources[(name, k)] = v
+
+    def producer(self, task: str, name: str) -> set:
+        return self.sources[(task, name)]
 
 
 def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
@@ -78,19 +118,21 @@ def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
     from streetvision.phases import BY_STEM, PHASES
 
     pipeline, _ = spec
-    tasks = pipeline.root.dag.tasks
+    dag = Dag(pipeline)
     executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
-    assert {p.command for p in PHASES if not p.optional} <= set(tasks) - {"importer", "dataset-fingerprint"}
-    assert set(tasks) - {"importer", "dataset-fingerprint"} <= {p.command for p in PHASES}
-    for p in (p for p in PHASES if p.command in tasks):
-        task = tasks[p.command]
+    assert set(dag.tasks) - {"importer", "dataset-fingerprint"} == {p.command for p in PHASES}
+    for p in PHASES:
+        task = dag.tasks[p.command]
         for name, made_by in p.inputs.items():
             expected = (
-                ("importer", "artifact")
+                {("importer", "artifact")}
                 if made_by is None
-                else (made_by.replace("_", "-"), BY_STEM[made_by].artifact)
+                else {
+                    (m.replace("_", "-"), BY_STEM[m].artifact)
+                    for m in ((made_by,) if isinstance(made_by, str) else made_by)
+                }
             )
-            assert producer(task, "artifacts", name) == expected, (p.stem, name)
+            assert dag.producer(p.command, name) == expected, (p.stem, name)
         component = pipeline.components[task.component_ref.name]
         outputs = component.output_definitions.artifacts
         assert set(outputs) == {p.artifact, *p.ui}, p.stem
@@ -102,11 +144,36 @@ def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
         assert container["command"] == ["python", "-m", "streetvision", p.command], p.stem
 
 
+def test_the_policy_parameter_runs_phase_5_or_phase_2_and_exports_that_one(spec):
+    pipeline, _ = spec
+    dag = Dag(pipeline)
+    scrc_branch, threshold_branch = dag.branch["calibrate-scrc"], dag.branch["sweep-thresholds"]
+    assert scrc_branch and threshold_branch and scrc_branch != threshold_branch  # never both
+    conditions = {
+        name: pipeline.components[name].dag.tasks  # the branches' own tasks
+        for name in (scrc_branch, threshold_branch)
+    }
+    assert set(conditions[scrc_branch]) == {"calibrate-scrc"} and set(conditions[threshold_branch]) == {
+        "sweep-thresholds"
+    }
+    branches = pipeline.components["comp-condition-branches-1"].dag.tasks
+    triggers = {
+        t.component_ref.name: t.trigger_policy.condition for t in branches.values()
+    }  # the If and its Else: exactly one runs
+    assert triggers[scrc_branch] == "inputs.parameter_values['pipelinechannel--policy'] == 'scrc'"
+    assert triggers[threshold_branch] == "!(" + triggers[scrc_branch] + ")"
+    export = dag.tasks["export-bundle"]
+    assert export.inputs.parameters["policy_type"].component_input_parameter == "policy"
+    assert pipeline.root.input_definitions.parameters["policy"].default_value.string_value == "threshold"
+
+
 def test_dag_wires_each_output_to_the_right_input(spec):
     pipeline, _ = spec
-    tasks = pipeline.root.dag.tasks
+    dag = Dag(pipeline)
+    tasks = dag.tasks
     assert set(tasks) == {
-        "importer", "dataset-fingerprint", "make-splits", "train-baseline", "sweep-thresholds", "export-bundle"
+        "importer", "dataset-fingerprint", "make-splits", "train-baseline", "sweep-thresholds", "calibrate-scrc",
+        "export-bundle",
     }  # fmt: skip
     # The dataset's content reaches the cache key: the never-cached fingerprint feeds make_splits.
     fp = tasks["make-splits"].inputs.parameters["dataset_fingerprint"].task_output_parameter
@@ -116,26 +183,37 @@ def test_dag_wires_each_output_to_the_right_input(spec):
         tasks["dataset-fingerprint"].inputs.parameters["dataset_uri"].component_input_parameter
         == "dataset_uri"
     )
-    assert producer(tasks["make-splits"], "artifacts", "dataset") == ("importer", "artifact")
-    assert producer(tasks["train-baseline"], "artifacts", "dataset") == ("importer", "artifact")
-    assert producer(tasks["train-baseline"], "artifacts", "splits") == ("make-splits", "splits")
-    assert producer(tasks["sweep-thresholds"], "artifacts", "phase1") == ("train-baseline", "model")
-    assert producer(tasks["export-bundle"], "artifacts", "phase1") == ("train-baseline", "model")
-    assert producer(tasks["export-bundle"], "artifacts", "policy") == ("sweep-thresholds", "thresholds")
-    assert producer(tasks["export-bundle"], "artifacts", "splits") == ("make-splits", "splits")
+    assert dag.producer("make-splits", "dataset") == {("importer", "artifact")}
+    assert dag.producer("train-baseline", "dataset") == {("importer", "artifact")}
+    assert dag.producer("train-baseline", "splits") == {("make-splits", "splits")}
+    assert dag.producer("sweep-thresholds", "phase1") == {("train-baseline", "model")}
+    assert dag.producer("calibrate-scrc", "phase1") == {("train-baseline", "model")}
+    assert dag.producer("export-bundle", "phase1") == {("train-baseline", "model")}
+    assert dag.producer("export-bundle", "policy") == {
+        ("sweep-thresholds", "thresholds"),
+        ("calibrate-scrc", "scrc"),
+    }
+    assert dag.producer("export-bundle", "splits") == {("make-splits", "splits")}
     train_params = tasks["train-baseline"].inputs.parameters
     assert train_params["lr"].component_input_parameter == "lr"
     assert train_params["backbone"].component_input_parameter == "backbone"
-    assert tasks["sweep-thresholds"].inputs.parameters["max_fnr"].component_input_parameter == "max_fnr"
+    assert (
+        tasks["sweep-thresholds"].inputs.parameters["max_fnr"].component_input_parameter
+        == "pipelinechannel--max_fnr"
+    )
+    assert (
+        tasks["calibrate-scrc"].inputs.parameters["alpha"].component_input_parameter
+        == "pipelinechannel--scrc_alpha"
+    )
     assert (
         tasks["export-bundle"].inputs.parameters["min_test_mcc"].component_input_parameter == "min_test_mcc"
     )
-    for name in ("make-splits", "train-baseline", "sweep-thresholds", "export-bundle"):
+    for name in ("make-splits", "train-baseline", "sweep-thresholds", "calibrate-scrc", "export-bundle"):
         assert tasks[name].caching_options.enable_cache
     # Only a preempted training is worth a retry, and a deterministic failure must not wait minutes.
     assert tasks["train-baseline"].retry_policy.max_retry_count == 1
     assert tasks["train-baseline"].retry_policy.backoff_duration.seconds <= 10
-    for name in ("make-splits", "sweep-thresholds", "export-bundle"):
+    for name in ("make-splits", "sweep-thresholds", "calibrate-scrc", "export-bundle"):
         assert tasks[name].retry_policy.max_retry_count == 0
 
 
@@ -249,6 +327,18 @@ def test_sweep_thresholds_component_runs_its_compiled_command(trained, tmp_path)
 
 
 @pytest.mark.slow
+def test_calibrate_scrc_component_runs_its_compiled_command_and_export_ships_it(trained, tmp_path):
+    out, root = run_component("calibrate_scrc", {"phase1": trained["phase1"]}, tmp_path / "c", {"alpha": 0.9})
+    m = verify_dir(root / "scrc", "calibrate_scrc")
+    assert m.config["scrc"]["alpha"] == 0.9 and m.config["scrc"]["delta"] == 0.0
+    assert "coverage" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert (root / "report").read_text().startswith("# Selective conformal risk control")
+    inputs = {"phase1": trained["phase1"], "policy": root / "scrc", "splits": trained["splits"]}
+    _, broot = run_component("export_bundle", inputs, tmp_path / "e", {"policy_type": "scrc"})
+    assert verify_dir(broot / "bundle", "export_bundle").extra["policy_type"] == "scrc"
+
+
+@pytest.mark.slow
 def test_export_bundle_component_runs_its_compiled_command(trained, tmp_path):
     inputs = {"phase1": trained["phase1"], "policy": trained["policy"], "splits": trained["splits"]}
     out, root = run_component("export_bundle", inputs, tmp_path)
@@ -314,7 +404,7 @@ def test_legacy_platform_spec_keeps_only_fields_older_backends_know(tmp_path):
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 5
+    assert len(executors) == 6
     for config in executors.values():
         assert set(config) <= set(LEGACY_FIELDS)
         for section, entries in config.items():

@@ -5,7 +5,7 @@ calibration units stay exchangeable). val_calib's images are split in two by the
 fits the temperature and the max-MCC decision threshold on the calibrated probability, the second,
 untouched by those fits, chooses the answering threshold lambda on the confidence |2·served − 1| (the
 margin from the decision threshold, the served probability putting it at 0.5) with the guarantee of
-``eval.conformal``: expected risk <= alpha (``scrc.delta: null``) or risk among answered <= alpha with
+``eval.conformal``: expected risk <= alpha (``scrc.delta=0``) or risk among answered <= alpha with
 probability 1 − delta. Numpy only; never imports torch.
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from streetvision.bundle import served_probability
-from streetvision.config import probability, require, to_dict, to_yaml
+from streetvision.config import require, to_dict, to_yaml
 from streetvision.eval import conformal, sweep, views
 from streetvision.eval.metrics import calibration_errors, compute_all_metrics
 from streetvision.io.manifests import Manifest, input_record, verify_dir
@@ -33,7 +33,7 @@ SPLIT = "val_calib"
 @dataclass
 class ScrcConfig:
     alpha: float = 0.05  # the risk level
-    delta: Optional[float] = None  # noqa: UP045 - null: in expectation (CRC); a number: with prob. 1 - delta
+    delta: float = 0.0  # 0: in expectation (CRC); in (0, 1): with probability 1 - delta (Learn then Test)
     risk: str = "error"  # error (wrong answers) or fnr (missed roadwork among roadwork answered)
     views: str = "challenge"  # what val_calib is: clean images, or one challenge view per image
     fit_fraction: float = 0.5  # share of val_calib's images that fits the temperature and threshold
@@ -47,8 +47,7 @@ class Config:
     def check(self) -> None:
         s = self.scrc
         require(0 < s.alpha < 1, "scrc.alpha", s.alpha, "a risk level in (0, 1)")
-        probability("scrc.delta", s.delta)
-        require(s.delta is None or 0 < s.delta < 1, "scrc.delta", s.delta, "in (0, 1), or null")
+        require(0 <= s.delta < 1, "scrc.delta", s.delta, "0 (in expectation) or in (0, 1)")
         require(s.risk in conformal.RISKS, "scrc.risk", s.risk, ", ".join(conformal.RISKS))
         require(s.views in views.VIEWS, "scrc.views", s.views, ", ".join(views.VIEWS))
         require(0 < s.fit_fraction < 1, "scrc.fit_fraction", s.fit_fraction, "a share in (0, 1)")
@@ -106,7 +105,7 @@ def run(
     confidence = np.abs(2 * served_probability(calibrated, threshold) - 1)
     select = (
         conformal.crc(confidence[cal], labels[cal], decisions[cal], alpha=c.alpha, risk=c.risk)
-        if c.delta is None
+        if not c.delta
         else conformal.ltt(
             confidence[cal], labels[cal], decisions[cal], alpha=c.alpha, delta=c.delta, risk=c.risk
         )
@@ -123,11 +122,11 @@ def run(
         "lambda": select.lam,
         "answer": "answer when confidence >= lambda, else defer",
         "alpha": c.alpha,
-        "delta": c.delta,
+        "delta": c.delta or None,
         "risk": c.risk,
         "guarantee": (
             f"E[{c.risk} loss] <= alpha (Conformal Risk Control)"
-            if c.delta is None
+            if not c.delta
             else f"P({c.risk} risk among answered > alpha) <= delta (Learn then Test)"
         ),
         "views": c.views,

@@ -1,0 +1,46 @@
+from kfp import dsl
+
+from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
+
+
+@dsl.container_component
+def calibrate_scrc(
+    phase1: dsl.Input[dsl.Model],
+    scrc: dsl.Output[dsl.Artifact],
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.Markdown],
+    alpha: float = 0.05,
+    delta: float = 0.0,
+    risk: str = "error",
+    views: str = "challenge",
+):
+    """Phase 5: temperature scaling and selective conformal risk control on val_calib (answer or defer).
+
+    Args:
+        phase1: train_baseline output (only its val_calib logits and labels are read).
+        alpha: The risk level the answered images are held to.
+        delta: 0.0: the risk is controlled in expectation (Conformal Risk Control); otherwise it holds
+            with probability 1 - delta (Learn then Test).
+        risk: error (wrong answers) or fnr (missed roadwork among answered roadwork images).
+        views: Calibrate on val_calib's challenge views (one per image) or its clean images.
+
+    Returns:
+        scrc: Step directory: scrc.json (temperature, thresholds, alpha, delta, coverage), plot, report.
+        metrics: Temperature, thresholds, coverage, risk and calibration errors.
+        report: The Markdown report.
+    """
+    return dsl.ContainerSpec(
+        image=BASE_IMAGE,
+        command=[*ENTRYPOINT, "calibrate-scrc"],
+        args=[
+            "--phase1",
+            phase1.path,
+            "--out",
+            scrc.path,
+            *KFP_RUN,
+            dsl.ConcatPlaceholder(["scrc.alpha=", alpha]),
+            dsl.ConcatPlaceholder(["scrc.delta=", delta]),
+            dsl.ConcatPlaceholder(["scrc.risk=", risk]),
+            dsl.ConcatPlaceholder(["scrc.views=", views]),
+        ],
+    )
