@@ -155,8 +155,19 @@ def build_pipeline(options: PlatformOptions | None = None):
                 effect=t.get("effect"),
             )
 
-        # One policy is shipped, by name: phase 5 under policy=scrc, else phase 2.
-        with dsl.If(policy == "scrc", name="scrc-policy"):
+        # One policy is shipped, by name: phase 2 and its export by default, phase 5 and its export under
+        # policy=scrc. (Each branch has its own export task: Kubeflow's local runner has no dsl.OneOf.)
+        exports = {}
+        with dsl.If(policy == "threshold", name="threshold-policy"):
+            sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
+            exports["threshold"] = export_bundle(
+                phase1=train.outputs["model"],
+                policy=sweep.outputs["thresholds"],
+                splits=splits.outputs["splits"],
+                policy_type="threshold",
+                min_test_mcc=min_test_mcc,
+            )
+        with dsl.Else(name="scrc-policy"):
             scrc = calibrate_scrc(
                 phase1=train.outputs["model"],
                 alpha=scrc_alpha,
@@ -164,21 +175,18 @@ def build_pipeline(options: PlatformOptions | None = None):
                 risk=scrc_risk,
                 views=calibrate_on,
             )
-        with dsl.Else(name="threshold-policy"):
-            sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
+            exports["scrc"] = export_bundle(
+                phase1=train.outputs["model"],
+                policy=scrc.outputs["scrc"],
+                splits=splits.outputs["splits"],
+                policy_type="scrc",
+                min_test_mcc=min_test_mcc,
+            )
 
-        export = export_bundle(
-            phase1=train.outputs["model"],
-            policy=dsl.OneOf(scrc.outputs["scrc"], sweep.outputs["thresholds"]),
-            splits=splits.outputs["splits"],
-            policy_type=policy,
-            min_test_mcc=min_test_mcc,
-        )
-
-        for task in (fingerprint, splits, train, sweep, scrc, export):
+        for task in (fingerprint, splits, train, sweep, scrc, *exports.values()):
             _with_credentials(task, options)
         _with_resources(train, options.train_cpu, options.train_memory)
-        for task in (fingerprint, splits, sweep, scrc, export):
+        for task in (fingerprint, splits, sweep, scrc, *exports.values()):
             _with_resources(task, options.step_cpu, options.step_memory)
 
     return streetvision

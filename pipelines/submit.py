@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if "dataset_uri" not in params:
         print("pipelines.submit: dataset_uri=s3://bucket/prefix is required", file=sys.stderr)
         return 2
+    if params.get("policy", "threshold") not in ("threshold", "scrc"):
+        print(f"pipelines.submit: policy={params['policy']}: threshold or scrc", file=sys.stderr)
+        return 2
     import kfp
 
     client = kfp.Client(host=endpoint)

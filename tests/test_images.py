@@ -208,3 +208,24 @@ def test_the_readme_kfp_local_snippet_runs_the_compiled_pipeline_in_containers(i
          str(data / "images")], capture_output=True, text=True,
     )  # fmt: skip
     assert predict.returncode == 0 and len(predict.stdout.splitlines()) == 80
+
+
+@pytest.mark.slow
+def test_the_scrc_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp_path):
+    from kfp import local
+
+    from pipelines.streetvision import streetvision
+
+    root = tmp_path / "kfp-root"
+    data = write_demo_dataset(root / "dataset", n=120, seed=4, size=64)
+    runner = local.DockerRunner(network_mode="host", entrypoint=[""], user=f"{os.getuid()}:{os.getgid()}")
+    local.init(runner=runner, pipeline_root=str(root))
+    streetvision(dataset_uri=str(data), backbone="test_efficientnet", pretrained=False, freeze_backbone=False,
+                 epochs=2, image_size=64, challenge_views=1, policy="scrc", scrc_alpha=0.5)  # fmt: skip
+    (run_dir,) = [p for p in root.iterdir() if p.name.startswith("streetvision-")]
+    assert not (run_dir / "sweep-thresholds").exists()  # the other branch did not run
+    verify_dir(run_dir / "calibrate-scrc" / "scrc", "calibrate_scrc")
+    bundle = run_dir / "export-bundle-2" / "bundle"
+    verify_path(str(bundle))
+    b = json.loads((bundle / "bundle.json").read_text())
+    assert b["policy"]["type"] == "scrc" and "selective" in b["test_metrics"]

@@ -120,19 +120,20 @@ def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
     pipeline, _ = spec
     dag = Dag(pipeline)
     executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
-    assert set(dag.tasks) - {"importer", "dataset-fingerprint"} == {p.command for p in PHASES}
+    commands = {p.command for p in PHASES}
+    by_phase: dict[str, list[str]] = {}  # export-bundle-2: the other branch's export-bundle task
+    for name in set(dag.tasks) - {"importer", "dataset-fingerprint"}:
+        by_phase.setdefault(name if name in commands else name.rsplit("-", 1)[0], []).append(name)
+    assert set(by_phase) == commands
     for p in PHASES:
         task = dag.tasks[p.command]
         for name, made_by in p.inputs.items():
-            expected = (
-                {("importer", "artifact")}
-                if made_by is None
-                else {
-                    (m.replace("_", "-"), BY_STEM[m].artifact)
-                    for m in ((made_by,) if isinstance(made_by, str) else made_by)
-                }
-            )
-            assert dag.producer(p.command, name) == expected, (p.stem, name)
+            stems = () if made_by is None else (made_by,) if isinstance(made_by, str) else made_by
+            expected = {(m.replace("_", "-"), BY_STEM[m].artifact) for m in stems} or {
+                ("importer", "artifact")
+            }
+            got = set().union(*(dag.producer(t, name) for t in by_phase[p.command]))
+            assert got == expected, (p.stem, name)
         component = pipeline.components[task.component_ref.name]
         outputs = component.output_definitions.artifacts
         assert set(outputs) == {p.artifact, *p.ui}, p.stem
@@ -144,26 +145,24 @@ def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
         assert container["command"] == ["python", "-m", "streetvision", p.command], p.stem
 
 
-def test_the_policy_parameter_runs_phase_5_or_phase_2_and_exports_that_one(spec):
+def test_the_policy_parameter_runs_phase_2_or_phase_5_and_exports_that_one(spec):
     pipeline, _ = spec
     dag = Dag(pipeline)
-    scrc_branch, threshold_branch = dag.branch["calibrate-scrc"], dag.branch["sweep-thresholds"]
-    assert scrc_branch and threshold_branch and scrc_branch != threshold_branch  # never both
-    conditions = {
-        name: pipeline.components[name].dag.tasks  # the branches' own tasks
-        for name in (scrc_branch, threshold_branch)
+    threshold_branch, scrc_branch = dag.branch["sweep-thresholds"], dag.branch["calibrate-scrc"]
+    assert threshold_branch and scrc_branch and threshold_branch != scrc_branch  # never both
+    assert {t for t, b in dag.branch.items() if b == threshold_branch} == {
+        "sweep-thresholds",
+        "export-bundle",
     }
-    assert set(conditions[scrc_branch]) == {"calibrate-scrc"} and set(conditions[threshold_branch]) == {
-        "sweep-thresholds"
-    }
+    assert {t for t, b in dag.branch.items() if b == scrc_branch} == {"calibrate-scrc", "export-bundle-2"}
+    assert dag.producer("export-bundle", "policy") == {("sweep-thresholds", "thresholds")}
+    assert dag.producer("export-bundle-2", "policy") == {("calibrate-scrc", "scrc")}
+    for task, kind in (("export-bundle", "threshold"), ("export-bundle-2", "scrc")):
+        assert dag.tasks[task].inputs.parameters["policy_type"].runtime_value.constant.string_value == kind
     branches = pipeline.components["comp-condition-branches-1"].dag.tasks
-    triggers = {
-        t.component_ref.name: t.trigger_policy.condition for t in branches.values()
-    }  # the If and its Else: exactly one runs
-    assert triggers[scrc_branch] == "inputs.parameter_values['pipelinechannel--policy'] == 'scrc'"
-    assert triggers[threshold_branch] == "!(" + triggers[scrc_branch] + ")"
-    export = dag.tasks["export-bundle"]
-    assert export.inputs.parameters["policy_type"].component_input_parameter == "policy"
+    triggers = {t.component_ref.name: t.trigger_policy.condition for t in branches.values()}
+    assert triggers[threshold_branch] == "inputs.parameter_values['pipelinechannel--policy'] == 'threshold'"
+    assert triggers[scrc_branch] == "!(" + triggers[threshold_branch] + ")"  # the If and its Else
     assert pipeline.root.input_definitions.parameters["policy"].default_value.string_value == "threshold"
 
 
@@ -173,7 +172,7 @@ def test_dag_wires_each_output_to_the_right_input(spec):
     tasks = dag.tasks
     assert set(tasks) == {
         "importer", "dataset-fingerprint", "make-splits", "train-baseline", "sweep-thresholds", "calibrate-scrc",
-        "export-bundle",
+        "export-bundle", "export-bundle-2",
     }  # fmt: skip
     # The dataset's content reaches the cache key: the never-cached fingerprint feeds make_splits.
     fp = tasks["make-splits"].inputs.parameters["dataset_fingerprint"].task_output_parameter
@@ -189,11 +188,8 @@ def test_dag_wires_each_output_to_the_right_input(spec):
     assert dag.producer("sweep-thresholds", "phase1") == {("train-baseline", "model")}
     assert dag.producer("calibrate-scrc", "phase1") == {("train-baseline", "model")}
     assert dag.producer("export-bundle", "phase1") == {("train-baseline", "model")}
-    assert dag.producer("export-bundle", "policy") == {
-        ("sweep-thresholds", "thresholds"),
-        ("calibrate-scrc", "scrc"),
-    }
     assert dag.producer("export-bundle", "splits") == {("make-splits", "splits")}
+    assert dag.producer("export-bundle-2", "splits") == {("make-splits", "splits")}
     train_params = tasks["train-baseline"].inputs.parameters
     assert train_params["lr"].component_input_parameter == "lr"
     assert train_params["backbone"].component_input_parameter == "backbone"
@@ -205,15 +201,24 @@ def test_dag_wires_each_output_to_the_right_input(spec):
         tasks["calibrate-scrc"].inputs.parameters["alpha"].component_input_parameter
         == "pipelinechannel--scrc_alpha"
     )
-    assert (
-        tasks["export-bundle"].inputs.parameters["min_test_mcc"].component_input_parameter == "min_test_mcc"
-    )
-    for name in ("make-splits", "train-baseline", "sweep-thresholds", "calibrate-scrc", "export-bundle"):
+    for export in ("export-bundle", "export-bundle-2"):
+        assert (
+            tasks[export].inputs.parameters["min_test_mcc"].component_input_parameter
+            == "pipelinechannel--min_test_mcc"
+        )
+    for name in (
+        "make-splits",
+        "train-baseline",
+        "sweep-thresholds",
+        "calibrate-scrc",
+        "export-bundle",
+        "export-bundle-2",
+    ):
         assert tasks[name].caching_options.enable_cache
     # Only a preempted training is worth a retry, and a deterministic failure must not wait minutes.
     assert tasks["train-baseline"].retry_policy.max_retry_count == 1
     assert tasks["train-baseline"].retry_policy.backoff_duration.seconds <= 10
-    for name in ("make-splits", "sweep-thresholds", "calibrate-scrc", "export-bundle"):
+    for name in ("make-splits", "sweep-thresholds", "calibrate-scrc", "export-bundle", "export-bundle-2"):
         assert tasks[name].retry_policy.max_retry_count == 0
 
 
@@ -404,7 +409,7 @@ def test_legacy_platform_spec_keeps_only_fields_older_backends_know(tmp_path):
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 6
+    assert len(executors) == 7
     for config in executors.values():
         assert set(config) <= set(LEGACY_FIELDS)
         for section, entries in config.items():

@@ -92,3 +92,14 @@ def test_streetvision_run_runs_phase_5_when_named(tmp_path):
     again = run_local(str(tmp_path / "run"), overrides=["demo.n=240", "trainer.max_epochs=1",
                                                         "pipeline.phases=[phase0,phase1,phase5]", "scrc.alpha=0.3"])  # fmt: skip
     assert again["steps"]["calibrate_scrc"] == "up to date, skipped"
+
+
+def test_runs_on_the_object_store(s3, tmp_path):
+    from streetvision.io import store
+
+    logits, labels = separable_logits(n=400, seed=6)
+    store.upload_dir(fake_phase1(tmp_path / "p1", logits, labels), f"{s3}/p1")
+    r = cli("calibrate-scrc", "--phase1", f"{s3}/p1", "--out", f"{s3}/scrc", "scrc.alpha=0.2")
+    assert r.returncode == 0, r.stderr
+    manifest, _ = store.verified(f"{s3}/scrc", "calibrate_scrc")
+    assert manifest.inputs["phase1"]["uri"] == f"{s3}/p1" and 0 < manifest.metrics["coverage"] <= 1

@@ -76,6 +76,10 @@ def test_no_cache_turns_caching_off_for_every_step(kfp_api):
 
 def test_submit_refuses_a_missing_dataset_or_endpoint(kfp_api, monkeypatch, capsys):
     assert submit.main(["epochs=3"]) == 2 and "dataset_uri" in capsys.readouterr().err
+    assert (
+        submit.main(["dataset_uri=s3://b/d", "policy=scr"]) == 2
+        and "threshold or scrc" in capsys.readouterr().err
+    )
     monkeypatch.delenv("KFP_ENDPOINT")
     assert submit.main(["dataset_uri=s3://b/d"]) == 2 and "KFP_ENDPOINT" in capsys.readouterr().err
     assert not [r for r in kfp_api if r[0] == "POST"]
