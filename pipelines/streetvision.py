@@ -158,15 +158,19 @@ def build_pipeline(options: PlatformOptions | None = None):
         # One policy is shipped, by name: phase 2 and its export by default, phase 5 and its export under
         # policy=scrc. (Each branch has its own export task: Kubeflow's local runner has no dsl.OneOf.)
         exports = {}
-        with dsl.If(policy == "threshold", name="threshold-policy"):
-            sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
-            exports["threshold"] = export_bundle(
+
+        def export(kind: str, policy_output):
+            exports[kind] = export_bundle(
                 phase1=train.outputs["model"],
-                policy=sweep.outputs["thresholds"],
+                policy=policy_output,
                 splits=splits.outputs["splits"],
-                policy_type="threshold",
+                policy_type=kind,
                 min_test_mcc=min_test_mcc,
             )
+
+        with dsl.If(policy == "threshold", name="threshold-policy"):
+            sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
+            export("threshold", sweep.outputs["thresholds"])
         with dsl.Else(name="scrc-policy"):
             scrc = calibrate_scrc(
                 phase1=train.outputs["model"],
@@ -175,13 +179,7 @@ def build_pipeline(options: PlatformOptions | None = None):
                 risk=scrc_risk,
                 views=calibrate_on,
             )
-            exports["scrc"] = export_bundle(
-                phase1=train.outputs["model"],
-                policy=scrc.outputs["scrc"],
-                splits=splits.outputs["splits"],
-                policy_type="scrc",
-                min_test_mcc=min_test_mcc,
-            )
+            export("scrc", scrc.outputs["scrc"])
 
         for task in (fingerprint, splits, train, sweep, scrc, *exports.values()):
             _with_credentials(task, options)
