@@ -75,4 +75,22 @@ def bench_sweep_process() -> None:
     )
 
 
-BENCHMARKS = [bench_exact_sweep, bench_sweep_process]
+def bench_conformal_guarantee() -> None:
+    """The guarantees of phase 5, simulated (tests/test_conformal.py's known world, 300 draws each): the mean
+    realised risk of CRC against alpha, and how often Learn then Test exceeds alpha against delta."""
+    sys.path.insert(0, "tests")
+    from test_conformal import DRAWS, simulate
+
+    for risk in ("error", "fnr"):
+        for alpha in (0.05, 0.1):
+            realised, _ = simulate(alpha, risk)
+            report(f"CRC {risk} risk, alpha={alpha}: mean realised risk over {DRAWS} draws vs alpha",
+                   float(realised.mean()), alpha, "<= alpha plus Monte-Carlo error (ratio <= 1)",
+                   realised.mean() <= alpha + 3 * realised.std(ddof=1) / DRAWS**0.5, unit="")  # fmt: skip
+            _, violated = simulate(alpha, risk, delta=0.1, n=2000, seed=1, sep=2.5)
+            report(f"Learn then Test {risk} risk among answered, alpha={alpha}, delta=0.1: violation frequency vs delta",
+                   violated, 0.1, "<= delta plus Monte-Carlo error (ratio <= 1)",
+                   violated <= 0.1 + 3 * (0.1 * 0.9 / DRAWS) ** 0.5, unit="")  # fmt: skip
+
+
+BENCHMARKS = [bench_exact_sweep, bench_sweep_process, bench_conformal_guarantee]
