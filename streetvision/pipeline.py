@@ -28,7 +28,7 @@ from streetvision.data.dataset import content_identity
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
-from streetvision.phases import ALIASES, PHASES, producers
+from streetvision.phases import ALIASES, BY_STEM, PHASES, producers
 from streetvision.steps import step_config
 
 ORDER = [p.stem for p in PHASES]  # the phases in dependency order
@@ -192,7 +192,10 @@ def run_local(
         made_by = producers(stem, configs[stem])
         uris = {name: data if producer is None else outs[producer] for name, producer in made_by.items()}
         if stem not in selected:
-            done[stem] = "not selected" if committed(outs[stem], stem) else "absent"
+            if committed(outs[stem], stem):
+                done[stem] = "not selected"
+            elif not BY_STEM[stem].optional:  # an optional phase that never ran is no part of this pipeline
+                done[stem] = "absent"
             continue
         for name, producer in made_by.items():
             if producer is not None and committed(uris[name], producer) is None:

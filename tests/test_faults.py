@@ -172,7 +172,7 @@ def step_commands(world) -> dict[str, list]:
         "make_splits": ["make-splits", "--dataset", w["dataset"]],
         "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
         "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
-        "calibrate_scrc": ["calibrate-scrc", "--phase1", w["phase1"]],
+        "calibrate_scrc": ["calibrate-scrc", "--phase1", w["phase1"], "scrc.alpha=0.9"],  # a tiny val_calib
         "export_bundle": ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"], "--splits", w["splits"]],
     }  # fmt: skip
 
