@@ -13,6 +13,7 @@ import numpy as np
 
 from streetvision.config import read_json
 from streetvision.errors import StreetVisionError
+from streetvision.eval.sweep import sigmoid
 from streetvision.io.atomic import compute_file_sha256
 from streetvision.io.manifests import verify_dir
 
@@ -54,18 +55,13 @@ def policy_outputs(kind: str, params: dict[str, Any], scores) -> dict[str, Any]:
     t = float(params["threshold"])
     if kind == "scrc":
         logit = np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(1 - p, 1e-300, None))
-        p = 0.5 * (1.0 + np.tanh(0.5 * logit / float(params["temperature"])))
+        p = sigmoid(logit / float(params["temperature"]))
     served = served_probability(p, t)
     decision = (p >= t).astype(np.int64)
     answered = np.ones(p.shape, dtype=bool)
     if kind == "scrc":
         answered = np.abs(2 * served - 1) >= float(params["lambda"])
     return {"probability": p, "decision": decision, "answered": answered, "served": served}
-
-
-def apply_policy(kind: str, params: dict[str, Any], scores):
-    """Decisions (1 roadwork, 0 not) of a policy on P(roadwork) scores (a numpy array), for every image."""
-    return policy_outputs(kind, params, scores)["decision"]
 
 
 SERVED_MARGIN = 1e-6  # how far above 0.5 the threshold itself is served

@@ -63,11 +63,11 @@ def confusion_and_roc(metrics: dict[str, int], roc: dict[str, list[float]]) -> d
     }
 
 
-def _artifact_metadata(schema: str, path: str, out: Path, manifest: Manifest) -> dict[str, Any]:
-    """What the UI shows for one declared output. The step declares its content: ``ui_outputs(out)`` in
-    its module returns the ClassificationMetrics metadata and the Markdown report's file name."""
-    step = importlib.import_module(f"streetvision.steps.{manifest.step}")
-    declared = step.ui_outputs(out) if hasattr(step, "ui_outputs") else {}
+def _artifact_metadata(
+    schema: str, path: str, out: Path, manifest: Manifest, declared: dict[str, Any]
+) -> dict[str, Any]:
+    """What the UI shows for one declared output; ``declared`` is the step's own ``ui_outputs(out)``:
+    the ClassificationMetrics metadata and the Markdown report's file name."""
     if schema == "system.Metrics":
         scalars = _scalars(manifest)
         atomic.write_json(path, scalars)
@@ -90,11 +90,13 @@ def write_executor_output(executor_input: str, out: Path, manifest: Manifest | N
     if manifest is None:
         return None
     data = parse(executor_input)
+    step = importlib.import_module(f"streetvision.steps.{manifest.step}")
+    declared = step.ui_outputs(out) if hasattr(step, "ui_outputs") else {}
     artifacts: dict[str, Any] = {}
     for name, entry in data["outputs"].get("artifacts", {}).items():
         runtime = entry["artifacts"][0]
         schema = runtime.get("type", {}).get("schemaTitle", "system.Artifact")
-        metadata = _artifact_metadata(schema, local_path(runtime["uri"]), out, manifest)
+        metadata = _artifact_metadata(schema, local_path(runtime["uri"]), out, manifest, declared)
         artifacts[name] = {
             "artifacts": [{"name": runtime.get("name", name), "uri": runtime["uri"], "metadata": metadata}]
         }

@@ -32,7 +32,6 @@ from streetvision.phases import ALIASES, BY_STEM, PHASES, producers
 from streetvision.steps import step_config
 
 ORDER = [p.stem for p in PHASES]  # the phases in dependency order
-PHASE_NAMES = ALIASES  # phase0, phase1, ... -> stem
 DEMO_PROFILE = Path(__file__).parent / "configs" / "demo.yaml"
 
 
@@ -106,10 +105,10 @@ def _phases(requested: list[str]) -> list[str]:
         raise ConfigError("config key 'pipeline.phases': empty; name at least one phase")
     stems = []
     for name in requested:
-        stem = PHASE_NAMES.get(name, name)
+        stem = ALIASES.get(name, name)
         if stem not in ORDER:
             raise ConfigError(
-                f"pipeline.phases: unknown phase {name!r} (use {', '.join(PHASE_NAMES)} or step names)"
+                f"pipeline.phases: unknown phase {name!r} (use {', '.join(ALIASES)} or step names)"
             )
         stems.append(stem)
     return [s for s in ORDER if s in stems]

@@ -46,7 +46,7 @@ def _timm_model(predictor) -> tuple[Any, float]:
     t = min(max(float(b["policy"]["params"]["threshold"]), 1e-12), 1 - 1e-12)
     shift = math.log(t / (1 - t))  # p >= t  <=>  logit >= shift
     head = predictor.net.head[-1]
-    state = {f"{k}": v for k, v in predictor.net.backbone.state_dict().items()}
+    state = dict(predictor.net.backbone.state_dict())
     state[f"{prefix}.weight"] = head.weight.detach().clone()
     state[f"{prefix}.bias"] = head.bias.detach().clone() - shift
     model.load_state_dict(state, strict=True)

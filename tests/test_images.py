@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_readme import run_block, section, tool_env
 
 from components.images import BASE_IMAGE, TRAIN_IMAGE
 from streetvision.data.demo import write_demo_dataset
@@ -128,43 +129,24 @@ def test_a_phase_runs_against_s3_with_the_aws_variables(images, s3, s3_server, s
     assert s3_server.secret_key not in r.stdout + r.stderr
 
 
-def readme_blocks(title: str) -> list[tuple[str, str]]:
-    from test_readme import section
-
-    return section(title)
-
-
-def _shell(code: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=1800)  # fmt: skip
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        **(extra or {}),
-    }
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("user", ["yours", "arbitrary"])
 def test_readme_docker_run_commands_run_as_written(images, s3, s3_server, tmp_path, user):
     """The README's `docker run` block, verbatim (and with an arbitrary uid, as OpenShift runs images)."""
     import boto3
 
-    (lang, code), *_ = readme_blocks("Container images")
+    (lang, code), *_ = section("Container images")
     assert lang == "bash" and '--user "$(id -u):$(id -g)"' in code
     if user == "arbitrary":
         code = "umask 0\n" + code.replace('"$(id -u):$(id -g)"', "4242:4242")
-    env = _env(s3_server.env())
+    env = tool_env(**s3_server.env())
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name=env["AWS_DEFAULT_REGION"],
                       aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
     if "streetvision-demo" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
         s3.create_bucket(Bucket="streetvision-demo")
-    r = _shell("streetvision demo-data --out s3://streetvision-demo/roadwork --n 40 --size 48", tmp_path, env)
+    r = run_block("bash", "streetvision demo-data --out s3://streetvision-demo/roadwork --n 40 --size 48", tmp_path, env)
     assert r.returncode == 0, r.stderr
-    r = _shell(code, tmp_path, env)
+    r = run_block(lang, code, tmp_path, env)
     assert r.returncode == 0, r.stderr[-3000:]
     for stem in ("make_splits", "train_baseline"):
         verify_dir(tmp_path / "out" / stem, stem)
@@ -178,13 +160,12 @@ def test_readme_docker_run_commands_run_as_written(images, s3, s3_server, tmp_pa
 @pytest.mark.slow
 def test_the_readme_kfp_local_snippet_runs_the_compiled_pipeline_in_containers(images, tmp_path):
     """The README's kfp.local blocks, verbatim, from a folder outside the repository."""
-    (_, data_cmd), (lang, snippet) = readme_blocks("Container images")[1:3]
+    (_, data_cmd), (lang, snippet) = section("Container images")[1:3]
     assert lang == "python" and "local.DockerRunner" in snippet
-    env = _env()
-    r = _shell(data_cmd, tmp_path, env)
+    env = tool_env()
+    r = run_block("bash", data_cmd, tmp_path, env)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env={**env, "PYTHONPATH": ""},
-                       capture_output=True, text=True, timeout=1800)  # fmt: skip
+    r = run_block(lang, snippet, tmp_path, {**env, "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     root = tmp_path / "kfp-root"
     (run_dir,) = [p for p in root.iterdir() if p.name.startswith("streetvision-")]

@@ -47,8 +47,15 @@ def test_the_serving_section_has_its_snippets():
     assert langs == ["bash", "python", "python"]
 
 
-def _env(**extra):
+def tool_env(**extra):
+    """This environment, with this venv's tools (``streetvision``) first on PATH: what the README assumes."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def run_block(lang: str, code: str, cwd, env) -> subprocess.CompletedProcess:
+    """One README block as written: bash with errors fatal, or python."""
+    cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.slow
@@ -57,8 +64,7 @@ def test_the_cli_chain_runs_as_written(tmp_path):
 
     (lang, code), *_ = section("The CLI")
     assert lang == "bash" and "export.min_test_mcc=0.5" in code
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=_env(), capture_output=True,
-                       text=True, timeout=1800)  # fmt: skip
+    r = run_block(lang, code, tmp_path, tool_env())
     assert r.returncode == 0, r.stderr[-3000:]
     policy = json.loads((tmp_path / "runs/x/sweep_thresholds/thresholds.json").read_text())
     bundle = json.loads((tmp_path / "runs/x/export_bundle/bundle.json").read_text())
@@ -75,13 +81,12 @@ def test_serving_on_the_subnet_runs_as_written(tmp_path):
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("")
     (stub / "registry.py").write_text(REGISTRY_STUB)
-    env = _env(PYTHONPATH=str(tmp_path / "stub"))
+    env = tool_env(PYTHONPATH=str(tmp_path / "stub"))
     work = tmp_path / "work"
     work.mkdir()
     outputs = []
     for lang, code in section("Serving on the subnet"):
-        cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        r = run_block(lang, code, work, env)
         assert r.returncode == 0, f"{lang} block failed:\n{code}\n{r.stderr[-3000:]}"
         outputs.append(r.stdout)
     assert "Held-out evaluation" in outputs[0] and "model.safetensors: OK" in outputs[0]

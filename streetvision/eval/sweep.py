@@ -39,8 +39,8 @@ class Sweep:
         return metrics_from_counts(self.tp, self.tn, self.fp, self.fn)
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    """P(roadwork): sigmoid of one logit column, or softmax class 1 of two."""
+def margins(logits: np.ndarray) -> np.ndarray:
+    """The roadwork logit: one logit column as it is, or class 1 minus class 0 of two."""
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim == 1:
         logits = logits[:, None]
@@ -49,8 +49,16 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     if not np.isfinite(logits).all():
         bad = int((~np.isfinite(logits)).any(axis=1).sum())
         raise SweepError(f"logits hold {bad} row(s) with NaN or infinite values")
-    margin = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
-    return 0.5 * (1.0 + np.tanh(0.5 * margin))  # the sigmoid, without overflow
+    return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+
+
+def sigmoid(margin: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(margin, dtype=np.float64)))  # without overflow
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """P(roadwork): sigmoid of one logit column, or softmax class 1 of two."""
+    return sigmoid(margins(logits))
 
 
 def check_labels(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from streetvision.errors import StreetVisionError
-from streetvision.eval.sweep import check_labels, probabilities
+from streetvision.eval.sweep import check_labels, margins, sigmoid
 
 VIEWS = ("clean", "challenge")
 LEVELS = 4
@@ -29,6 +29,8 @@ class Scores:
     labels: np.ndarray  # 0/1 per row
     levels: np.ndarray | None  # challenge level per row (None for clean)
     images: int  # distinct images the rows come from
+    logits: np.ndarray  # the roadwork logit per row (sigmoid of it is the score)
+    rows: np.ndarray  # the image (row of the split) each row is a view of
 
     def by_level(self) -> dict[int, np.ndarray]:
         """Row masks per challenge level present."""
@@ -48,10 +50,10 @@ def load(phase1: Path, split: str, view: str) -> Scores:
     """The scores and labels of ``split`` in ``view`` from a verified phase-1 directory."""
     if view not in VIEWS:
         raise ViewError(f"view {view!r}: one of {', '.join(VIEWS)}")
-    scores = probabilities(_npy(phase1 / f"logits_{split}.npy"))
-    labels = check_labels(scores, _npy(phase1 / f"labels_{split}.npy"))
+    logits = margins(_npy(phase1 / f"logits_{split}.npy"))
+    labels = check_labels(logits, _npy(phase1 / f"labels_{split}.npy"))
     if view == "clean":
-        return Scores(scores, labels, None, len(labels))
+        return Scores(sigmoid(logits), labels, None, len(labels), logits, np.arange(len(labels)))
     logits_file = phase1 / f"logits_{split}_challenge.npy"
     if not logits_file.is_file():
         raise ViewError(
@@ -59,7 +61,7 @@ def load(phase1: Path, split: str, view: str) -> Scores:
             "re-run phase 1 with eval.challenge_views=4, or use policy.views=clean"
         )
     views = _npy(phase1 / f"views_{split}_challenge.npy")
-    challenged = probabilities(_npy(logits_file))
+    challenged = margins(_npy(logits_file))
     if views.ndim != 2 or views.shape != (len(challenged), 2) or views.dtype.kind not in "iu":
         raise ViewError(
             f"{phase1}: views_{split}_challenge.npy must be (rows, 2) integers matching its logits"
@@ -73,4 +75,6 @@ def load(phase1: Path, split: str, view: str) -> Scores:
         or levels.max() >= LEVELS
     ):
         raise ViewError(f"{phase1}: views_{split}_challenge.npy names rows or levels out of range")
-    return Scores(challenged, labels[rows], levels.astype(np.int64), len(np.unique(rows)))
+    return Scores(
+        sigmoid(challenged), labels[rows], levels.astype(np.int64), len(np.unique(rows)), challenged, rows
+    )

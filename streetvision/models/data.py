@@ -54,8 +54,8 @@ class ChallengeViews(Dataset):
         (i, view), level = divmod(k, self.views), k % len(challenge.LEVEL_PROBS)
         image = load_rgb(self.images.root / self.images.ids[i], challenge.DECODE_SIDE)
         rng = np.random.default_rng([self.seed, i, view])
-        view, _ = challenge.challenge(image, rng, level)
-        return self.images.transform(view), torch.tensor(self.images.labels[i]), k
+        sent, _ = challenge.challenge(image, rng, level)
+        return self.images.transform(sent), torch.tensor(self.images.labels[i]), k
 
 
 class ChallengeAugment:

@@ -54,23 +54,6 @@ class Config:
         require(0 <= s.seed < 2**32, "scrc.seed", s.seed, "an integer in [0, 2^32)")
 
 
-def _logits(phase1: Path, view: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logit, label, image row) per calibration unit: every image once (a seeded view of it)."""
-
-    def load(name: str) -> np.ndarray:
-        try:
-            return np.load(phase1 / name, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise views.ViewError(f"{phase1 / name}: cannot be read as a .npy array ({e})") from None
-
-    scores = views.load(phase1, SPLIT, view)  # checks shapes, labels and view rows
-    logits = load(f"logits_{SPLIT}.npy" if view == "clean" else f"logits_{SPLIT}_challenge.npy").reshape(-1)
-    if view == "clean":
-        return logits, scores.labels, np.arange(len(logits))
-    rows = load(f"views_{SPLIT}_challenge.npy")[:, 0]
-    return logits, scores.labels, rows
-
-
 def ui_outputs(out: Path) -> dict[str, Any]:
     return {"report": "report.md"}
 
@@ -86,7 +69,8 @@ def run(
 ) -> Manifest:
     c = config.scrc
     verify_dir(phase1, "train_baseline")
-    logits, labels, rows = _logits(phase1, c.views)
+    calib = views.load(phase1, SPLIT, c.views)  # every image once below: a seeded view of it
+    logits, labels, rows = calib.logits, calib.labels, calib.rows
     rng = np.random.default_rng(c.seed)
     images = np.unique(rows)
     one_view = np.array([rng.choice(np.flatnonzero(rows == i)) for i in images])  # one unit per image
@@ -99,7 +83,7 @@ def run(
         )
 
     temperature = conformal.fit_temperature(logits[fit], labels[fit])
-    raw, calibrated = sweep.probabilities(logits), sweep.probabilities(logits / temperature)
+    raw, calibrated = calib.scores, sweep.sigmoid(logits / temperature)
     threshold, _ = sweep.choose_threshold(sweep.exact_sweep(calibrated[fit], labels[fit]))
     decisions = sweep.decide(calibrated, threshold)
     confidence = np.abs(2 * served_probability(calibrated, threshold) - 1)

@@ -72,8 +72,9 @@ class Config:
         return POLICY_STEPS[self.export.policy]
 
 
-def find_policy(policy_dir: Path, kind: str) -> tuple[str, str, dict[str, Any]]:
-    """(type, file name, content) of the ``kind`` policy in a policy step's directory."""
+def find_policy(policy_dir: Path, kind: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(file name, content, the parameters a bundle carries) of the ``kind`` policy in a policy step's
+    directory."""
     name = POLICY_FILES[kind]
     if not (policy_dir / name).is_file():
         raise BundleError(
@@ -82,8 +83,9 @@ def find_policy(policy_dir: Path, kind: str) -> tuple[str, str, dict[str, Any]]:
     content = read_json(policy_dir / name, BundleError)
     if content.get("policy_type") != kind:
         raise BundleError(f"{policy_dir / name}: policy_type {content.get('policy_type')!r} is not {kind!r}")
-    check_policy_params(kind, {k: content.get(k) for k in POLICY_PARAMS[kind]}, str(policy_dir / name))
-    return kind, name, content
+    params = {k: content.get(k) for k in POLICY_PARAMS[kind]}
+    check_policy_params(kind, params, str(policy_dir / name))
+    return name, content, params
 
 
 def check_lineage(what: str, manifest: Manifest, name: str, upstream: Path, uri: str) -> None:
@@ -137,17 +139,18 @@ def selective_metrics(labels, decided, answered, params: dict[str, Any]) -> dict
     wrong = labels != decided
     missed = (labels == 1) & (decided == 0)
     roadwork = answered & (labels == 1)
-    loss = answered & (wrong if params["risk"] == "error" else missed)
+    selective_risk = float(wrong[answered].mean()) if answered.any() else 0.0
+    fnr_answered = float(missed[roadwork].mean()) if roadwork.any() else 0.0
+    if params["delta"] is None:  # CRC bounds the loss's expectation over all images
+        realised = float((answered & (wrong if params["risk"] == "error" else missed)).mean())
+    else:  # Learn then Test bounds the risk among answered (roadwork) images
+        realised = selective_risk if params["risk"] == "error" else fnr_answered
     return {
         "coverage": float(answered.mean()),
         "answered": int(answered.sum()),
-        "selective_risk": float(wrong[answered].mean()) if answered.any() else 0.0,
-        "fnr_answered": float(missed[roadwork].mean()) if roadwork.any() else 0.0,
-        "realised_risk": float(loss.mean())
-        if params["delta"] is None
-        else (
-            float(loss[answered if params["risk"] == "error" else roadwork].mean()) if answered.any() else 0.0
-        ),
+        "selective_risk": selective_risk,
+        "fnr_answered": fnr_answered,
+        "realised_risk": realised,
         "alpha": params["alpha"],
         "delta": params["delta"],
         "risk": params["risk"],
@@ -217,12 +220,12 @@ def run(
     verify_dir(splits, "make_splits")
     check_lineage(f"--policy {src['policy']}", policy_manifest, "phase1", phase1, src["phase1"])
     check_lineage(f"--phase1 {src['phase1']}", p1_manifest, "splits", splits, src["splits"])
-    kind, policy_file, policy_content = find_policy(policy, config.export.policy)
+    kind = config.export.policy
+    policy_file, policy_content, params = find_policy(policy, kind)
     model_info = read_json(phase1 / "model.json", BundleError)
     if missing := [k for k in MODEL_FIELDS if k not in model_info]:
         raise BundleError(f"{phase1 / 'model.json'}: missing field(s) {', '.join(missing)}")
 
-    params = {k: policy_content[k] for k in POLICY_PARAMS[kind]}
     report = held_out(phase1, kind, params)
     calibrated_on = policy_content.get("views", "clean")
     if calibrated_on not in report:

@@ -9,6 +9,7 @@ features are computed once, on the device, and the head trains on them (``models
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import tempfile
@@ -236,29 +237,23 @@ def run(
         # The best epoch's weights, not the last epoch's; logits on the trainer's device, each rank its share.
         net.load_state_dict(best.state)
         net.to(trainer.strategy.root_device).eval()
+        run_on_device = functools.partial(
+            infer,
+            batch_size=config.data.batch_size,
+            num_workers=config.data.num_workers,
+            device=trainer.strategy.root_device,
+            precision=str(trainer.precision),
+            strategy=trainer.strategy,
+        )
         results = {}
         for split in EVAL_SPLITS:
             head_only = cached and split == "val_select"  # its features are cached already
-            results[split] = infer(
-                net.head if head_only else net,
-                data.features[split] if head_only else data.images(split),
-                batch_size=config.data.batch_size,
-                num_workers=config.data.num_workers,
-                device=trainer.strategy.root_device,
-                precision=str(trainer.precision),
-                strategy=trainer.strategy,
+            results[split] = run_on_device(
+                net.head if head_only else net, data.features[split] if head_only else data.images(split)
             )
         views = config.eval.challenge_views
         challenged = {
-            split: infer(
-                net,
-                data.challenge_views(split, views),
-                batch_size=config.data.batch_size,
-                num_workers=config.data.num_workers,
-                device=trainer.strategy.root_device,
-                precision=str(trainer.precision),
-                strategy=trainer.strategy,
-            )
+            split: run_on_device(net, data.challenge_views(split, views))
             for split in (CHALLENGE_SPLITS if views else ())
         }
         if not trainer.is_global_zero:
