@@ -144,7 +144,9 @@ def test_readme_docker_run_commands_run_as_written(images, s3, s3_server, tmp_pa
                       aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
     if "streetvision-demo" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
         s3.create_bucket(Bucket="streetvision-demo")
-    r = run_block("bash", "streetvision demo-data --out s3://streetvision-demo/roadwork --n 40 --size 48", tmp_path, env)
+    r = run_block(
+        "bash", "streetvision demo-data --out s3://streetvision-demo/roadwork --n 40 --size 48", tmp_path, env
+    )
     assert r.returncode == 0, r.stderr
     r = run_block(lang, code, tmp_path, env)
     assert r.returncode == 0, r.stderr[-3000:]
