@@ -1,3 +1,5 @@
+from typing import Optional
+
 from kfp import dsl
 
 from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
@@ -13,6 +15,8 @@ def calibrate_scrc(
     delta: float = 0.0,
     risk: str = "error",
     views: str = "challenge",
+    gate: Optional[dsl.Input[dsl.Artifact]] = None,  # noqa: UP045 - the KFP SDK reads Optional
+    confidence: str = "margin",
 ):
     """Phase 5: temperature scaling and selective conformal risk control on val_calib (answer or defer).
 
@@ -23,9 +27,12 @@ def calibrate_scrc(
             with probability 1 - delta (Learn then Test).
         risk: error (wrong answers) or fnr (missed roadwork among answered roadwork images).
         views: Calibrate on val_calib's challenge views (one per image) or its clean images.
+        gate: train_gate output, with confidence=gate.
+        confidence: What decides answering: margin (from the decision threshold) or gate (phase 3's scores).
 
     Returns:
-        scrc: Step directory: scrc.json (temperature, thresholds, alpha, delta, coverage), plot, report.
+        scrc: Step directory: scrc.json (temperature, thresholds, alpha, delta, coverage), plot, report,
+            and with a gate its weights and val_test scores.
         metrics: Temperature, thresholds, coverage, risk and calibration errors.
         report: The Markdown report.
     """
@@ -35,6 +42,7 @@ def calibrate_scrc(
         args=[
             "--phase1",
             phase1.path,
+            dsl.IfPresentPlaceholder(input_name="gate", then=["--gate", gate.path]),
             "--out",
             scrc.path,
             *KFP_RUN,
@@ -42,5 +50,6 @@ def calibrate_scrc(
             dsl.ConcatPlaceholder(["scrc.delta=", delta]),
             dsl.ConcatPlaceholder(["scrc.risk=", risk]),
             dsl.ConcatPlaceholder(["scrc.views=", views]),
+            dsl.ConcatPlaceholder(["scrc.confidence=", confidence]),
         ],
     )

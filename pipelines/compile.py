@@ -24,6 +24,7 @@ from components.export_bundle import export_bundle
 from components.make_splits import make_splits
 from components.sweep_thresholds import sweep_thresholds
 from components.train_baseline import train_baseline
+from components.train_gate import train_gate
 from pipelines.streetvision import PlatformOptions, build_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ COMPONENTS = {
     "dataset_fingerprint": dataset_fingerprint,
     "make_splits": make_splits,
     "train_baseline": train_baseline,
+    "train_gate": train_gate,
     "sweep_thresholds": sweep_thresholds,
     "export_bundle": export_bundle,
 }

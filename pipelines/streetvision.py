@@ -1,4 +1,5 @@
-"""The default StreetVision pipeline: make_splits -> train_baseline -> sweep_thresholds -> export_bundle.
+"""The default StreetVision pipeline: make_splits -> train_baseline -> sweep_thresholds -> export_bundle;
+with ``policy=scrc`` calibrate_scrc (after train_gate with ``scrc_confidence=gate``) instead of the sweep.
 
 ``build_pipeline(options)`` returns the pipeline function; :class:`PlatformOptions` holds what is decided
 at compile time (credentials Secret, GPU request, node selector, tolerations, CPU and memory). The committed
@@ -16,6 +17,7 @@ from components.export_bundle import export_bundle
 from components.make_splits import make_splits
 from components.sweep_thresholds import sweep_thresholds
 from components.train_baseline import train_baseline
+from components.train_gate import train_gate
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,23 @@ def _with_credentials(task, options: PlatformOptions):
     )
 
 
+def _on_training_nodes(task, options: PlatformOptions):
+    _with_resources(task, options.train_cpu, options.train_memory)
+    if options.gpus:
+        task.set_accelerator_type(options.gpu_resource).set_accelerator_limit(options.gpus)
+    for key, value in options.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for t in options.tolerations:
+        kubernetes.add_toleration(
+            task,
+            key=t.get("key"),
+            operator=t.get("operator", "Equal"),
+            value=t.get("value"),
+            effect=t.get("effect"),
+        )
+    return task
+
+
 def build_pipeline(options: PlatformOptions | None = None):
     options = options or PlatformOptions()
 
@@ -81,6 +100,7 @@ def build_pipeline(options: PlatformOptions | None = None):
         scrc_alpha: float = 0.05,
         scrc_delta: float = 0.0,
         scrc_risk: str = "error",
+        scrc_confidence: str = "margin",
         min_test_mcc: float = -1.0,
         checkpoint_root: str = "",
     ):
@@ -106,6 +126,8 @@ def build_pipeline(options: PlatformOptions | None = None):
             scrc_alpha: scrc: the risk level of the answered images.
             scrc_delta: scrc: 0.0 controls the risk in expectation; otherwise with probability 1 - delta.
             scrc_risk: scrc: error (wrong answers) or fnr (missed roadwork among answered roadwork).
+            scrc_confidence: scrc: what decides answering: margin (from the decision threshold) or gate
+                (phase 3, train_gate, is trained first and its scores are the confidence).
             min_test_mcc: Release gate on held-out val_test MCC (-1.0: none).
             checkpoint_root: s3:// prefix for training checkpoints (one per epoch, under the run's id):
                 a preempted and retried training resumes from its last epoch. Empty: no checkpoints.
@@ -142,49 +164,49 @@ def build_pipeline(options: PlatformOptions | None = None):
         # gate fail the same way every time (exit 2, checked before any work), and transient object-store
         # errors are already retried inside each step by botocore, so the other steps are not retried.
         train.set_retry(num_retries=1, backoff_duration="10s")
-        if options.gpus:
-            train.set_accelerator_type(options.gpu_resource).set_accelerator_limit(options.gpus)
-        for key, value in options.node_selector.items():
-            kubernetes.add_node_selector(train, label_key=key, label_value=value)
-        for t in options.tolerations:
-            kubernetes.add_toleration(
-                train,
-                key=t.get("key"),
-                operator=t.get("operator", "Equal"),
-                value=t.get("value"),
-                effect=t.get("effect"),
-            )
-
         # One policy is shipped, by name: phase 2 and its export by default, phase 5 and its export under
         # policy=scrc. (Each branch has its own export task: Kubeflow's local runner has no dsl.OneOf.)
         exports = {}
 
-        def export(kind: str, policy_output):
-            exports[kind] = export_bundle(
+        def export(branch: str, policy_output):
+            exports[branch] = export_bundle(
                 phase1=train.outputs["model"],
                 policy=policy_output,
                 splits=splits.outputs["splits"],
-                policy_type=kind,
+                policy_type=branch.split("-")[0],
                 min_test_mcc=min_test_mcc,
             )
 
         with dsl.If(policy == "threshold", name="threshold-policy"):
             sweep = sweep_thresholds(phase1=train.outputs["model"], max_fnr=max_fnr, views=calibrate_on)
             export("threshold", sweep.outputs["thresholds"])
+        scrc_options = {"alpha": scrc_alpha, "delta": scrc_delta, "risk": scrc_risk, "views": calibrate_on}
         with dsl.Else(name="scrc-policy"):
-            scrc = calibrate_scrc(
-                phase1=train.outputs["model"],
-                alpha=scrc_alpha,
-                delta=scrc_delta,
-                risk=scrc_risk,
-                views=calibrate_on,
-            )
-            export("scrc", scrc.outputs["scrc"])
+            with dsl.If(scrc_confidence == "gate", name="gate-confidence"):
+                gate = train_gate(
+                    phase1=train.outputs["model"],
+                    dataset=dataset.output,
+                    splits=splits.outputs["splits"],
+                    views=calibrate_on,
+                    seed=seed,
+                )
+                gated = calibrate_scrc(
+                    phase1=train.outputs["model"],
+                    gate=gate.outputs["gate"],
+                    confidence="gate",
+                    **scrc_options,
+                )
+                export("scrc-gate", gated.outputs["scrc"])
+            with dsl.Else(name="margin-confidence"):
+                scrc = calibrate_scrc(phase1=train.outputs["model"], confidence="margin", **scrc_options)
+                export("scrc", scrc.outputs["scrc"])
 
-        for task in (fingerprint, splits, train, sweep, scrc, *exports.values()):
+        steps = (fingerprint, splits, sweep, scrc, gated, *exports.values())
+        for task in (train, gate, *steps):
             _with_credentials(task, options)
-        _with_resources(train, options.train_cpu, options.train_memory)
-        for task in (fingerprint, splits, sweep, scrc, *exports.values()):
+        for task in (train, gate):  # the training image's steps: GPU, placement, bigger requests
+            _on_training_nodes(task, options)
+        for task in steps:
             _with_resources(task, options.step_cpu, options.step_memory)
 
     return streetvision

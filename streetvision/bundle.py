@@ -24,8 +24,9 @@ POLICY_TYPES = ("threshold", "scrc")
 # What each policy type carries into bundle.json (and must equal in its policy file).
 POLICY_PARAMS = {
     "threshold": ("threshold",),
-    "scrc": ("threshold", "temperature", "lambda", "alpha", "delta", "risk"),
+    "scrc": ("threshold", "temperature", "lambda", "alpha", "delta", "risk", "confidence"),
 }
+GATE_FILES = {"weights": "gate.safetensors", "config": "gate.json"}  # what a gate policy bundles
 REQUIRED = (
     "schema_version",
     "files",
@@ -45,10 +46,11 @@ class BundleError(StreetVisionError):
     """A bundle is malformed, tampered with, or names a path outside itself."""
 
 
-def policy_outputs(kind: str, params: dict[str, Any], scores) -> dict[str, Any]:
+def policy_outputs(kind: str, params: dict[str, Any], scores, gate=None) -> dict[str, Any]:
     """What a policy makes of raw P(roadwork) scores (numpy arrays): the probability it decides on
     (temperature-calibrated for ``scrc``), the decision (1 roadwork, 0 not), whether it answers (``scrc``
-    defers below its confidence threshold lambda) and the served probability (decision threshold at 0.5)."""
+    defers where its confidence, the margin or the ``gate`` scores of the same images, is below lambda)
+    and the served probability (decision threshold at 0.5)."""
     p = np.asarray(scores, dtype=np.float64)
     if kind not in POLICY_TYPES:
         raise BundleError(f"policy type {kind!r} cannot be applied")
@@ -60,7 +62,13 @@ def policy_outputs(kind: str, params: dict[str, Any], scores) -> dict[str, Any]:
     decision = (p >= t).astype(np.int64)
     answered = np.ones(p.shape, dtype=bool)
     if kind == "scrc":
-        answered = np.abs(2 * served - 1) >= float(params["lambda"])
+        if params["confidence"] == "gate":
+            if gate is None or np.shape(gate) != p.shape:
+                raise BundleError("this policy answers by its gate's scores, and they were not given")
+            confidence = np.asarray(gate, dtype=np.float64)
+        else:
+            confidence = np.abs(2 * served - 1)
+        answered = confidence >= float(params["lambda"])
     return {"probability": p, "decision": decision, "answered": answered, "served": served}
 
 
@@ -101,7 +109,14 @@ def safe_member(root: Path, name: str) -> Path:
 
 def referenced_paths(bundle: dict[str, Any]) -> list[str]:
     """Every path the bundle names, wherever it names it."""
-    return [bundle["model"]["weights"], bundle["model"]["config"], bundle["policy"]["file"], bundle["splits"]]
+    gate = bundle["policy"].get("gate") or {}
+    return [
+        bundle["model"]["weights"],
+        bundle["model"]["config"],
+        bundle["policy"]["file"],
+        bundle["splits"],
+        *(gate[k] for k in GATE_FILES),
+    ]
 
 
 def check_threshold(value: Any, where: str) -> float:
@@ -132,6 +147,28 @@ def check_policy_params(kind: str, params: dict[str, Any], where: str) -> None:
         number("delta", lambda v: 0 < v < 1)
     if params.get("risk") not in ("error", "fnr"):
         raise BundleError(f"{where}: risk is {params.get('risk')!r}, not error or fnr")
+    if params.get("confidence") not in ("margin", "gate"):
+        raise BundleError(f"{where}: confidence is {params.get('confidence')!r}, not margin or gate")
+
+
+GATE_INFO = {"num_features": int, "hidden": int, "dropout": float, "threshold": float}
+
+
+def read_gate_info(path: Path) -> dict[str, Any]:
+    """A gate's description (phase 3's ``model.json``, a bundle's ``gate.json``), checked for shape."""
+    info = read_json(path, BundleError)
+    for key, kind in GATE_INFO.items():
+        value = info.get(key)
+        ok = (
+            type(value) is int
+            if kind is int
+            else isinstance(value, int | float) and not isinstance(value, bool)
+        )
+        if not ok or (kind is int and value < 1) or not np.isfinite(value):
+            raise BundleError(f"{path}: {key} must be {'a positive integer' if kind is int else 'a number'}")
+    if not (0 <= info["dropout"] < 1 and 0 <= info["threshold"] <= 1):
+        raise BundleError(f"{path}: dropout must be in [0, 1) and threshold in [0, 1]")
+    return info
 
 
 def _shape(bundle: Any, where: str) -> dict[str, Any]:
@@ -155,6 +192,14 @@ def _shape(bundle: Any, where: str) -> dict[str, Any]:
     if policy.get("type") not in POLICY_TYPES:
         raise BundleError(f"{where}: unknown policy type {policy.get('type')!r}")
     check_policy_params(policy["type"], policy["params"], f"{where}: policy")
+    gated = policy["params"].get("confidence") == "gate"
+    gate = policy.get("gate")
+    if gated != (gate is not None) or (
+        gated and not (isinstance(gate, dict) and set(gate) == set(GATE_FILES))
+    ):
+        raise BundleError(
+            f"{where}: policy.gate ({', '.join(GATE_FILES)}) is present exactly when confidence is gate"
+        )
     names = bundle["class_names"]
     if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise BundleError(f"{where}: class_names must be two names")
@@ -199,6 +244,8 @@ def check_bundle(root: str | Path) -> dict[str, Any]:
             )
         if compute_file_sha256(target) != meta.get("sha256"):
             raise BundleError(f"{root}: {name}: sha256 differs from {BUNDLE_FILE}")
+    if gate := bundle["policy"].get("gate"):
+        read_gate_info(root / gate["config"])
     policy_file = read_json(root / bundle["policy"]["file"], BundleError)
     for key, value in bundle["policy"]["params"].items():
         if policy_file.get(key) != value:

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     for phase in PHASES:  # one command per phase, its input flags from the registry
         p = sub.add_parser(phase.command, help=phase.help)
         for name in phase.inputs:
-            p.add_argument(f"--{name}", required=True, help=phase.input_help.get(name))
+            optional = name in phase.optional_inputs
+            p.add_argument(f"--{name}", required=not optional, default=None, help=phase.input_help.get(name))
         p.add_argument("--out", required=True)
         if phase.stem == "train_baseline":
             p.add_argument(

@@ -108,12 +108,12 @@ def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def read_json(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """A JSON object from ``path``, or ``error`` with one line naming the file."""
+def read_json(path: Path, error: type[Exception] = ConfigError, kind: type = dict) -> Any:
+    """A JSON object (or ``kind``: list) from ``path``, or ``error`` with one line naming the file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{path}: not a readable JSON document ({e})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: must hold a JSON object")
+    if not isinstance(data, kind):
+        raise error(f"{path}: must hold a JSON {'object' if kind is dict else 'list'}")
     return data

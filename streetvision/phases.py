@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DATASET = None  # an input that no phase produces: the dataset folder or prefix
+UNUSED = ""  # what ``Config.source(name)`` returns for an optional input that this config does not read
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class Phase:
     number: int
     help: str
     # Input name (the CLI flag --<name>, run()'s keyword, the component's input) -> the producing phase's
-    # stem, or DATASET, or several stems of which the step's config names one (``Config.source(name)``).
+    # stem, or DATASET, or several stems of which the step's config names one (``Config.source(name)``,
+    # which may also say UNUSED for an input named in ``optional_inputs``).
     inputs: dict[str, str | tuple[str, ...] | None]
     image: str  # "base" (no torch) or "train"
     artifact: str  # the component output holding the step directory
@@ -30,6 +32,8 @@ class Phase:
     ui: dict[str, str] = field(default_factory=dict)
     input_help: dict[str, str] = field(default_factory=dict)
     optional: bool = False  # not in the default pipeline; named in pipeline.phases to run
+    # Inputs read only under some config: input name -> the setting that reads it (for error messages).
+    optional_inputs: dict[str, str] = field(default_factory=dict)
 
     @property
     def command(self) -> str:
@@ -75,15 +79,33 @@ PHASES: tuple[Phase, ...] = (
         input_help={"phase1": "train_baseline output directory or URI"},
     ),
     Phase(
+        "train_gate",
+        3,
+        "phase 3: a learned gate that scores whether phase 1's decision is right (answer or defer)",
+        {"phase1": "train_baseline", "dataset": DATASET, "splits": "make_splits"},
+        "train",
+        "gate",
+        {"metrics": "system.Metrics", "report": "system.Markdown"},
+        input_help={
+            "phase1": "train_baseline output directory or URI",
+            "splits": "the make_splits output phase 1 was trained on",
+        },
+        optional=True,
+    ),
+    Phase(
         "calibrate_scrc",
         5,
         "phase 5: temperature scaling and selective conformal risk control (answer or defer)",
-        {"phase1": "train_baseline"},
+        {"phase1": "train_baseline", "gate": ("train_gate", UNUSED)},
         "base",
         "scrc",
         {"metrics": "system.Metrics", "report": "system.Markdown"},
-        input_help={"phase1": "train_baseline output directory or URI"},
+        input_help={
+            "phase1": "train_baseline output directory or URI",
+            "gate": "train_gate output (with scrc.confidence=gate): its scores are the confidence",
+        },
         optional=True,
+        optional_inputs={"gate": "scrc.confidence=gate"},
     ),
     Phase(
         "export_bundle",
@@ -111,8 +133,10 @@ def phase(stem: str) -> Phase:
 
 
 def producers(stem: str, config) -> dict[str, str | None]:
-    """Input name -> the phase that must have produced it, for this step and its config."""
-    return {
+    """Input name -> the phase that must have produced it, for this step and its config (optional inputs
+    this config does not read left out)."""
+    chosen = {
         name: config.source(name) if isinstance(made_by, tuple) else made_by
         for name, made_by in BY_STEM[stem].inputs.items()
     }
+    return {name: made_by for name, made_by in chosen.items() if made_by != UNUSED}

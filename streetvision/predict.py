@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from streetvision.bundle import policy_outputs, verify_bundle
+from streetvision.bundle import policy_outputs, read_gate_info, verify_bundle
 from streetvision.errors import StreetVisionError
 from streetvision.eval import sweep
 from streetvision.io import store
@@ -33,18 +33,27 @@ class Predictor:
 
     def __init__(self, root: Path, device: str = "cpu"):
         import torch
-        from safetensors.torch import load_file
 
-        from streetvision.models.network import build_network, create_transform
+        from streetvision.models.network import create_transform, load_network
 
         self.bundle = verify_bundle(root)
         b = self.bundle
         self.device = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
-        self.net = build_network(
-            b["backbone"], pretrained=False, dropout=b["model"]["dropout"], arch=b["model"]["architecture"]
-        )
-        self.net.load_state_dict(load_file(root / b["model"]["weights"]), strict=True)
-        self.net.to(self.device).eval()
+        self.net = load_network(
+            b["backbone"],
+            dropout=b["model"]["dropout"],
+            arch=b["model"]["architecture"],
+            weights=root / b["model"]["weights"],
+        ).to(self.device)
+        self.gate = None
+        if gate := b["policy"].get("gate"):  # an scrc policy that answers by phase 3's gate
+            from safetensors.torch import load_file
+
+            from streetvision.models.gate import build_gate
+
+            self.gate = build_gate(read_gate_info(root / gate["config"]))
+            self.gate.load_state_dict(load_file(root / gate["weights"]), strict=True)
+            self.gate.to(self.device).eval()
         self.transform = create_transform(b["preprocessing"])
         self.min_side = int(b["decode_min_side"])
         self.policy = b["policy"]
@@ -57,21 +66,29 @@ class Predictor:
         with store.staged_step(str(path), "export_bundle") as root:  # verified by __init__
             return cls(root, device)
 
-    def probabilities(self, images: Sequence[Any]) -> np.ndarray:
+    def scores(self, images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw P(roadwork) per image, defined as the sweep defines it on the same logits (the policy may
-        calibrate it: :func:`bundle.policy_outputs`)."""
+        calibrate it: :func:`bundle.policy_outputs`), and the gate's P(decision right) for a gate policy."""
         torch = self._torch
         with torch.no_grad():
             batch = torch.stack([self.transform(im) for im in images]).to(self.device)
-            return sweep.probabilities(self.net(batch).float().cpu().numpy())
+            features = self.net.backbone(batch)
+            logits = self.net.head(features).float()
+            gate = None
+            if self.gate is not None:
+                gate = torch.sigmoid(self.gate(features, logits.reshape(-1))).cpu().numpy()
+            return sweep.probabilities(logits.cpu().numpy()), gate
+
+    def decide(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The policy's outputs (:func:`bundle.policy_outputs`) for a batch of RGB images."""
+        return policy_outputs(self.policy["type"], self.policy["params"], *self.scores(images))
 
     def __call__(self, image: Any) -> float:
         """The served probability of one PIL image: above 0.5 exactly when the policy says roadwork."""
         from PIL import ImageOps
 
         rgb = ImageOps.exif_transpose(image).convert("RGB")
-        out = policy_outputs(self.policy["type"], self.policy["params"], self.probabilities([rgb]))
-        return float(out["served"][0])
+        return float(self.decide([rgb])["served"][0])
 
 
 def expand(inputs: Sequence[str]) -> list[Path]:
@@ -113,9 +130,7 @@ def predict_files(
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 rows.append({"id": str(f), "error": f"unreadable image: {type(e).__name__}: {e}"})
         if images:
-            out = policy_outputs(
-                predictor.policy["type"], predictor.policy["params"], predictor.probabilities(images)
-            )
+            out = predictor.decide(images)
             readable = iter(
                 zip(
                     *(out[k].tolist() for k in ("probability", "decision", "answered", "served")), strict=True

@@ -35,7 +35,11 @@ class PublishError(StreetVisionError):
 
 
 def _timm_model(predictor) -> tuple[Any, float]:
-    """(the bundle's network as a timm classifier with one output, threshold folded in; its logit shift)."""
+    """(the bundle's network as a timm classifier with one output, its logit shift).
+
+    The policy is folded into the classifier: an scrc policy's temperature T scales it, and the decision
+    threshold t shifts it, so the output is logit/T - logit(t), >= 0 exactly where the policy says
+    roadwork (an scrc policy's defer is not expressible in one float and is left out)."""
     import timm
     import torch
 
@@ -44,16 +48,17 @@ def _timm_model(predictor) -> tuple[Any, float]:
     classifier = model.get_classifier()
     prefix = next(name for name, module in model.named_modules() if module is classifier)
     t = min(max(float(b["policy"]["params"]["threshold"]), 1e-12), 1 - 1e-12)
-    shift = math.log(t / (1 - t))  # p >= t  <=>  logit >= shift
+    shift = math.log(t / (1 - t))  # p >= t  <=>  logit / T >= shift
+    temperature = float(b["policy"]["params"].get("temperature", 1.0))
     head = predictor.net.head[-1]
     state = dict(predictor.net.backbone.state_dict())
-    state[f"{prefix}.weight"] = head.weight.detach().clone()
-    state[f"{prefix}.bias"] = head.bias.detach().clone() - shift
+    state[f"{prefix}.weight"] = head.weight.detach().clone() / temperature
+    state[f"{prefix}.bias"] = head.bias.detach().clone() / temperature - shift
     model.load_state_dict(state, strict=True)
     model.eval()
     with torch.no_grad():
         x = torch.randn(4, *b["preprocessing"]["input_size"], generator=torch.Generator().manual_seed(0))
-        diff = (model(x) - (predictor.net(x) - shift)).abs().max().item()
+        diff = (model(x) - (predictor.net(x) / temperature - shift)).abs().max().item()
     if not diff <= PARITY_TOLERANCE:
         raise PublishError(f"the exported timm model differs from the bundle's network by {diff:.3g}")
     return model, shift

@@ -115,25 +115,32 @@ class Dag:
 
 def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
     from components.images import BASE_IMAGE, TRAIN_IMAGE
-    from streetvision.phases import BY_STEM, PHASES
+    from streetvision.phases import BY_STEM, PHASES, UNUSED
 
     pipeline, _ = spec
     dag = Dag(pipeline)
     executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
     commands = {p.command for p in PHASES}
-    by_phase: dict[str, list[str]] = {}  # export-bundle-2: the other branch's export-bundle task
+    def phase_of(task: str) -> str:  # export-bundle-2: another branch's export-bundle task
+        return task if task in commands or task == "importer" else task.rsplit("-", 1)[0]
+
+    by_phase: dict[str, list[str]] = {}
     for name in set(dag.tasks) - {"importer", "dataset-fingerprint"}:
-        by_phase.setdefault(name if name in commands else name.rsplit("-", 1)[0], []).append(name)
+        by_phase.setdefault(phase_of(name), []).append(name)
     assert set(by_phase) == commands
     for p in PHASES:
         task = dag.tasks[p.command]
         for name, made_by in p.inputs.items():
             stems = () if made_by is None else (made_by,) if isinstance(made_by, str) else made_by
+            stems = tuple(m for m in stems if m != UNUSED)
             expected = {(m.replace("_", "-"), BY_STEM[m].artifact) for m in stems} or {
                 ("importer", "artifact")
             }
-            got = set().union(*(dag.producer(t, name) for t in by_phase[p.command]))
+            given = [dag.sources.get((t, name)) for t in by_phase[p.command]]
+            got = {(phase_of(t), out) for g in given if g for t, out in g}
             assert got == expected, (p.stem, name)
+            # An optional input is left out by some task of the phase, a required one by none.
+            assert (None in given) == (name in p.optional_inputs), (p.stem, name)
         component = pipeline.components[task.component_ref.name]
         outputs = component.output_definitions.artifacts
         assert set(outputs) == {p.artifact, *p.ui}, p.stem
@@ -148,22 +155,45 @@ def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
 def test_the_policy_parameter_runs_phase_2_or_phase_5_and_exports_that_one(spec):
     pipeline, _ = spec
     dag = Dag(pipeline)
-    threshold_branch, scrc_branch = dag.branch["sweep-thresholds"], dag.branch["calibrate-scrc"]
-    assert threshold_branch and scrc_branch and threshold_branch != scrc_branch  # never both
-    assert {t for t, b in dag.branch.items() if b == threshold_branch} == {
-        "sweep-thresholds",
-        "export-bundle",
-    }
-    assert {t for t, b in dag.branch.items() if b == scrc_branch} == {"calibrate-scrc", "export-bundle-2"}
+    threshold, gated, margin = (
+        dag.branch[t] for t in ("sweep-thresholds", "calibrate-scrc", "calibrate-scrc-2")
+    )
+    assert len({threshold, gated, margin}) == 3  # never two at once
+    members = {b: {t for t, tb in dag.branch.items() if tb == b} for b in (threshold, gated, margin)}
+    assert members[threshold] == {"sweep-thresholds", "export-bundle"}
+    assert members[gated] == {"train-gate", "calibrate-scrc", "export-bundle-2"}  # phase 3, then phase 5
+    assert members[margin] == {"calibrate-scrc-2", "export-bundle-3"}
     assert dag.producer("export-bundle", "policy") == {("sweep-thresholds", "thresholds")}
     assert dag.producer("export-bundle-2", "policy") == {("calibrate-scrc", "scrc")}
-    for task, kind in (("export-bundle", "threshold"), ("export-bundle-2", "scrc")):
-        assert dag.tasks[task].inputs.parameters["policy_type"].runtime_value.constant.string_value == kind
-    branches = pipeline.components["comp-condition-branches-1"].dag.tasks
-    triggers = {t.component_ref.name: t.trigger_policy.condition for t in branches.values()}
-    assert triggers[threshold_branch] == "inputs.parameter_values['pipelinechannel--policy'] == 'threshold'"
-    assert triggers[scrc_branch] == "!(" + triggers[threshold_branch] + ")"  # the If and its Else
-    assert pipeline.root.input_definitions.parameters["policy"].default_value.string_value == "threshold"
+    assert dag.producer("export-bundle-3", "policy") == {("calibrate-scrc-2", "scrc")}
+    assert dag.producer("calibrate-scrc", "gate") == {("train-gate", "gate")}
+    assert ("calibrate-scrc-2", "gate") not in dag.sources
+    constant = lambda task, key: dag.tasks[task].inputs.parameters[key].runtime_value.constant.string_value  # noqa: E731
+    for task, kind in (
+        ("export-bundle", "threshold"),
+        ("export-bundle-2", "scrc"),
+        ("export-bundle-3", "scrc"),
+    ):
+        assert constant(task, "policy_type") == kind
+    assert (constant("calibrate-scrc", "confidence"), constant("calibrate-scrc-2", "confidence")) == (
+        "gate",
+        "margin",
+    )
+    triggers = {
+        t.component_ref.name: t.trigger_policy.condition
+        for c in pipeline.components.values()
+        if c.HasField("dag")
+        for t in c.dag.tasks.values()
+        if t.trigger_policy.condition
+    }
+    policy_is = "inputs.parameter_values['pipelinechannel--policy'] == 'threshold'"
+    gate_is = "inputs.parameter_values['pipelinechannel--scrc_confidence'] == 'gate'"
+    assert triggers[threshold] == policy_is
+    assert (triggers[gated], triggers[margin]) == (gate_is, f"!({gate_is})")  # the inner If and its Else
+    assert f"!({policy_is})" in triggers.values()  # ... inside the outer Else
+    defaults = pipeline.root.input_definitions.parameters
+    assert defaults["policy"].default_value.string_value == "threshold"
+    assert defaults["scrc_confidence"].default_value.string_value == "margin"
 
 
 def test_dag_wires_each_output_to_the_right_input(spec):
@@ -171,8 +201,8 @@ def test_dag_wires_each_output_to_the_right_input(spec):
     dag = Dag(pipeline)
     tasks = dag.tasks
     assert set(tasks) == {
-        "importer", "dataset-fingerprint", "make-splits", "train-baseline", "sweep-thresholds", "calibrate-scrc",
-        "export-bundle", "export-bundle-2",
+        "importer", "dataset-fingerprint", "make-splits", "train-baseline", "sweep-thresholds", "train-gate",
+        "calibrate-scrc", "calibrate-scrc-2", "export-bundle", "export-bundle-2", "export-bundle-3",
     }  # fmt: skip
     # The dataset's content reaches the cache key: the never-cached fingerprint feeds make_splits.
     fp = tasks["make-splits"].inputs.parameters["dataset_fingerprint"].task_output_parameter
@@ -186,10 +216,14 @@ def test_dag_wires_each_output_to_the_right_input(spec):
     assert dag.producer("train-baseline", "dataset") == {("importer", "artifact")}
     assert dag.producer("train-baseline", "splits") == {("make-splits", "splits")}
     assert dag.producer("sweep-thresholds", "phase1") == {("train-baseline", "model")}
-    assert dag.producer("calibrate-scrc", "phase1") == {("train-baseline", "model")}
+    for scrc in ("calibrate-scrc", "calibrate-scrc-2", "train-gate"):
+        assert dag.producer(scrc, "phase1") == {("train-baseline", "model")}
+    assert dag.producer("train-gate", "dataset") == {("importer", "artifact")}
+    assert dag.producer("train-gate", "splits") == {("make-splits", "splits")}
     assert dag.producer("export-bundle", "phase1") == {("train-baseline", "model")}
     assert dag.producer("export-bundle", "splits") == {("make-splits", "splits")}
     assert dag.producer("export-bundle-2", "splits") == {("make-splits", "splits")}
+    assert dag.producer("export-bundle-3", "splits") == {("make-splits", "splits")}
     train_params = tasks["train-baseline"].inputs.parameters
     assert train_params["lr"].component_input_parameter == "lr"
     assert train_params["backbone"].component_input_parameter == "backbone"
@@ -197,29 +231,26 @@ def test_dag_wires_each_output_to_the_right_input(spec):
         tasks["sweep-thresholds"].inputs.parameters["max_fnr"].component_input_parameter
         == "pipelinechannel--max_fnr"
     )
+    for scrc in ("calibrate-scrc", "calibrate-scrc-2"):
+        assert (
+            tasks[scrc].inputs.parameters["alpha"].component_input_parameter == "pipelinechannel--scrc_alpha"
+        )
     assert (
-        tasks["calibrate-scrc"].inputs.parameters["alpha"].component_input_parameter
-        == "pipelinechannel--scrc_alpha"
+        tasks["train-gate"].inputs.parameters["views"].component_input_parameter
+        == "pipelinechannel--calibrate_on"
     )
-    for export in ("export-bundle", "export-bundle-2"):
+    for export in ("export-bundle", "export-bundle-2", "export-bundle-3"):
         assert (
             tasks[export].inputs.parameters["min_test_mcc"].component_input_parameter
             == "pipelinechannel--min_test_mcc"
         )
-    for name in (
-        "make-splits",
-        "train-baseline",
-        "sweep-thresholds",
-        "calibrate-scrc",
-        "export-bundle",
-        "export-bundle-2",
-    ):
-        assert tasks[name].caching_options.enable_cache
+    for name in set(tasks) - {"importer", "dataset-fingerprint"}:
+        assert tasks[name].caching_options.enable_cache, name
     # Only a preempted training is worth a retry, and a deterministic failure must not wait minutes.
     assert tasks["train-baseline"].retry_policy.max_retry_count == 1
     assert tasks["train-baseline"].retry_policy.backoff_duration.seconds <= 10
-    for name in ("make-splits", "sweep-thresholds", "calibrate-scrc", "export-bundle", "export-bundle-2"):
-        assert tasks[name].retry_policy.max_retry_count == 0
+    for name in set(tasks) - {"importer", "train-baseline"}:
+        assert tasks[name].retry_policy.max_retry_count == 0, name
 
 
 def test_images_and_credentials_come_from_one_place(spec):
@@ -409,7 +440,7 @@ def test_legacy_platform_spec_keeps_only_fields_older_backends_know(tmp_path):
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 7
+    assert len(executors) == 10
     for config in executors.values():
         assert set(config) <= set(LEGACY_FIELDS)
         for section, entries in config.items():

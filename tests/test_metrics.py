@@ -90,3 +90,17 @@ def test_accepts_numpy_torch_bool_and_column_inputs():
 def test_bad_inputs_are_rejected(t, p, msg):
     with pytest.raises(ValueError, match=msg):
         compute_all_metrics(t, p)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), t=labels)
+def test_auroc_matches_sklearn_with_ties_and_one_class(data, t):
+    from streetvision.eval.metrics import auroc
+
+    # Scores on a coarse grid, so that ties within and across the classes are common.
+    s = data.draw(st.lists(st.integers(0, 6), min_size=len(t), max_size=len(t)))
+    scores = np.array(s, dtype=float) / 6
+    if len(set(t)) < 2:
+        assert auroc(scores, t) == 0.5
+    else:
+        assert auroc(scores, t) == pytest.approx(skm.roc_auc_score(t, scores), abs=1e-12)

@@ -175,3 +175,26 @@ def calibration_errors(probs: Any, labels: Any, bins: int = 15) -> dict[str, flo
         "nll": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
         "brier": float(np.mean((p - y) ** 2)),
     }
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` for ``labels`` (1 positive): the probability that a random
+    positive scores above a random negative, ties counting one half (Mann-Whitney U from midranks), as
+    ``sklearn.metrics.roc_auc_score``. 0.5 when only one class is present (scikit-learn raises there)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = _as_binary(labels, "labels")
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length ({s.size} vs {y.size})")
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    if pos == 0 or neg == 0:
+        return 0.5
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    first = np.r_[True, sorted_s[1:] != sorted_s[:-1]]
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], s.size]
+    midrank = (starts + ends + 1) / 2.0  # 1-based midrank of each run of ties
+    ranks = np.empty(s.size)
+    ranks[order] = midrank[group]
+    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))

@@ -257,3 +257,16 @@ def input_record(root: str | os.PathLike, uri: str | None = None) -> dict[str, A
 
 def manifest_sha256(root: str | os.PathLike) -> str:
     return atomic.compute_file_sha256(Path(root) / MANIFEST)
+
+
+def check_lineage(
+    what: str, manifest: Manifest, name: str, upstream: str | os.PathLike, uri: str, error=ManifestError
+) -> None:
+    """Refuse inputs that do not belong together: ``manifest`` must record ``upstream`` as its ``name``."""
+    recorded = manifest.inputs.get(name, {}).get("manifest_sha256")
+    actual = manifest_sha256(upstream)
+    if recorded != actual:
+        raise error(
+            f"{what} was made from a {name} whose manifest is {str(recorded)[:12]}, "
+            f"but --{name} {uri} has manifest {actual[:12]}; they do not belong together"
+        )

@@ -98,12 +98,14 @@ class RoadworkModule(L.LightningModule):
 
 
 class BestWeights(L.Callback):
-    """Keep an in-memory copy of the weights at the best ``val_select_mcc`` (first best wins ties).
+    """Keep an in-memory copy of ``pl_module.net``'s weights at the best ``monitor`` value (highest, or
+    lowest with ``mode="min"``; the first best wins ties).
 
     In memory rather than a Lightning .ckpt: nothing is pickled, and the step saves safetensors itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, monitor: str = MONITOR, mode: str = "max") -> None:
+        self.monitor, self.sign = monitor, 1.0 if mode == "max" else -1.0
         self.best_score = -math.inf
         self.best_epoch = -1
         self.state: dict[str, torch.Tensor] | None = None
@@ -121,7 +123,7 @@ class BestWeights(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        score = float(trainer.callback_metrics[MONITOR])
+        score = self.sign * float(trainer.callback_metrics[self.monitor])
         if score > self.best_score:
             self.best_score, self.best_epoch = score, trainer.current_epoch
             self.state = {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}

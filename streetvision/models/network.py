@@ -152,3 +152,13 @@ def build_network(
 ) -> RoadworkNet:
     backbone_net = create_backbone(backbone, pretrained=pretrained, weights_file=weights_file, arch=arch)
     return RoadworkNet(backbone_net, dropout)
+
+
+def load_network(backbone: str, *, dropout: float, arch: dict[str, Any], weights: str | Path) -> RoadworkNet:
+    """A trained network rebuilt from what ``model.json`` (or a bundle) records, its weights loaded from
+    safetensors (every tensor, nothing missing or extra), in eval mode."""
+    from safetensors.torch import load_file
+
+    net = build_network(backbone, pretrained=False, dropout=dropout, arch=arch)
+    net.load_state_dict(load_file(str(weights)), strict=True)
+    return net.eval()

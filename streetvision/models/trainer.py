@@ -25,10 +25,13 @@ def devices(spec: str):
     return spec
 
 
-def build_trainer(t, callbacks: list, log_dir: Path, identity: str):
-    """A Trainer for ``t`` (phase 1's ``TrainerConfig``): bf16 autocast on GPU, deterministic on CPU; per-epoch
-    metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``; a progress bar on a
-    terminal, one line per epoch elsewhere."""
+def build_trainer(
+    t, callbacks: list, log_dir: Path, identity: str, *, monitor: str = MONITOR, mode: str = "max"
+):
+    """A Trainer for ``t`` (a step's trainer config: max_epochs, patience, accelerator, devices, strategy,
+    precision, checkpoint_uri): bf16 autocast on GPU, deterministic on CPU; early stopping on ``monitor``;
+    per-epoch metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``; a progress bar on
+    a terminal, one line per epoch elsewhere."""
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
     return L.Trainer(
@@ -39,7 +42,7 @@ def build_trainer(t, callbacks: list, log_dir: Path, identity: str):
         precision=precision,
         deterministic=not on_gpu,
         callbacks=[
-            EarlyStopping(MONITOR, mode="max", patience=t.patience),
+            EarlyStopping(monitor, mode=mode, patience=t.patience),
             *callbacks,
             *([EpochCheckpoint(t.checkpoint_uri)] if t.checkpoint_uri else []),
             *([] if sys.stderr.isatty() else [EpochLog()]),

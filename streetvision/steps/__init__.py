@@ -18,7 +18,7 @@ from typing import Any
 from streetvision.config import load_config
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
-from streetvision.phases import PHASES, producers
+from streetvision.phases import BY_STEM, PHASES, producers
 
 # stem -> {input name: the phase(s) whose commit it must be, or None for a dataset}; from the registry.
 STEPS: dict[str, dict[str, str | None]] = {p.stem: p.inputs for p in PHASES}
@@ -106,7 +106,13 @@ def run_from_cli(stem: str, args: dict[str, Any]):
             raise StreetVisionError("--checkpoint-root needs --run-id (checkpoints live under the run's id)")
         overrides.append(f"trainer.checkpoint_uri={store.join(root, args['run_id'], stem.replace('_', '-'))}")
     config = step_config(stem, args.get("config") or [], overrides)
-    uris = {name: str(args[name]) for name in STEPS[stem]}
+    read = producers(stem, config)
+    for name, setting in BY_STEM[stem].optional_inputs.items():
+        if args.get(name) and name not in read:
+            raise StreetVisionError(f"--{name} is read only with {setting}; add that, or leave --{name} out")
+        if name in read and not args.get(name):
+            raise StreetVisionError(f"{setting} needs --{name} (a {read[name]} output)")
+    uris = {name: str(args[name]) for name in read}
     return run_step(
         stem,
         config,

@@ -1,12 +1,15 @@
 """Phase 5, ``calibrate_scrc``: temperature scaling and selective conformal risk control on val_calib.
 
 Reads only phase 1's val_calib logits and labels (clean, or one seeded challenge view per image, so the
-calibration units stay exchangeable). val_calib's images are split in two by the seed: the first part
-fits the temperature and the max-MCC decision threshold on the calibrated probability, the second,
-untouched by those fits, chooses the answering threshold lambda on the confidence |2·served − 1| (the
-margin from the decision threshold, the served probability putting it at 0.5) with the guarantee of
-``eval.conformal``: expected risk <= alpha (``scrc.delta=0``) or risk among answered <= alpha with
-probability 1 − delta. Numpy only; never imports torch.
+calibration units stay exchangeable) and, with ``scrc.confidence=gate``, phase 3's gate scores of the
+same rows. val_calib's images are split in two by the seed: the first part fits the temperature and the
+max-MCC decision threshold on the calibrated probability, the second, untouched by those fits, chooses
+the answering threshold lambda on the confidence with the guarantee of ``eval.conformal``: expected risk
+<= alpha (``scrc.delta=0``) or risk among answered <= alpha with probability 1 − delta. The confidence
+is the margin |2·served − 1| from the decision threshold (the served probability putting it at 0.5), or
+the gate's P(decision right), fitted on train and val_select only, so either is fixed before val_calib
+is seen. A gate policy carries the gate (weights, description, its val_test scores for the held-out
+report) in this step's output. Numpy only; never imports torch.
 """
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ from streetvision.bundle import served_probability
 from streetvision.config import require, to_dict, to_yaml
 from streetvision.eval import conformal, sweep, views
 from streetvision.eval.metrics import calibration_errors, compute_all_metrics
-from streetvision.io.manifests import Manifest, input_record, verify_dir
+from streetvision.io.manifests import Manifest, check_lineage, input_record, verify_dir
 from streetvision.io.outputs import StepOutputs
+from streetvision.phases import UNUSED
 
 STEP = "calibrate_scrc"
 POLICY_FILE = "scrc.json"
 SPLIT = "val_calib"
+CONFIDENCES = ("margin", "gate")
+# What a gate policy carries from phase 3: name here <- name in the train_gate output.
+GATE_FILES = {
+    "gate.safetensors": "gate.safetensors",
+    "gate.json": "model.json",
+    "gate_val_test.npy": "gate_val_test.npy",
+    "gate_val_test_challenge.npy": "gate_val_test_challenge.npy",
+}
 
 
 @dataclass
@@ -37,6 +49,7 @@ class ScrcConfig:
     risk: str = "error"  # error (wrong answers) or fnr (missed roadwork among roadwork answered)
     views: str = "challenge"  # what val_calib is: clean images, or one challenge view per image
     fit_fraction: float = 0.5  # share of val_calib's images that fits the temperature and threshold
+    confidence: str = "margin"  # margin (|2·served − 1|) or gate (phase 3's scores; needs --gate)
     seed: int = 0
 
 
@@ -51,7 +64,13 @@ class Config:
         require(s.risk in conformal.RISKS, "scrc.risk", s.risk, ", ".join(conformal.RISKS))
         require(s.views in views.VIEWS, "scrc.views", s.views, ", ".join(views.VIEWS))
         require(0 < s.fit_fraction < 1, "scrc.fit_fraction", s.fit_fraction, "a share in (0, 1)")
+        require(s.confidence in CONFIDENCES, "scrc.confidence", s.confidence, ", ".join(CONFIDENCES))
         require(0 <= s.seed < 2**32, "scrc.seed", s.seed, "an integer in [0, 2^32)")
+
+    def source(self, name: str) -> str:
+        """The phase whose commit --gate must be, or UNUSED without a gate."""
+        assert name == "gate", name
+        return "train_gate" if self.scrc.confidence == "gate" else UNUSED
 
 
 def ui_outputs(out: Path) -> dict[str, Any]:
@@ -63,13 +82,16 @@ def run(
     *,
     phase1: Path,
     out: Path,
+    gate: Path | None = None,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
     task: str = "",
 ) -> Manifest:
     c = config.scrc
+    src = {"phase1": str(phase1), "gate": str(gate), **(sources or {})}
     verify_dir(phase1, "train_baseline")
     calib = views.load(phase1, SPLIT, c.views)  # every image once below: a seeded view of it
+    gate_scores = _gate_scores(gate, phase1, calib, c.views, src) if gate is not None else None
     logits, labels, rows = calib.logits, calib.labels, calib.rows
     rng = np.random.default_rng(c.seed)
     images = np.unique(rows)
@@ -86,14 +108,17 @@ def run(
     raw, calibrated = calib.scores, sweep.sigmoid(logits / temperature)
     threshold, _ = sweep.choose_threshold(sweep.exact_sweep(calibrated[fit], labels[fit]))
     decisions = sweep.decide(calibrated, threshold)
-    confidence = np.abs(2 * served_probability(calibrated, threshold) - 1)
-    select = (
-        conformal.crc(confidence[cal], labels[cal], decisions[cal], alpha=c.alpha, risk=c.risk)
-        if not c.delta
-        else conformal.ltt(
-            confidence[cal], labels[cal], decisions[cal], alpha=c.alpha, delta=c.delta, risk=c.risk
+    margin = np.abs(2 * served_probability(calibrated, threshold) - 1)
+    confidence = margin if gate_scores is None else gate_scores
+
+    def selection(score: np.ndarray) -> conformal.Selection:
+        if not c.delta:
+            return conformal.crc(score[cal], labels[cal], decisions[cal], alpha=c.alpha, risk=c.risk)
+        return conformal.ltt(
+            score[cal], labels[cal], decisions[cal], alpha=c.alpha, delta=c.delta, risk=c.risk
         )
-    )
+
+    select = selection(confidence)
     answered = cal[confidence[cal] >= select.lam]
     on_answered = compute_all_metrics(labels[answered], decisions[answered]) if len(answered) else {}
     policy: dict[str, Any] = {
@@ -102,7 +127,12 @@ def run(
         "threshold": threshold,
         "score": "P(roadwork) = sigmoid(logit / temperature)",
         "decision": "roadwork when score >= threshold",
-        "confidence": "|2 * served - 1|, served: the score remapped so that the threshold is at 0.5",
+        "confidence": c.confidence,
+        "confidence_rule": (
+            "|2 * served - 1|, served: the score remapped so that the threshold is at 0.5"
+            if gate_scores is None
+            else "the gate's P(decision right) (gate.json, gate.safetensors)"
+        ),
         "lambda": select.lam,
         "answer": "answer when confidence >= lambda, else defer",
         "alpha": c.alpha,
@@ -119,6 +149,8 @@ def run(
         "coverage": select.coverage,
         "risk_on_calibration": select.risk,
         "answered_metrics": on_answered,
+        # What the margin would have answered at the same alpha on the same part (the gate's worth).
+        "margin_coverage": _coverage(selection, margin) if gate_scores is not None else select.coverage,
         "calibration": {
             "before": calibration_errors(raw[cal], labels[cal]),
             "after": calibration_errors(calibrated[cal], labels[cal]),
@@ -126,18 +158,25 @@ def run(
     }
     rc = sweep.risk_coverage(confidence[cal], decisions[cal] == labels[cal])
     with StepOutputs(out, STEP) as outputs:
+        for name, source in GATE_FILES.items() if gate is not None else ():
+            if (gate / source).is_file():
+                outputs.copy(name, gate / source)
         outputs.write_json(POLICY_FILE, policy)
         outputs.write_bytes("risk_coverage.png", _plot(rc, select))
         outputs.write_text("report.md", _report(policy))
         outputs.write_text("config.yaml", to_yaml(config))
         return outputs.commit(
             config=to_dict(config),
-            inputs={"phase1": input_record(phase1, (sources or {}).get("phase1"))},
+            inputs={
+                "phase1": input_record(phase1, src["phase1"]),
+                **({"gate": input_record(gate, src["gate"])} if gate is not None else {}),
+            },
             metrics={
                 "temperature": temperature,
                 "threshold": threshold,
                 "lambda": select.lam,
                 "coverage": select.coverage,
+                "margin_coverage": policy["margin_coverage"],
                 "risk": select.risk,
                 "alpha": c.alpha,
                 "ece_before": policy["calibration"]["before"]["ece"],
@@ -147,6 +186,34 @@ def run(
             run_id=run_id,
             task=task,
         )
+
+
+def _gate_scores(gate: Path, phase1: Path, calib: views.Scores, view: str, src: dict[str, str]) -> np.ndarray:
+    """Phase 3's scores of val_calib's rows in ``view``, from a gate trained on this phase-1 output."""
+    gate_manifest = verify_dir(gate, "train_gate")
+    check_lineage(
+        f"--gate {src['gate']}", gate_manifest, "phase1", phase1, src["phase1"], conformal.ConformalError
+    )
+    name = f"gate_{SPLIT}{'_challenge' if view == 'challenge' else ''}.npy"
+    try:
+        scores = np.load(gate / name, allow_pickle=False).astype(np.float64).reshape(-1)
+    except (OSError, ValueError) as e:
+        raise conformal.ConformalError(f"--gate {src['gate']}: {name} cannot be read ({e})") from None
+    if scores.shape != calib.logits.shape or not (
+        np.isfinite(scores).all() and 0 <= scores.min() <= scores.max() <= 1
+    ):
+        raise conformal.ConformalError(
+            f"--gate {src['gate']}: {name} must hold one probability per {view} row of {SPLIT} ({len(calib.logits)})"
+        )
+    return scores
+
+
+def _coverage(selection, score: np.ndarray) -> float | None:
+    """The coverage ``selection`` reaches with ``score`` as the confidence; None where alpha is out of reach."""
+    try:
+        return selection(score).coverage
+    except conformal.ConformalError:
+        return None
 
 
 def _plot(rc: sweep.RiskCoverage, select: conformal.Selection) -> bytes:
@@ -189,7 +256,13 @@ def _report(policy: dict[str, Any]) -> str:
             f"| temperature | {policy['temperature']:.4f} |",
             f"| decision threshold | {policy['threshold']:.6f} |",
             f"| lambda (answer when confidence >= lambda) | {policy['lambda']:.6f} |",
+            f"| confidence | {policy['confidence']} |",
             f"| coverage | {policy['coverage']:.4f} |",
+            *(
+                [f"| coverage the margin would give at this alpha | {_or_none(policy['margin_coverage'])} |"]
+                if policy["confidence"] == "gate"
+                else []
+            ),
             f"| {policy['risk']} risk on the calibration part | {policy['risk_on_calibration']:.4f} |",
             f"| ECE before / after | {b['ece']:.4f} / {a['ece']:.4f} |",
             f"| MCE before / after | {b['mce']:.4f} / {a['mce']:.4f} |",
@@ -199,3 +272,7 @@ def _report(policy: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def _or_none(value: float | None) -> str:
+    return "none (alpha out of reach)" if value is None else f"{value:.4f}"

@@ -17,6 +17,7 @@ import numpy as np
 from streetvision.bundle import (
     BUNDLE_FILE,
     BUNDLE_SCHEMA,
+    GATE_FILES,
     POLICY_PARAMS,
     BundleError,
     check_bundle,
@@ -28,7 +29,7 @@ from streetvision.eval import views
 from streetvision.eval.metrics import compute_all_metrics, subnet_reward
 from streetvision.eval.report import level_table
 from streetvision.eval.views import VIEWS
-from streetvision.io.manifests import Manifest, code_version, input_record, manifest_sha256, verify_dir
+from streetvision.io.manifests import Manifest, check_lineage, code_version, input_record, verify_dir
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import SPLITS_FILE
 
@@ -88,21 +89,23 @@ def find_policy(policy_dir: Path, kind: str) -> tuple[str, dict[str, Any], dict[
     return name, content, params
 
 
-def check_lineage(what: str, manifest: Manifest, name: str, upstream: Path, uri: str) -> None:
-    """Refuse inputs that do not belong together: ``manifest`` must record ``upstream`` as its ``name``."""
-    recorded = manifest.inputs.get(name, {}).get("manifest_sha256")
-    actual = manifest_sha256(upstream)
-    if recorded != actual:
-        raise BundleError(
-            f"{what} was made from a {name} whose manifest is {str(recorded)[:12]}, "
-            f"but --{name} {uri} has manifest {actual[:12]}; they do not belong together"
-        )
+def gate_scores(policy_dir: Path, view: str, rows: int) -> np.ndarray | None:
+    """The gate's val_test scores in ``view`` that a gate policy carries (None for other policies)."""
+    name = f"gate_val_test{'_challenge' if view == 'challenge' else ''}.npy"
+    try:
+        scores = np.load(policy_dir / name, allow_pickle=False).reshape(-1)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{policy_dir}: {name} cannot be read ({e}); the gate policy needs it") from None
+    if scores.shape != (rows,) or not np.isfinite(scores).all():
+        raise BundleError(f"{policy_dir}: {name} must hold one finite score per val_test {view} row ({rows})")
+    return scores
 
 
-def held_out(phase1: Path, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+def held_out(phase1: Path, kind: str, params: dict[str, Any], policy_dir: Path) -> dict[str, Any]:
     """val_test, per view phase 1 has (clean; challenge, also per level): the policy's metrics, and the
     subnet reward simulated for the served probability and, for comparison, the raw one cut at 0.5."""
     report: dict[str, Any] = {}
+    gated = params.get("confidence") == "gate"
     for view in VIEWS:
         try:
             s = views.load(phase1, "val_test", view)
@@ -110,7 +113,8 @@ def held_out(phase1: Path, kind: str, params: dict[str, Any]) -> dict[str, Any]:
             if view == "clean":
                 raise
             continue  # phase 1 made no challenge views
-        out = policy_outputs(kind, params, s.scores)
+        gate = gate_scores(policy_dir, view, len(s.scores)) if gated else None
+        out = policy_outputs(kind, params, s.scores, gate)
         decided, served, answered = out["decision"], out["served"], out["answered"]
         if not np.array_equal(np.round(served) == 1, decided == 1):  # what the validator reads
             raise BundleError("the served probability does not reproduce the policy's decisions")
@@ -160,12 +164,14 @@ def selective_metrics(labels, decided, answered, params: dict[str, Any]) -> dict
 def held_out_markdown(bundle: dict[str, Any]) -> str:
     """The bundle's held-out report (val_test): metrics per view and level, and the simulated reward."""
     params = bundle["policy"]["params"]
-    rule = (
-        f"roadwork when sigmoid(logit / {params['temperature']:.4f}) >= {params['threshold']:.6f}, answered when "
-        f"|2·served − 1| >= {params['lambda']:.4f} (else defer)"
-        if bundle["policy"]["type"] == "scrc"
-        else f"roadwork when P(roadwork) >= {params['threshold']:.6f}"
-    )
+    if bundle["policy"]["type"] == "scrc":
+        confidence = "|2·served − 1|" if params["confidence"] == "margin" else "the gate's P(decision right)"
+        rule = (
+            f"roadwork when sigmoid(logit / {params['temperature']:.4f}) >= {params['threshold']:.6f}, "
+            f"answered when {confidence} >= {params['lambda']:.4f} (else defer)"
+        )
+    else:
+        rule = f"roadwork when P(roadwork) >= {params['threshold']:.6f}"
     lines = [
         "# Held-out evaluation (val_test)",
         "",
@@ -218,15 +224,16 @@ def run(
     p1_manifest = verify_dir(phase1, "train_baseline")
     policy_manifest = verify_dir(policy, config.source("policy"))
     verify_dir(splits, "make_splits")
-    check_lineage(f"--policy {src['policy']}", policy_manifest, "phase1", phase1, src["phase1"])
-    check_lineage(f"--phase1 {src['phase1']}", p1_manifest, "splits", splits, src["splits"])
+    check_lineage(f"--policy {src['policy']}", policy_manifest, "phase1", phase1, src["phase1"], BundleError)
+    check_lineage(f"--phase1 {src['phase1']}", p1_manifest, "splits", splits, src["splits"], BundleError)
     kind = config.export.policy
     policy_file, policy_content, params = find_policy(policy, kind)
+    gated = params.get("confidence") == "gate"
     model_info = read_json(phase1 / "model.json", BundleError)
     if missing := [k for k in MODEL_FIELDS if k not in model_info]:
         raise BundleError(f"{phase1 / 'model.json'}: missing field(s) {', '.join(missing)}")
 
-    report = held_out(phase1, kind, params)
+    report = held_out(phase1, kind, params, policy)
     calibrated_on = policy_content.get("views", "clean")
     if calibrated_on not in report:
         raise BundleError(f"{phase1}: no {calibrated_on} views of val_test, which the policy was fitted on")
@@ -244,6 +251,7 @@ def run(
             ("model.json", phase1 / "model.json"),
             (policy_file, policy / policy_file),
             (SPLITS_FILE, splits / SPLITS_FILE),
+            *((name, policy / name) for name in (GATE_FILES.values() if gated else ())),
         ):
             outputs.copy(name, source)
         files = {n: {"sha256": w.sha256, "size": w.size} for n, w in outputs.files.items()}
@@ -273,6 +281,7 @@ def run(
                 "type": kind,
                 "file": policy_file,
                 "params": params,
+                **({"gate": dict(GATE_FILES)} if gated else {}),
             },
             "splits": SPLITS_FILE,
             "files": files,

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streetvision.config import require, to_dict, to_yaml
-from streetvision.data.dataset import dataset_input, load_index
+from streetvision.data.dataset import DataError, dataset_input, load_index
 from streetvision.data.splits import SPLITS, SplitError, stratified_split
-from streetvision.io.manifests import Manifest
+from streetvision.io.manifests import Manifest, verify_dir
 from streetvision.io.outputs import StepOutputs
 
 STEP = "make_splits"
@@ -101,3 +101,29 @@ def load_splits(step_dir: Path) -> dict[str, list[str]]:
                 )
             seen[i] = name
     return parts
+
+
+def split_dataset(dataset: Path, splits: Path, sources: dict[str, str] | None = None):
+    """(dataset index, manifest of splits, the four id lists) of a dataset and splits that belong
+    together: the splits are a verified make_splits commit made from this dataset's content, and every id
+    they name is in its index."""
+
+    src = sources or {}
+    splits_manifest = verify_dir(splits, STEP)
+    ds = load_index(dataset)
+    made_from = splits_manifest.inputs.get("dataset", {}).get("content_sha256")
+    if made_from != ds.content_sha256:
+        raise DataError(
+            f"--splits {src.get('splits', splits)} were made from dataset content {str(made_from)[:12]}, "
+            f"but --dataset {src.get('dataset', dataset)} has content {ds.content_sha256[:12]}; "
+            "make the splits from this dataset"
+        )
+    parts = load_splits(splits)
+    label_of = ds.label_of()
+    unknown = [i for ids in parts.values() for i in ids if i not in label_of]
+    if unknown:
+        raise DataError(
+            f"splits name {len(unknown)} id(s) missing from the dataset index (first: {unknown[0]}); "
+            "were they made from another dataset?"
+        )
+    return ds, splits_manifest, parts

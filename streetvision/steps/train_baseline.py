@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from streetvision.config import require, to_dict, to_yaml
-from streetvision.data.dataset import CLASS_NAMES, DataError, dataset_input, load_index
+from streetvision.data.dataset import CLASS_NAMES, dataset_input
 from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, input_record, sha256_json, verify_dir
+from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
-from streetvision.steps.make_splits import load_splits
+from streetvision.steps.make_splits import split_dataset
 
 STEP = "train_baseline"
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -169,23 +169,8 @@ def run(
     from streetvision.models.trainer import build_trainer
 
     src = sources or {}
-    splits_manifest = verify_dir(splits, "make_splits")
-    ds = load_index(dataset)
-    made_from = splits_manifest.inputs.get("dataset", {}).get("content_sha256")
-    if made_from != ds.content_sha256:
-        raise DataError(
-            f"--splits {src.get('splits', splits)} were made from dataset content {str(made_from)[:12]}, "
-            f"but --dataset {src.get('dataset', dataset)} has content {ds.content_sha256[:12]}; "
-            "make the splits from this dataset"
-        )
-    parts = load_splits(splits)
+    ds, splits_manifest, parts = split_dataset(dataset, splits, src)
     label_of = ds.label_of()
-    unknown = [i for ids in parts.values() for i in ids if i not in label_of]
-    if unknown:
-        raise DataError(
-            f"splits name {len(unknown)} id(s) missing from the dataset index (first: {unknown[0]}); "
-            "were they made from another dataset?"
-        )
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates, once per fit: noise in every job's log.
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")

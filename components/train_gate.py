@@ -1,0 +1,61 @@
+from kfp import dsl
+
+from components.defaults import GATE
+from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
+
+
+@dsl.container_component
+def train_gate(
+    phase1: dsl.Input[dsl.Model],
+    dataset: dsl.Input[dsl.Dataset],
+    splits: dsl.Input[dsl.Artifact],
+    gate: dsl.Output[dsl.Model],
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.Markdown],
+    views: str = GATE.gate.views,
+    train_views: int = GATE.gate.train_views,
+    hidden: int = GATE.gate.hidden,
+    epochs: int = GATE.trainer.max_epochs,
+    seed: int = GATE.seed,
+):
+    """Phase 3: a learned gate that scores whether phase 1's decision on an image is right (answer or defer).
+
+    An MLP over the frozen phase-1 backbone's features and logit, fitted on train and early-stopped on
+    val_select only; phase 1's weights are never changed.
+
+    Args:
+        phase1: train_baseline output.
+        dataset: The dataset folder phase 1 was trained on.
+        splits: The make_splits output phase 1 was trained on.
+        views: What the gate learns on: challenge (validator-style views of train and val_select) or clean.
+        train_views: Challenge views per train and val_select image.
+        hidden: Hidden units of the MLP.
+        epochs: Maximum epochs; early stopping on the val_select loss may end sooner.
+        seed: Seed for the views, initialisation and shuffling.
+
+    Returns:
+        gate: Step directory: gate.safetensors, model.json, gate scores for val_select, val_calib and
+            val_test (and their challenge views), history.csv, metrics.json, report.md.
+        metrics: The gate's AUROC for correctness and AURC on val_select, beside the margin's.
+        report: The Markdown report.
+    """
+    return dsl.ContainerSpec(
+        image=TRAIN_IMAGE,
+        command=[*ENTRYPOINT, "train-gate"],
+        args=[
+            "--phase1",
+            phase1.path,
+            "--dataset",
+            dataset.path,
+            "--splits",
+            splits.path,
+            "--out",
+            gate.path,
+            *KFP_RUN,
+            dsl.ConcatPlaceholder(["gate.views=", views]),
+            dsl.ConcatPlaceholder(["gate.train_views=", train_views]),
+            dsl.ConcatPlaceholder(["gate.hidden=", hidden]),
+            dsl.ConcatPlaceholder(["trainer.max_epochs=", epochs]),
+            dsl.ConcatPlaceholder(["seed=", seed]),
+        ],
+    )
