@@ -1,5 +1,6 @@
-"""Subnet benchmarks: serving latency against the validator's 9 s budget, and what challenge training and
-calibration do to the held-out MCC and simulated reward on validator-style views."""
+"""Subnet benchmarks: serving latency against the validator's 9 s budget, what challenge training and
+calibration do to the held-out MCC and simulated reward on validator-style views, and how much phase 3's
+learned gate answers beside the plain margin at the same guaranteed risk."""
 
 from __future__ import annotations
 
@@ -126,4 +127,61 @@ def bench_challenge_calibration() -> None:
     )
 
 
-BENCHMARKS = [bench_serving_latency, bench_challenge_calibration]
+def bench_gate_vs_margin() -> None:
+    """Phase 5 on ``make run``'s demo model trained on challenge views, answering by the margin or by
+    phase 3's gate, at the same alpha (CRC, error risk, challenge views): coverage on val_calib's
+    calibration part and on held-out val_test, and the error rate among answered val_test views. Not a
+    speed target: it prints what the gate buys on this data, whatever it is."""
+    from streetvision.bundle import verify_bundle
+    from streetvision.config import load_config
+    from streetvision.io.manifests import MANIFEST, verify_dir
+    from streetvision.steps import calibrate_scrc, export_bundle, train_baseline, train_gate
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    data, splits = _demo(1200, 96)
+    train = [*_train_keys(DEMO), "data.augment=challenge"]
+    root = WORK / "subnet"
+    p1 = root / f"p1-{hashlib.sha256(' '.join(train).encode()).hexdigest()[:12]}"  # shared with _chain
+    if not (p1 / MANIFEST).exists():
+        train_baseline.run(load_config(train_baseline.Config, [], train), dataset=data, splits=splits, out=p1)
+    gate = root / "gate"
+    shutil.rmtree(gate, ignore_errors=True)
+    m = train_gate.run(load_config(train_gate.Config), phase1=p1, dataset=data, splits=splits, out=gate)
+    print(
+        f"gate on val_select challenge views: AUROC for correctness {m.metrics['val_select_gate_auroc']:.3f} "
+        f"(margin {m.metrics['val_select_margin_auroc']:.3f}), AURC {m.metrics['val_select_gate_aurc']:.4f} "
+        f"(margin {m.metrics['val_select_margin_aurc']:.4f})",
+        flush=True,
+    )
+    held: dict[tuple[str, float], dict] = {}
+    for alpha in (0.03, 0.05):
+        for confidence in ("margin", "gate"):
+            out = root / f"scrc-{confidence}-{alpha}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = load_config(
+                calibrate_scrc.Config, [], [f"scrc.alpha={alpha}", f"scrc.confidence={confidence}"]
+            )
+            calibrate_scrc.run(cfg, phase1=p1, gate=gate if confidence == "gate" else None, out=out / "c")
+            export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), phase1=p1,
+                              policy=out / "c", splits=splits, out=out / "b")  # fmt: skip
+            b = verify_bundle(out / "b")
+            sel = b["held_out"]["challenge"]["selective"]
+            held[confidence, alpha] = sel
+            calibrated = verify_dir(out / "c", "calibrate_scrc").metrics["coverage"]
+            print(
+                f"alpha={alpha} {confidence:>6}: coverage val_calib {calibrated:.3f}, val_test {sel['coverage']:.3f}; "
+                f"val_test error among answered {sel['selective_risk']:.4f}, realised risk "
+                f"{sel['realised_risk']:.4f} (alpha {alpha})",
+                flush=True,
+            )
+    report(
+        "phase 5 val_test coverage at alpha=0.05 answering by the gate vs by the margin (a report)",
+        held["gate", 0.05]["coverage"],
+        held["margin", 0.05]["coverage"],
+        "a report, no target",
+        True,
+        unit="",
+    )
+
+
+BENCHMARKS = [bench_serving_latency, bench_challenge_calibration, bench_gate_vs_margin]

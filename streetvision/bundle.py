@@ -109,13 +109,13 @@ def safe_member(root: Path, name: str) -> Path:
 
 def referenced_paths(bundle: dict[str, Any]) -> list[str]:
     """Every path the bundle names, wherever it names it."""
-    gate = bundle["policy"].get("gate") or {}
+    gate = bundle["policy"].get("gate")
     return [
         bundle["model"]["weights"],
         bundle["model"]["config"],
         bundle["policy"]["file"],
         bundle["splits"],
-        *(gate[k] for k in GATE_FILES),
+        *(gate[k] for k in GATE_FILES if gate),
     ]
 
 

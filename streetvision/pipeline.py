@@ -32,6 +32,7 @@ from streetvision.phases import ALIASES, BY_STEM, PHASES, producers
 from streetvision.steps import step_config
 
 ORDER = [p.stem for p in PHASES]  # the phases in dependency order
+ALIASES_OF = {stem: alias for alias, stem in ALIASES.items()}
 DEMO_PROFILE = Path(__file__).parent / "configs" / "demo.yaml"
 
 
@@ -114,6 +115,19 @@ def _phases(requested: list[str]) -> list[str]:
     return [s for s in ORDER if s in stems]
 
 
+def _check_optional_inputs(selected: list[str], configs: dict[str, Any]) -> None:
+    """Refuse to run a phase whose output no selected phase would read (phase 3 with phase 5 answering
+    by the margin): an optional input is read only under its setting."""
+    for stem in selected:
+        for name, setting in BY_STEM[stem].optional_inputs.items():
+            wanted = [m for m in BY_STEM[stem].inputs[name] if m in selected]
+            if wanted and name not in producers(stem, configs[stem]):
+                raise ConfigError(
+                    f"pipeline.phases runs {wanted[0]} and {stem}, which reads it only with {setting}; "
+                    f"add {setting}, or leave {ALIASES_OF[wanted[0]]} out"
+                )
+
+
 def committed(uri: str, stem: str) -> tuple[Manifest, str] | None:
     """(manifest, sha256 of manifest.json) of a committed, intact ``stem`` output at ``uri``, or None."""
     try:
@@ -183,6 +197,7 @@ def run_local(
     runner = load_config(RunnerConfig, [], routed["runner"])
     selected = _phases(runner.pipeline.phases)
     configs = {stem: step_config(stem, [], routed[stem]) for stem in ORDER}  # all validated before any work
+    _check_optional_inputs(selected, configs)
     data = dataset or _demo_data(out, runner.demo)
     outs = {stem: store.join(out, stem) for stem in ORDER}
     run_id = uuid.uuid4().hex

@@ -51,3 +51,17 @@ def reseal(root):
             }
     (root / MANIFEST).write_text(json.dumps(Manifest(**data).sealed().to_dict()))
     return root
+
+
+def fake_gate(root, phase1, calib_scores, test_scores=None):
+    """A committed train_gate output for ``phase1`` holding given gate scores of val_calib (and val_test),
+    the challenge views' being the clean ones (as :func:`fake_phase1` makes them)."""
+    from streetvision.io.manifests import input_record
+
+    out = StepOutputs(root, "train_gate")
+    splits = {"val_calib": calib_scores, **({"val_test": test_scores} if test_scores is not None else {})}
+    for split, scores in splits.items():
+        out.write_npy(f"gate_{split}.npy", np.asarray(scores, dtype=np.float32))
+        out.write_npy(f"gate_{split}_challenge.npy", np.asarray(scores, dtype=np.float32))
+    out.commit(config={}, inputs={"phase1": input_record(phase1)})
+    return root

@@ -215,7 +215,7 @@ def test_a_missing_mistyped_or_out_of_range_policy_fails_clearly(trained, tmp_pa
 
 
 SCRC = {"policy_type": "scrc", "threshold": 0.5, "temperature": 2.0, "lambda": 0.3, "alpha": 0.1, "delta": None,
-        "risk": "error", "views": "challenge"}  # fmt: skip
+        "risk": "error", "views": "challenge", "confidence": "margin"}  # fmt: skip
 
 
 def test_an_scrc_bundle_defers_below_lambda_and_reports_selective_metrics(trained, tmp_path):

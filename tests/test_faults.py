@@ -36,7 +36,9 @@ STEP_OF = {
     "phase1": "train_baseline",
     "policy": "sweep_thresholds",
     "bundle": "export_bundle",
+    "gate": "train_gate",
 }
+GATE = ["trainer.max_epochs=2", "gate.train_views=1"]  # a quick phase 3
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
@@ -77,8 +79,13 @@ def world(trained, tmp_path_factory):
         == 0
     )
     image = sorted((trained["dataset"] / "images").iterdir())[0]
-    return {**trained, "bundle": bundle, "root": root, "image": image, "other_data": other,
-            "other_splits": root / "other_splits", "other_policy": root / "other_policy"}  # fmt: skip
+    gate = root / "train_gate"
+    code = main(["train-gate", "--phase1", str(trained["phase1"]), "--dataset", str(trained["dataset"]),
+                 "--splits", str(trained["splits"]), "--out", str(gate), *GATE])  # fmt: skip
+    assert code == 0
+    return {**trained, "bundle": bundle, "root": root, "image": image, "other_data": other, "gate": gate,
+            "other_splits": root / "other_splits", "other_policy": root / "other_policy",
+            "other_phase1": root / "other_phase1"}  # fmt: skip
 
 
 def fingerprint(world) -> dict[str, str]:
@@ -148,10 +155,18 @@ CONFIG_CASES = {
         "policy.min_precision=nan", "policy.optimize=f1", "policy.optimize=", "roc_points=1", "roc_points=0",
         "roc_points=-3", "roc_points=abc", "policy.bogus=1", "policy.views=perhaps", "policy.views=",
     ],
+    "train_gate": [
+        "gate.hidden=0", "gate.hidden=abc", "gate.hidden=1.5", "gate.dropout=1", "gate.dropout=nan", "gate.lr=0",
+        "gate.lr=nan", "gate.lr=inf", "gate.weight_decay=-1", "gate.batch_size=0", "gate.views=bogus",
+        "gate.views=", "gate.train_views=0", "gate.train_views=65", "gate.bogus=1", "gate=3",
+        "train_gate.trainer.max_epochs=0", "train_gate.trainer.patience=-1", "train_gate.trainer.accelerator=bogus",
+        "train_gate.trainer.precision=bogus", "train_gate.trainer.devices=2", "train_gate.data.batch_size=0",
+        "train_gate.data.num_workers=-1", "train_gate.seed=-1",
+    ],
     "calibrate_scrc": [
         "scrc.alpha=0", "scrc.alpha=1", "scrc.alpha=-0.1", "scrc.alpha=nan", "scrc.alpha=abc", "scrc.delta=-0.1",
         "scrc.delta=1.5", "scrc.delta=nan", "scrc.risk=bogus", "scrc.views=bogus", "scrc.fit_fraction=0",
-        "scrc.fit_fraction=1", "scrc.seed=-1", "scrc.bogus=1",
+        "scrc.fit_fraction=1", "scrc.seed=-1", "scrc.bogus=1", "scrc.confidence=bogus", "scrc.confidence=",
     ],
     "export_bundle": [
         "export.min_test_mcc=2", "export.min_test_mcc=-2", "export.min_test_mcc=nan", "export.min_test_mcc=abc",
@@ -160,6 +175,7 @@ CONFIG_CASES = {
 }  # fmt: skip
 RUNNER_CASES = [
     "pipeline.phases=[]", "pipeline.phases=[bogus]", "pipeline.phases=[phase9]", "pipeline.phases=3",
+    "pipeline.phases=[phase0,phase1,phase3,phase5]",
     "demo.n=4", "demo.n=0", "demo.n=-1", "demo.n=abc", "demo.size=0", "demo.size=8", "demo.size=99999",
     "demo.seed=-1", "bogus.key=1", "noequals",
 ]  # fmt: skip
@@ -172,6 +188,7 @@ def step_commands(world) -> dict[str, list]:
         "make_splits": ["make-splits", "--dataset", w["dataset"]],
         "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
         "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
+        "train_gate": ["train-gate", "--phase1", w["phase1"], "--dataset", w["dataset"], "--splits", w["splits"], *GATE],
         "calibrate_scrc": ["calibrate-scrc", "--phase1", w["phase1"], "scrc.alpha=0.9"],  # a tiny val_calib
         "export_bundle": ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"], "--splits", w["splits"]],
     }  # fmt: skip
@@ -188,9 +205,11 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
     step_argv = step_commands(world)
     for stem, overrides in CONFIG_CASES.items():
         for o in overrides:
-            cases.append((f"{stem}:{o}", [*step_argv[stem], "--out", "{out}", o], _key(o)))
+            # "train_gate.trainer.max_epochs=0": how `run` addresses a key that phase 1 also has.
+            own = o.removeprefix(f"{stem}.")
+            cases.append((f"{stem}:{own}", [*step_argv[stem], "--out", "{out}", own], _key(own)))
             cases.append(
-                (f"run:{o}", ["run", "--out", "{out}", "--dataset", w["dataset"], *TINY_TRAIN, o], _key(o))
+                (f"run:{o}", ["run", "--out", "{out}", "--dataset", w["dataset"], *TINY_TRAIN, o], _key(own))
             )
     for o in RUNNER_CASES:
         cases.append((f"run:{o}", ["run", "--out", "{out}", *TINY_TRAIN, o], _key(o)))
@@ -202,11 +221,12 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
         "make_splits": {"dataset": w["dataset"]},
         "train_baseline": {"dataset": w["dataset"], "splits": w["splits"]},
         "sweep_thresholds": {"phase1": w["phase1"]},
+        "train_gate": {"phase1": w["phase1"], "dataset": w["dataset"], "splits": w["splits"]},
         "export_bundle": {"phase1": w["phase1"], "policy": w["policy"], "splits": w["splits"]},
     }
     expected = {"splits": "make_splits", "phase1": "train_baseline", "policy": "sweep_thresholds"}
     for stem, flags in inputs.items():
-        extra = TINY_TRAIN if stem == "train_baseline" else []
+        extra = {"train_baseline": TINY_TRAIN, "train_gate": GATE}.get(stem, [])
         for flag in flags:
             wrong: list[tuple[str, str]] = [(str(base / "missing"), "missing"), (str(a_file), "a-file.txt"),
                                            ("s3://", "s3 URI without a bucket")]  # fmt: skip
@@ -216,7 +236,7 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
                 wrong += [(w["dataset"], "no manifest.json")]
                 wrong += [
                     (w[k], "commit")
-                    for k in ("splits", "phase1", "policy", "bundle")
+                    for k in ("splits", "phase1", "policy", "bundle", "gate")
                     if STEP_OF[k] != expected[flag]
                 ]
             for value, expect in wrong:
@@ -239,7 +259,7 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
         outs += [(str(Path(v).parent), "input") for v in flags.values()]
         outs += [
             (w[k], "commit")
-            for k in ("splits", "phase1", "policy", "bundle")
+            for k in ("splits", "phase1", "policy", "bundle", "gate")
             if STEP_OF[k] != stem and w[k] not in flags.values()
         ]
         for value, expect in outs:
@@ -283,6 +303,20 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
          "--splits", w["splits"], "--out", "{out}"], "do not belong together"),
         ("export:splits of another run", ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"],
          "--splits", w["other_splits"], "--out", "{out}"], "do not belong together"),
+        ("gate:splits of another dataset", ["train-gate", "--phase1", w["phase1"], "--dataset", w["dataset"],
+         "--splits", w["other_splits"], "--out", "{out}", *GATE], "were made from dataset content"),
+        ("gate:another dataset", ["train-gate", "--phase1", w["phase1"], "--dataset", w["other_data"],
+         "--splits", w["splits"], "--out", "{out}", *GATE], "were made from dataset content"),
+        ("gate:phase1 of other splits", ["train-gate", "--phase1", w["other_phase1"], "--dataset", w["dataset"],
+         "--splits", w["splits"], "--out", "{out}", *GATE], "do not belong together"),
+        ("scrc:gate of another phase1", ["calibrate-scrc", "--phase1", w["other_phase1"], "--gate", w["gate"],
+         "--out", "{out}", "scrc.confidence=gate"], "do not belong together"),
+        ("scrc:gate without its setting", ["calibrate-scrc", "--phase1", w["phase1"], "--gate", w["gate"],
+         "--out", "{out}"], "scrc.confidence=gate"),
+        ("scrc:the setting without a gate", ["calibrate-scrc", "--phase1", w["phase1"], "--out", "{out}",
+         "scrc.confidence=gate"], "--gate"),
+        ("scrc:a phase1 as gate", ["calibrate-scrc", "--phase1", w["phase1"], "--gate", w["phase1"],
+         "--out", "{out}", "scrc.confidence=gate"], "train_gate"),
     ]  # fmt: skip
     # Commits whose manifest agrees with its files, but whose documents are malformed.
     from streetvision.io.manifests import input_record
@@ -454,6 +488,10 @@ def loaders(world, which: str, tampered: Path, out: Path) -> list[list]:
         return [
             ["export-bundle", "--phase1", w["phase1"], "--policy", t, "--splits", w["splits"], "--out", out]
         ]
+    if which == "gate":
+        return [
+            ["calibrate-scrc", "--phase1", w["phase1"], "--gate", t, "--out", out, "scrc.confidence=gate"]
+        ]
     return [["predict", "--bundle", t, w["image"]]]
 
 
@@ -462,6 +500,7 @@ MAIN_FILES = {
     "phase1": ["model.safetensors", "logits_val_calib.npy"],
     "policy": ["thresholds.json"],
     "bundle": ["bundle.json", "model.safetensors"],
+    "gate": ["gate_val_calib_challenge.npy"],
 }
 
 

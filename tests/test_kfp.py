@@ -121,6 +121,7 @@ def test_the_compiled_pipeline_is_wired_as_the_phase_registry_says(spec):
     dag = Dag(pipeline)
     executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
     commands = {p.command for p in PHASES}
+
     def phase_of(task: str) -> str:  # export-bundle-2: another branch's export-bundle task
         return task if task in commands or task == "importer" else task.rsplit("-", 1)[0]
 

@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 from conftest import TINY_TRAIN
+from poison import poisoned_copy
 
 from streetvision.config import load_config
-from streetvision.data.dataset import dataset_input, load_index
 from streetvision.io import store
 from streetvision.io.atomic import compute_file_sha256
 from streetvision.io.manifests import MANIFEST, verify_dir
-from streetvision.io.outputs import StepOutputs
 from streetvision.steps import train_baseline
 
 pytestmark = pytest.mark.slow
@@ -106,28 +105,9 @@ def test_val_calib_and_val_test_never_reach_the_optimizer_or_the_stopping_rule(
     demo_dataset, demo_splits, tmp_path
 ):
     """Scramble every val_calib / val_test image and flip their labels: training must not notice."""
-    poisoned = tmp_path / "poisoned"
-    shutil.copytree(demo_dataset, poisoned)
-    splits = json.loads((demo_splits / "splits.json").read_text())
-    held = set(splits["val_calib"]) | set(splits["val_test"])
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    for image_id in held:
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(poisoned / image_id, "JPEG")
-    lines = (poisoned / "labels.csv").read_text().splitlines()
-    flipped = [lines[0]] + [
-        f"{img},{1 - int(lab)}" if img in held else f"{img},{lab}"
-        for img, lab in (ln.split(",") for ln in lines[1:])
-    ]
-    (poisoned / "labels.csv").write_text("\n".join(flipped) + "\n")
-    # The same split lists, committed for the poisoned dataset (lineage ties splits to one dataset).
-    same = StepOutputs(tmp_path / "same_splits", "make_splits")
-    same.write_json("splits.json", splits)
-    same.commit(config={}, inputs={"dataset": dataset_input(load_index(poisoned))})
-
+    poisoned, same_splits = poisoned_copy(demo_dataset, demo_splits, tmp_path)
     clean = train(demo_dataset, demo_splits, tmp_path / "clean", "trainer.max_epochs=3")
-    dirty = train(poisoned, tmp_path / "same_splits", tmp_path / "dirty", "trainer.max_epochs=3")
+    dirty = train(poisoned, same_splits, tmp_path / "dirty", "trainer.max_epochs=3")
     assert clean.outputs["model.safetensors"]["sha256"] == dirty.outputs["model.safetensors"]["sha256"]
     assert history_without_timing(tmp_path / "clean") == history_without_timing(tmp_path / "dirty")
     assert clean.metrics["best_epoch"] == dirty.metrics["best_epoch"]

@@ -36,6 +36,8 @@ class GateNet(nn.Module):
         self.register_buffer("scale", torch.ones(width))
         self.register_buffer("threshold", torch.tensor(min(max(float(threshold), 1e-6), 1 - 1e-6)))
         self.margin = nn.Linear(1, 1)
+        nn.init.ones_(self.margin.weight)  # rising with the margin, as the plain confidence does
+        nn.init.zeros_(self.margin.bias)
         self.mlp = nn.Sequential(
             nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
