@@ -618,8 +618,11 @@ def wait(pid: int, timeout: float = 120.0) -> int:
     raise AssertionError(f"child {pid} did not finish within {timeout}s")
 
 
+TRAINING = ("train_baseline", "train_gate")  # torch's threads do not survive a fork: killed as subprocesses
+
+
 def kill_commands(world) -> dict[str, list]:
-    return {stem: argv for stem, argv in step_commands(world).items() if stem != "train_baseline"}
+    return {stem: argv for stem, argv in step_commands(world).items() if stem not in TRAINING}
 
 
 def check_after_kill(out: Path, stem: str, had_commit: bool) -> None:
@@ -658,11 +661,11 @@ def test_sigkill_at_random_moments_leaves_no_manifest_or_a_verified_one_and_the_
           f"runtimes {', '.join(f'{k} {v:.2f}s' for k, v in durations.items())}")  # fmt: skip
 
 
-def test_sigkill_during_training_leaves_no_manifest_and_the_rerun_succeeds(world, tmp_path):
+@pytest.mark.parametrize("stem", TRAINING)
+def test_sigkill_during_training_leaves_no_manifest_and_the_rerun_succeeds(world, tmp_path, stem):
     rng = random.Random(7)
-    argv = [sys.executable, "-m", "streetvision", "train-baseline", "--dataset", world["dataset"],
-            "--splits", world["splits"], *TINY_TRAIN]  # fmt: skip
-    out = tmp_path / "train_baseline"
+    argv = [sys.executable, "-m", "streetvision", *step_commands(world)[stem]]
+    out = tmp_path / stem
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # what a killed process cannot clean stays here
     (tmp_path / "tmp").mkdir()
     for _ in range(3):
@@ -675,10 +678,10 @@ def test_sigkill_during_training_leaves_no_manifest_and_the_rerun_succeeds(world
         time.sleep(rng.uniform(2.0, 12.0))
         proc.kill()
         proc.wait()
-        check_after_kill(out, "train_baseline", False)
+        check_after_kill(out, stem, False)
     r = subprocess.run([*map(str, argv), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    verify_dir(out, "train_baseline")
+    verify_dir(out, stem)
     assert not [p.name for p in tmp_path.iterdir() if ".staging-" in p.name]
 
 
