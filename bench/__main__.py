@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["bench.core", "bench.train", "bench.sweep", "bench.subnet"]
+SUITES = ["bench.core", "bench.train", "bench.sweep", "bench.subnet", "bench.explora"]
 
 
 def main(argv: list[str]) -> int:

@@ -6,9 +6,10 @@ A Kubeflow run, ``streetvision run`` and the step CLIs then start from the same 
 
 import json
 
-from streetvision.steps import make_splits, train_baseline, train_gate
+from streetvision.steps import adapt_explora, make_splits, train_baseline, train_gate
 
 SPLITS = make_splits.Config().splits
 SPLIT_RATIOS = json.dumps(SPLITS.ratios, separators=(",", ":"))  # a string parameter, parsed by the step
 TRAIN = train_baseline.Config()
 GATE = train_gate.Config()
+EXPLORA = adapt_explora.Config()

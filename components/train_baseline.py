@@ -1,3 +1,5 @@
+from typing import Optional
+
 from kfp import dsl
 
 from components.defaults import TRAIN
@@ -22,6 +24,7 @@ def train_baseline(
     augment: str = TRAIN.data.augment,
     challenge_views: int = TRAIN.eval.challenge_views,
     checkpoint_root: str = "",
+    explora: Optional[dsl.Input[dsl.Model]] = None,  # noqa: UP045 - the KFP SDK reads Optional
 ):
     """Phase 1: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
 
@@ -42,6 +45,7 @@ def train_baseline(
             the bundle's report (0: none).
         checkpoint_root: Folder or s3:// prefix for per-epoch checkpoints (empty: none); the step writes
             under <checkpoint_root>/<run id>/train-baseline, so a retried task resumes where it stopped.
+        explora: adapt_explora output: the adapted backbone phase 1 starts from (instead of the hub's).
 
     Returns:
         model: Step directory: model.safetensors, model.json, logits/labels/ids for val_select, val_calib
@@ -56,6 +60,7 @@ def train_baseline(
             dataset.path,
             "--splits",
             splits.path,
+            dsl.IfPresentPlaceholder(input_name="explora", then=["--explora", explora.path]),
             "--out",
             model.path,
             *KFP_RUN,

@@ -18,6 +18,7 @@ from pathlib import Path
 from kfp import compiler
 
 from components import images
+from components.adapt_explora import adapt_explora
 from components.calibrate_scrc import calibrate_scrc
 from components.dataset_fingerprint import dataset_fingerprint
 from components.export_bundle import export_bundle
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "pipelines" / "streetvision.yaml"
 BUILD = ROOT / "build" / "streetvision.yaml"
 COMPONENTS = {
+    "adapt_explora": adapt_explora,
     "calibrate_scrc": calibrate_scrc,
     "dataset_fingerprint": dataset_fingerprint,
     "make_splits": make_splits,

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=240, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    p.add_argument("--domain", choices=["street", "shifted"], default="street",
+                   help="shifted: other colours, larger objects, a striped texture (another domain)")  # fmt: skip
 
     p = sub.add_parser("fingerprint", help="a dataset's current fingerprint (Kubeflow's cache key)")
     p.add_argument("--dataset", required=True, help="dataset folder or s3:// prefix holding labels.csv")
@@ -66,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
             optional = name in phase.optional_inputs
             p.add_argument(f"--{name}", required=not optional, default=None, help=phase.input_help.get(name))
         p.add_argument("--out", required=True)
-        if phase.stem == "train_baseline":
+        if phase.stem in ("train_baseline", "adapt_explora"):
             p.add_argument(
                 "--checkpoint-root",
                 default="",
                 metavar="DIR_OR_S3",
-                help="checkpoint under DIR_OR_S3/<--run-id>/train-baseline (how a Kubeflow retry finds them)",
+                help=f"checkpoint under DIR_OR_S3/<--run-id>/{phase.command} (how a Kubeflow retry finds them)",
             )
         _common(p)
 
@@ -113,7 +115,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "demo-data":
         from streetvision.data.demo import write_demo
 
-        path = write_demo(args.out, n=args.n, seed=args.seed, size=args.size)
+        path = write_demo(args.out, n=args.n, seed=args.seed, size=args.size, domain=args.domain)
         print(f"wrote {args.n} images and labels.csv to {path}")
         return 0
     if cmd == "fingerprint":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 DATASET = None  # an input that no phase produces: the dataset folder or prefix
 UNUSED = ""  # what ``Config.source(name)`` returns for an optional input that this config does not read
+WHEN_GIVEN = ""  # an optional input read whenever it is given (no setting decides)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class Phase:
     ui: dict[str, str] = field(default_factory=dict)
     input_help: dict[str, str] = field(default_factory=dict)
     optional: bool = False  # not in the default pipeline; named in pipeline.phases to run
-    # Inputs read only under some config: input name -> the setting that reads it (for error messages).
+    # Inputs read only under some config: input name -> the setting that reads it (for error messages),
+    # or WHEN_GIVEN for one read whenever it is given.
     optional_inputs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -55,14 +57,29 @@ PHASES: tuple[Phase, ...] = (
         input_help={"dataset": "dataset folder or s3:// prefix holding labels.csv"},
     ),
     Phase(
+        "adapt_explora",
+        4,
+        "phase 4: ExPLoRA, self-supervised adaptation of a ViT backbone to the train split's images",
+        {"dataset": DATASET, "splits": "make_splits"},
+        "train",
+        "adapted",
+        {"metrics": "system.Metrics"},
+        input_help={"splits": "make_splits output: only its train split's images are read"},
+        optional=True,
+    ),
+    Phase(
         "train_baseline",
         1,
         "phase 1: train the timm + Lightning classifier",
-        {"dataset": DATASET, "splits": "make_splits"},
+        {"dataset": DATASET, "splits": "make_splits", "explora": "adapt_explora"},
         "train",
         "model",
         {"metrics": "system.Metrics"},
-        input_help={"splits": "make_splits output directory or URI"},
+        input_help={
+            "splits": "make_splits output directory or URI",
+            "explora": "adapt_explora output: its adapted backbone is the starting point (optional)",
+        },
+        optional_inputs={"explora": WHEN_GIVEN},
     ),
     Phase(
         "sweep_thresholds",
@@ -132,11 +149,16 @@ def phase(stem: str) -> Phase:
     return BY_STEM[stem]
 
 
-def producers(stem: str, config) -> dict[str, str | None]:
-    """Input name -> the phase that must have produced it, for this step and its config (optional inputs
-    this config does not read left out)."""
+def producers(stem: str, config, given=()) -> dict[str, str | None]:
+    """Input name -> the phase that must have produced it, for this step and its config: optional inputs
+    this config does not read left out, and those read when given unless ``given`` names them."""
+    phase = BY_STEM[stem]
     chosen = {
         name: config.source(name) if isinstance(made_by, tuple) else made_by
-        for name, made_by in BY_STEM[stem].inputs.items()
+        for name, made_by in phase.inputs.items()
     }
-    return {name: made_by for name, made_by in chosen.items() if made_by != UNUSED}
+    return {
+        name: made_by
+        for name, made_by in chosen.items()
+        if made_by != UNUSED and (phase.optional_inputs.get(name) != WHEN_GIVEN or name in given)
+    }

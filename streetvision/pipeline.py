@@ -28,7 +28,7 @@ from streetvision.data.dataset import content_identity
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
-from streetvision.phases import ALIASES, BY_STEM, PHASES, producers
+from streetvision.phases import ALIASES, BY_STEM, PHASES, WHEN_GIVEN, producers
 from streetvision.steps import step_config
 
 ORDER = [p.stem for p in PHASES]  # the phases in dependency order
@@ -70,12 +70,23 @@ def _flatten(prefix: str, value: Any) -> list[str]:
 
 
 def _owners() -> dict[str, str]:
-    """Top-level config key -> the owner that reads it (a step stem, or the runner)."""
+    """Top-level config key -> the owner that reads it (a step stem, or the runner): the default
+    pipeline's phases first (``model.lr`` is phase 1's), then the optional ones."""
     owners = {f.name: "runner" for f in dataclasses.fields(RunnerConfig)}
-    for stem in ORDER:
+    for stem in sorted(ORDER, key=lambda s: BY_STEM[s].optional):
         for f in dataclasses.fields(step_config(stem)):
             owners.setdefault(f.name, stem)
     return owners
+
+
+def _inherits() -> dict[str, tuple[str, ...]]:
+    """stem -> the keys it takes from their owner unless given its own (``steps.<stem>.INHERITS``):
+    phase 4 adapts the backbone phase 1 trains, on the same hardware."""
+    import importlib
+
+    return {
+        stem: getattr(importlib.import_module(f"streetvision.steps.{stem}"), "INHERITS", ()) for stem in ORDER
+    }
 
 
 def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, list[str]]:
@@ -87,6 +98,7 @@ def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, li
         entries += _flatten("", OmegaConf.to_container(read_yaml(f)))
     entries += list(overrides)
     owners, routed = _owners(), {"runner": [], **{stem: [] for stem in ORDER}}
+    inherits, inherited = _inherits(), {stem: [] for stem in ORDER}
     for entry in entries:
         key = entry.split("=", 1)[0]
         head, _, rest = key.partition(".")
@@ -94,11 +106,14 @@ def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, li
             routed[head].append(entry.split(".", 1)[1])
         elif head in owners:
             routed[owners[head]].append(entry)
+            for stem, keys in inherits.items():
+                if key in keys and stem != owners[head]:
+                    inherited[stem].append(entry)
         else:
             raise ConfigError(
                 f"config key {key!r}: no step reads it (known sections: {', '.join(sorted(owners))})"
             )
-    return routed
+    return {owner: inherited.get(owner, []) + own for owner, own in routed.items()}  # its own win
 
 
 def _phases(requested: list[str]) -> list[str]:
@@ -120,12 +135,24 @@ def _check_optional_inputs(selected: list[str], configs: dict[str, Any]) -> None
     by the margin): an optional input is read only under its setting."""
     for stem in selected:
         for name, setting in BY_STEM[stem].optional_inputs.items():
+            if setting == WHEN_GIVEN:
+                continue
             wanted = [m for m in BY_STEM[stem].inputs[name] if m in selected]
             if wanted and name not in producers(stem, configs[stem]):
                 raise ConfigError(
                     f"pipeline.phases runs {wanted[0]} and {stem}, which reads it only with {setting}; "
                     f"add {setting}, or leave {ALIASES_OF[wanted[0]]} out"
                 )
+
+
+def _given(stem: str, selected: list[str]) -> set[str]:
+    """The inputs of ``stem`` read when given that this run gives: those whose phase it runs."""
+    phase = BY_STEM[stem]
+    return {
+        name
+        for name, setting in phase.optional_inputs.items()
+        if setting == WHEN_GIVEN and phase.inputs[name] in selected
+    }
 
 
 def committed(uri: str, stem: str) -> tuple[Manifest, str] | None:
@@ -146,7 +173,10 @@ def stale_reason(stem: str, config, uris: dict[str, str], out: str) -> str | Non
         return f"its committed output failed verification ({e})"
     if manifest.config_sha256 != sha256_json(redact(to_dict(config))):
         return "its config changed"
-    for name, producer in producers(stem, config).items():
+    read = producers(stem, config, given=set(uris))
+    if dropped := [n for n in BY_STEM[stem].optional_inputs if n in manifest.inputs and n not in read]:
+        return f"input {dropped[0]} is no longer given"
+    for name, producer in read.items():
         recorded = manifest.inputs.get(name, {})
         if producer is None:
             if recorded.get("content_sha256") != content_identity(uris[name]):
@@ -203,7 +233,7 @@ def run_local(
     run_id = uuid.uuid4().hex
     done: dict[str, str] = {}
     for stem in ORDER:
-        made_by = producers(stem, configs[stem])
+        made_by = producers(stem, configs[stem], given=_given(stem, selected))
         uris = {name: data if producer is None else outs[producer] for name, producer in made_by.items()}
         if stem not in selected:
             if committed(outs[stem], stem):

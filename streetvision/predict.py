@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from streetvision.bundle import policy_outputs, read_gate_info, verify_bundle
+from streetvision.data.dataset import IMAGE_SUFFIXES
 from streetvision.errors import StreetVisionError
 from streetvision.eval import sweep
 from streetvision.io import store
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 BATCH = 32
 
 

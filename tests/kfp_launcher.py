@@ -62,6 +62,7 @@ def command_line(
                     ]
                 }
                 for n in in_defs
+                if n in inputs  # an optional input artifact not given is absent
             },
             "parameterValues": params,
         },
@@ -99,7 +100,7 @@ def command_line(
             branch = arg["IfPresent"]
             chosen = (
                 branch.get("Then", [])
-                if params.get(branch["InputName"]) is not None
+                if params.get(branch["InputName"]) is not None or branch["InputName"] in inputs
                 else branch.get("Else", [])
             )
             return [part for a in (chosen if isinstance(chosen, list) else [chosen]) for part in resolve(a)]

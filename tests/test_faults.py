@@ -37,8 +37,14 @@ STEP_OF = {
     "policy": "sweep_thresholds",
     "bundle": "export_bundle",
     "gate": "train_gate",
+    "explora": "adapt_explora",
 }
 GATE = ["trainer.max_epochs=2", "gate.train_views=1"]  # a quick phase 3
+EXPLORA = ["model.backbone=test_vit", "model.pretrained=false", "data.image_size=32", "data.local_crops=1",
+           "explora.prototypes=64", "explora.head_hidden=32", "explora.bottleneck=16", "trainer.max_epochs=1",
+           "trainer.accelerator=cpu", "trainer.devices=1"]  # a quick phase 4  # fmt: skip
+ON_EXPLORA = ["model.backbone=test_vit", "model.pretrained=false", "data.image_size=32", "trainer.max_epochs=1",
+              "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=0"]  # phase 1 on it  # fmt: skip
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
@@ -83,7 +89,12 @@ def world(trained, tmp_path_factory):
     code = main(["train-gate", "--phase1", str(trained["phase1"]), "--dataset", str(trained["dataset"]),
                  "--splits", str(trained["splits"]), "--out", str(gate), *GATE])  # fmt: skip
     assert code == 0
+    explora = root / "adapt_explora"
+    code = main(["adapt-explora", "--dataset", str(trained["dataset"]), "--splits", str(trained["splits"]),
+                 "--out", str(explora), *EXPLORA])  # fmt: skip
+    assert code == 0
     return {**trained, "bundle": bundle, "root": root, "image": image, "other_data": other, "gate": gate,
+            "explora": explora,
             "other_splits": root / "other_splits", "other_policy": root / "other_policy",
             "other_phase1": root / "other_phase1"}  # fmt: skip
 
@@ -163,6 +174,16 @@ CONFIG_CASES = {
         "train_gate.trainer.precision=bogus", "train_gate.trainer.devices=2", "train_gate.data.batch_size=0",
         "train_gate.data.num_workers=-1", "train_gate.seed=-1",
     ],
+    "adapt_explora": [
+        "explora.rank=-1", "explora.rank=abc", "explora.alpha=-1", "explora.unfrozen_blocks=-1", "explora.prototypes=1",
+        "explora.head_hidden=0", "explora.bottleneck=0", "explora.lr=0", "explora.lr=nan", "explora.weight_decay=-1",
+        "explora.warmup_epochs=-1", "explora.teacher_momentum=1", "explora.center_momentum=-0.1",
+        "explora.student_temp=0", "explora.teacher_temp=nan", "explora.koleo=-1", "explora.gradient_checkpointing=2",
+        "explora.bogus=1", "explora=3", "adapt_explora.data.batch_size=1", "adapt_explora.data.local_crops=33",
+        "adapt_explora.data.local_size=8", "adapt_explora.data.image_size=5000", "adapt_explora.trainer.max_epochs=0",
+        "adapt_explora.trainer.devices=abc", "adapt_explora.trainer.precision=8", 'adapt_explora.model.backbone=""',
+        "adapt_explora.seed=-1",
+    ],
     "calibrate_scrc": [
         "scrc.alpha=0", "scrc.alpha=1", "scrc.alpha=-0.1", "scrc.alpha=nan", "scrc.alpha=abc", "scrc.delta=-0.1",
         "scrc.delta=1.5", "scrc.delta=nan", "scrc.risk=bogus", "scrc.views=bogus", "scrc.fit_fraction=0",
@@ -189,6 +210,7 @@ def step_commands(world) -> dict[str, list]:
         "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
         "sweep_thresholds": ["sweep-thresholds", "--phase1", w["phase1"]],
         "train_gate": ["train-gate", "--phase1", w["phase1"], "--dataset", w["dataset"], "--splits", w["splits"], *GATE],
+        "adapt_explora": ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"], *EXPLORA],
         "calibrate_scrc": ["calibrate-scrc", "--phase1", w["phase1"], "scrc.alpha=0.9"],  # a tiny val_calib
         "export_bundle": ["export-bundle", "--phase1", w["phase1"], "--policy", w["policy"], "--splits", w["splits"]],
     }  # fmt: skip
@@ -222,11 +244,12 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
         "train_baseline": {"dataset": w["dataset"], "splits": w["splits"]},
         "sweep_thresholds": {"phase1": w["phase1"]},
         "train_gate": {"phase1": w["phase1"], "dataset": w["dataset"], "splits": w["splits"]},
+        "adapt_explora": {"dataset": w["dataset"], "splits": w["splits"]},
         "export_bundle": {"phase1": w["phase1"], "policy": w["policy"], "splits": w["splits"]},
     }
     expected = {"splits": "make_splits", "phase1": "train_baseline", "policy": "sweep_thresholds"}
     for stem, flags in inputs.items():
-        extra = {"train_baseline": TINY_TRAIN, "train_gate": GATE}.get(stem, [])
+        extra = {"train_baseline": TINY_TRAIN, "train_gate": GATE, "adapt_explora": EXPLORA}.get(stem, [])
         for flag in flags:
             wrong: list[tuple[str, str]] = [(str(base / "missing"), "missing"), (str(a_file), "a-file.txt"),
                                            ("s3://", "s3 URI without a bucket")]  # fmt: skip
@@ -236,7 +259,7 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
                 wrong += [(w["dataset"], "no manifest.json")]
                 wrong += [
                     (w[k], "commit")
-                    for k in ("splits", "phase1", "policy", "bundle", "gate")
+                    for k in ("splits", "phase1", "policy", "bundle", "gate", "explora")
                     if STEP_OF[k] != expected[flag]
                 ]
             for value, expect in wrong:
@@ -259,7 +282,7 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
         outs += [(str(Path(v).parent), "input") for v in flags.values()]
         outs += [
             (w[k], "commit")
-            for k in ("splits", "phase1", "policy", "bundle", "gate")
+            for k in ("splits", "phase1", "policy", "bundle", "gate", "explora")
             if STEP_OF[k] != stem and w[k] not in flags.values()
         ]
         for value, expect in outs:
@@ -317,6 +340,20 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
          "scrc.confidence=gate"], "--gate"),
         ("scrc:a phase1 as gate", ["calibrate-scrc", "--phase1", w["phase1"], "--gate", w["phase1"],
          "--out", "{out}", "scrc.confidence=gate"], "train_gate"),
+        ("explora:splits of another dataset", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["other_splits"],
+         "--out", "{out}", *EXPLORA], "were made from dataset content"),
+        ("explora:not a ViT", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"], "--out", "{out}",
+         *EXPLORA, "model.backbone=test_efficientnet"], "ExPLoRA adapts timm ViTs"),
+        ("explora:crops off the patch grid", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"],
+         "--out", "{out}", *EXPLORA, "data.image_size=40"], "multiple of the patch size"),
+        ("explora:extra images missing", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"],
+         "--out", "{out}", *EXPLORA, f"explora.extra_images={base / 'missing'}"], "explora.extra_images"),
+        ("train:explora of another backbone", ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"],
+         "--explora", w["explora"], "--out", "{out}", *TINY_TRAIN], "adapted test_vit"),
+        ("train:explora of other splits", ["train-baseline", "--dataset", w["other_data"], "--splits",
+         w["other_splits"], "--explora", w["explora"], "--out", "{out}", *ON_EXPLORA], "do not belong together"),
+        ("train:a gate as explora", ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"],
+         "--explora", w["gate"], "--out", "{out}", *ON_EXPLORA], "adapt_explora"),
     ]  # fmt: skip
     # Commits whose manifest agrees with its files, but whose documents are malformed.
     from streetvision.io.manifests import input_record
@@ -492,6 +529,9 @@ def loaders(world, which: str, tampered: Path, out: Path) -> list[list]:
         return [
             ["calibrate-scrc", "--phase1", w["phase1"], "--gate", t, "--out", out, "scrc.confidence=gate"]
         ]
+    if which == "explora":
+        return [["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], "--explora", t, "--out", out,
+                 *ON_EXPLORA]]  # fmt: skip
     return [["predict", "--bundle", t, w["image"]]]
 
 
@@ -501,6 +541,7 @@ MAIN_FILES = {
     "policy": ["thresholds.json"],
     "bundle": ["bundle.json", "model.safetensors"],
     "gate": ["gate_val_calib_challenge.npy"],
+    "explora": ["backbone.safetensors"],
 }
 
 
@@ -618,7 +659,7 @@ def wait(pid: int, timeout: float = 120.0) -> int:
     raise AssertionError(f"child {pid} did not finish within {timeout}s")
 
 
-TRAINING = ("train_baseline", "train_gate")  # torch's threads do not survive a fork: killed as subprocesses
+TRAINING = ("train_baseline", "train_gate", "adapt_explora")  # torch's threads do not survive a fork
 
 
 def kill_commands(world) -> dict[str, list]:

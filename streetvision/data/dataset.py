@@ -185,3 +185,23 @@ def fingerprint(uri: str | Path) -> str:
         size, etag = objects.get(name, (-1, "missing"))
         lines.append(f"{name} {size} {etag}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def unlabelled_images(root: str | Path, where: str) -> tuple[list[Path], str]:
+    """(every image file under a folder, sorted; their content identity): images without an index, such
+    as phase 4's extra images. Each is decoded at reduced size first; ``where`` names the folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{where}: not a folder")
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise DataError(f"{where}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    bad = [f.relative_to(root).as_posix() for f in files if not _readable(f)]
+    if bad:
+        raise DataError(f"{where}: {len(bad)} unreadable or truncated image(s) ({', '.join(bad[:SHOW])})")
+    with HashCache() as cache:
+        lines = [f"{f.relative_to(root).as_posix()} {cache.file_sha256(f)}" for f in files]
+    return files, hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -3,6 +3,8 @@
 Positives carry cones, striped barriers or a roadwork sign on the road; negatives carry distractors that
 share a colour or a shape with them (orange cars, zebra crossings, other warning signs), and both vary in
 light, noise and clutter. Same seed, same bytes: the embedded default dataset of ``make run``.
+``domain="shifted"`` draws the same kind of scenes in another domain (colour channels rotated, objects
+larger, a striped texture over everything): what phase 4's benchmark pre-trains on, away from the target.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from streetvision.data.dataset import INDEX, DataError
 from streetvision.io import atomic, store
 
 ORANGE = (245, 120, 20)
+DOMAINS = ("street", "shifted")
 
 
 def _c(rng: np.random.Generator, base: tuple[int, int, int], jitter: int = 20) -> tuple[int, int, int]:
     return tuple(int(np.clip(v + rng.integers(-jitter, jitter + 1), 0, 255)) for v in base)  # type: ignore[return-value]
 
 
-def _road_point(rng: np.random.Generator, s: int, horizon: int) -> tuple[int, int, float]:
+def _point(rng: np.random.Generator, s: int, horizon: int) -> tuple[int, int, float]:
     """A point on the road, with a perspective scale (things near the bottom are bigger)."""
     y = int(rng.uniform(horizon + 0.15 * (s - horizon), s * 0.95))
     depth = (y - horizon) / (s - horizon)
@@ -128,10 +131,16 @@ def _zebra(d, rng, horizon, s):
         d.rectangle([x0, y, x0 + half / 7, y + 0.04 * s * (0.4 + depth)], fill=(235, 235, 235))
 
 
-def _scene(rng: np.random.Generator, s: int, positive: bool) -> Image.Image:
+def _scene(rng: np.random.Generator, s: int, positive: bool, domain: str = "street") -> Image.Image:
     img = Image.new("RGB", (s, s))
     d = ImageDraw.Draw(img)
     horizon = _background(d, rng, s)
+    grow = 1.6 if domain == "shifted" else 1.0
+
+    def _road_point(rng, s, horizon):  # noqa: ANN001 - objects drawn larger in the shifted domain
+        x, y, k = _point(rng, s, horizon)
+        return x, y, k * grow
+
     for _ in range(int(rng.integers(0, 6))):  # clutter: trees and poles at the roadside
         x = rng.uniform(0, s)
         y = rng.uniform(horizon, horizon + 0.2 * s)
@@ -158,13 +167,21 @@ def _scene(rng: np.random.Generator, s: int, positive: bool) -> Image.Image:
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.9)))
     arr = np.asarray(img, dtype=np.float32) * rng.uniform(0.55, 1.3)  # light
+    if domain == "shifted":
+        arr = arr[..., [2, 0, 1]]  # other colours
+        stripes = np.sin(np.add.outer(np.arange(s), np.arange(s)) * rng.uniform(0.6, 1.2)) * 30
+        arr = arr + stripes[..., None]  # another texture
     arr += rng.normal(0, rng.uniform(0, 12), arr.shape)  # sensor noise
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def write_demo_dataset(out: str | Path, *, n: int = 240, seed: int = 0, size: int = 96) -> Path:
+def write_demo_dataset(
+    out: str | Path, *, n: int = 240, seed: int = 0, size: int = 96, domain: str = "street"
+) -> Path:
     """Write ``n`` JPEGs under ``out/images`` and ``out/labels.csv`` (half positives), deterministically."""
     check_demo(n, seed, size)
+    if domain not in DOMAINS:
+        raise DataError(f"demo domain {domain!r}: one of {', '.join(DOMAINS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file, not a folder")
@@ -174,7 +191,7 @@ def write_demo_dataset(out: str | Path, *, n: int = 240, seed: int = 0, size: in
     labels = rng.permutation(np.arange(n) % 2)
     rows = ["image,label"]
     for i, label in enumerate(labels.tolist()):
-        img = _scene(np.random.default_rng([seed, i]), size, bool(label))
+        img = _scene(np.random.default_rng([seed, i]), size, bool(label), domain)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         name = f"images/{i:05d}.jpg"
@@ -196,13 +213,13 @@ def check_demo(n: int, seed: int, size: int, prefix: str = "--") -> None:
         raise DataError(f"{prefix}size={size}: the image side must be 16..4096 pixels")
 
 
-def write_demo(uri: str, *, n: int = 240, seed: int = 0, size: int = 96) -> str:
+def write_demo(uri: str, *, n: int = 240, seed: int = 0, size: int = 96, domain: str = "street") -> str:
     """The demo dataset at a folder or ``s3://`` prefix (generated locally, then uploaded index last)."""
     if not store.is_s3(uri):
-        return str(write_demo_dataset(uri, n=n, seed=seed, size=size))
+        return str(write_demo_dataset(uri, n=n, seed=seed, size=size, domain=domain))
     check_demo(n, seed, size)
     with tempfile.TemporaryDirectory(prefix="sv-demo-") as tmp:
-        write_demo_dataset(tmp, n=n, seed=seed, size=size)
+        write_demo_dataset(tmp, n=n, seed=seed, size=size, domain=domain)
         store.upload_tree(tmp, uri, exclude={INDEX})
         store.upload_file(Path(tmp, INDEX), store.join(uri, INDEX))
     return uri

@@ -162,3 +162,52 @@ def as_features(outputs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> TensorDat
     """``infer``'s backbone features as a dataset of (features, label, index) for head-only training."""
     feats, labels, idx = outputs
     return TensorDataset(torch.from_numpy(feats), torch.from_numpy(labels), torch.from_numpy(idx))
+
+
+class MultiCrop:
+    """DINO's multi-crop augmentation of one image: ``global_crops`` crops of ``global_size`` (40-100 %
+    of the image) and ``local_crops`` of ``local_size`` (5-40 %), each flipped, colour-jittered, sometimes
+    grey, blurred or (the second global crop) solarised, then normalised as the backbone expects."""
+
+    def __init__(self, global_size: int, local_size: int, local_crops: int, mean, std, global_crops: int = 2):
+        from torchvision import transforms as T
+
+        bicubic = T.InterpolationMode.BICUBIC
+        common = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                  T.RandomGrayscale(0.2)]  # fmt: skip
+        finish = [T.ToTensor(), T.Normalize(mean, std)]
+
+        def blur(p: float, side: int):
+            return T.RandomApply([T.GaussianBlur(2 * (side // 20) + 1, sigma=(0.1, 2.0))], p=p)
+
+        self.globals = [
+            T.Compose(
+                [
+                    T.RandomResizedCrop(global_size, (0.4, 1.0), interpolation=bicubic),
+                    *common,
+                    blur(1.0 if i == 0 else 0.1, global_size),
+                    *([T.RandomSolarize(128, p=0.2)] if i else []),
+                    *finish,
+                ]
+            )  # fmt: skip
+            for i in range(global_crops)
+        ]
+        self.local = T.Compose([T.RandomResizedCrop(local_size, (0.05, 0.4), interpolation=bicubic), *common,
+                                blur(0.5, local_size), *finish])  # fmt: skip
+        self.local_crops = local_crops
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [t(image) for t in self.globals] + [self.local(image) for _ in range(self.local_crops)]
+
+
+class UnlabelledImages(Dataset):
+    """Image files, each as the list of its crops (labels are never read)."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable, min_side: int):
+        self.files, self.transform, self.min_side = list(files), transform, min_side
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_rgb(self.files[i], self.min_side))

@@ -81,20 +81,26 @@ class RoadworkModule(L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW; the learning rate warms up linearly, then decays to zero on a cosine, per step."""
-        from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        warmup = min(total - 1, int(self.warmup_epochs * per_epoch))
-        cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
-        if warmup > 0:
-            ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
-            schedule = SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
-        else:
-            schedule = cosine
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return warmup_cosine(optimizer, self.trainer, self.warmup_epochs)
+
+
+def warmup_cosine(optimizer, trainer: L.Trainer, warmup_epochs: float) -> dict:
+    """Lightning's optimizer config: a linear warmup over ``warmup_epochs``, then a cosine to zero, per
+    step over the whole training."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    total = max(1, int(trainer.estimated_stepping_batches))
+    per_epoch = max(1, total // max(1, trainer.max_epochs or 1))
+    warmup = min(total - 1, int(warmup_epochs * per_epoch))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
+    if warmup > 0:
+        ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+        schedule = SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+    else:
+        schedule = cosine
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class BestWeights(L.Callback):

@@ -18,7 +18,7 @@ from typing import Any
 from streetvision.config import load_config
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
-from streetvision.phases import BY_STEM, PHASES, producers
+from streetvision.phases import BY_STEM, PHASES, WHEN_GIVEN, producers
 
 # stem -> {input name: the phase(s) whose commit it must be, or None for a dataset}; from the registry.
 STEPS: dict[str, dict[str, str | None]] = {p.stem: p.inputs for p in PHASES}
@@ -82,7 +82,7 @@ def run_step(
             name: stack.enter_context(
                 local_dataset(uris[name]) if producer is None else store.staged_step(uris[name], producer)
             )
-            for name, producer in producers(stem, config).items()
+            for name, producer in producers(stem, config, given=set(uris)).items()
         }
         local_out = stack.enter_context(store.output_step(out))
         manifest = module.run(config, **inputs, out=local_out, sources=dict(uris), run_id=run_id, task=task)
@@ -106,8 +106,10 @@ def run_from_cli(stem: str, args: dict[str, Any]):
             raise StreetVisionError("--checkpoint-root needs --run-id (checkpoints live under the run's id)")
         overrides.append(f"trainer.checkpoint_uri={store.join(root, args['run_id'], stem.replace('_', '-'))}")
     config = step_config(stem, args.get("config") or [], overrides)
-    read = producers(stem, config)
+    read = producers(stem, config, given={name for name in STEPS[stem] if args.get(name)})
     for name, setting in BY_STEM[stem].optional_inputs.items():
+        if setting == WHEN_GIVEN:
+            continue
         if args.get(name) and name not in read:
             raise StreetVisionError(f"--{name} is read only with {setting}; add that, or leave --{name} out")
         if name in read and not args.get(name):

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from streetvision.config import require, to_dict, to_yaml
-from streetvision.data.dataset import CLASS_NAMES, dataset_input
+from streetvision.data.dataset import CLASS_NAMES, DataError, dataset_input
+from streetvision.errors import StreetVisionError
 from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, input_record, sha256_json
+from streetvision.io.manifests import Manifest, check_lineage, input_record, sha256_json, verify_dir
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import split_dataset
 
@@ -48,6 +49,7 @@ DEVICES = re.compile(r"auto|-1|[1-9][0-9]*|\[\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*\]
 EVAL_SPLITS = ("val_select", "val_calib", "val_test")
 CHALLENGE_SPLITS = ("val_calib", "val_test")  # what phase 2 calibrates on and phase 6 reports
 AUGMENTS = ("none", "timm", "challenge")
+EXPLORA_WEIGHTS = "backbone.safetensors"  # what phase 4 commits (adapt_explora.WEIGHTS)
 
 
 @dataclass
@@ -132,14 +134,17 @@ class Config:
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
 
 
-def _network(config: Config):
-    """(network, timm architecture arguments, preprocessing) for the configured backbone."""
+def _network(config: Config, explora: Path | None):
+    """(network, timm architecture arguments, preprocessing) for the configured backbone: its weights
+    from phase 4's adapted backbone, a weights file, or the hub."""
     from streetvision.models.network import RoadworkNet, architecture, create_backbone, preprocessing
 
     arch = architecture(config.model.backbone, config.data.image_size)
     with ExitStack() as stack:
         weights = config.model.weights
-        if store.is_s3(weights):
+        if explora is not None:
+            weights = str(explora / EXPLORA_WEIGHTS)
+        elif store.is_s3(weights):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
             weights = str(store.download_file(weights, tmp / Path(weights).name).path)
         backbone = create_backbone(
@@ -148,17 +153,57 @@ def _network(config: Config):
     return RoadworkNet(backbone, config.model.dropout), arch, preprocessing(backbone, config.data.image_size)
 
 
+def check_explora(explora: Path, config: Config, where: str) -> Manifest:
+    """A phase-4 output this training can start from: committed, of the configured backbone."""
+    from streetvision.config import read_json
+
+    manifest = verify_dir(explora, "adapt_explora")
+    adapted = read_json(explora / "model.json", StreetVisionError).get("backbone")
+    if adapted != config.model.backbone:
+        raise StreetVisionError(
+            f"--explora {where} adapted {adapted}, but model.backbone is {config.model.backbone}; "
+            f"set model.backbone={adapted}"
+        )
+    return manifest
+
+
 def run(
     config: Config,
     *,
     dataset: Path,
     splits: Path,
     out: Path,
+    explora: Path | None = None,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
     task: str = "",
 ) -> Manifest | None:
-    """Train and commit; returns None on non-zero DDP ranks, which write nothing."""
+    """Train and commit; returns None on non-zero DDP ranks, which write nothing. ``explora``: phase 4's
+    output, whose adapted backbone replaces the hub; ``model.weights`` naming a phase-4 folder or
+    ``s3://`` prefix is the same input."""
+    weights = config.model.weights
+    is_step = weights and (
+        store.exists(store.join(weights, "manifest.json")) if store.is_s3(weights) else Path(weights).is_dir()
+    )
+    if explora is None and is_step:
+        with store.staged_step(weights, "adapt_explora") as staged:
+            return _train(config, dataset=dataset, splits=splits, out=out, explora=staged,
+                          sources={**(sources or {}), "explora": weights}, run_id=run_id, task=task)  # fmt: skip
+    return _train(config, dataset=dataset, splits=splits, out=out, explora=explora, sources=sources,
+                  run_id=run_id, task=task)  # fmt: skip
+
+
+def _train(
+    config: Config,
+    *,
+    dataset: Path,
+    splits: Path,
+    out: Path,
+    explora: Path | None,
+    sources: dict[str, str] | None,
+    run_id: str | None,
+    task: str,
+) -> Manifest | None:
     import lightning as L
 
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
@@ -170,13 +215,17 @@ def run(
 
     src = sources or {}
     ds, splits_manifest, parts = split_dataset(dataset, splits, src)
+    if explora is not None:
+        explora_manifest = check_explora(explora, config, src.get("explora", str(explora)))
+        check_lineage(f"--explora {src.get('explora', explora)}", explora_manifest, "splits", splits,
+                      src.get("splits", str(splits)), DataError)  # fmt: skip
     label_of = ds.label_of()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates, once per fit: noise in every job's log.
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
     L.seed_everything(config.seed, workers=True, verbose=False)
 
-    net, arch, prep = _network(config)
+    net, arch, prep = _network(config, explora)
     cached = config.model.freeze_backbone and config.data.augment == "none" and config.trainer.cache_features
     data = RoadworkData(
         ds.root,
@@ -212,6 +261,7 @@ def run(
                 ),
                 "dataset": ds.content_sha256,
                 "splits": splits_manifest.self_sha256,
+                **({"explora": explora_manifest.self_sha256} if explora is not None else {}),
             }
         )
         trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity)
@@ -303,6 +353,7 @@ def run(
                 inputs={
                     "dataset": dataset_input(ds, src.get("dataset")),
                     "splits": input_record(splits, src.get("splits")),
+                    **({"explora": input_record(explora, src.get("explora"))} if explora is not None else {}),
                 },
                 metrics=metrics,
                 run_id=run_id,

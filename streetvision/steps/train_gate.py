@@ -34,6 +34,13 @@ from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import ACCELERATORS, CHALLENGE_SPLITS, EVAL_SPLITS, PRECISIONS
 
 STEP = "train_gate"
+INHERITS = (
+    "data.batch_size",
+    "data.num_workers",
+    "trainer.accelerator",
+    "trainer.precision",
+    "seed",
+)  # from phase 1
 FIT_SPLITS = ("train", "val_select")  # the only splits whose labels reach the gate's fit
 
 

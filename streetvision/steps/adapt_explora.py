@@ -1,0 +1,309 @@
+"""Phase 4, ``adapt_explora``: ExPLoRA, extended self-supervised pre-training of a ViT on street images.
+
+Khanna et al., "ExPLoRA: Parameter-Efficient Extended Pre-Training to Adapt Vision Transformers under
+Domain Shifts" (arXiv 2406.10973, ICML 2025). Starting from the pretrained backbone (the hub, or
+``model.weights``), the last ``explora.unfrozen_blocks`` blocks train fully, the others get LoRA of rank
+``explora.rank`` on Q and V, every LayerNorm trains (``models.lora``), and the backbone's own
+self-supervised objective continues: DINO self-distillation with an EMA teacher, centring, multi-crop and
+a fresh projection head (``models.dino``). Labels are never read, and only the **train** split's images
+(plus ``explora.extra_images``, an unlabelled folder or ``s3://`` prefix) are: val_select, val_calib and
+val_test stay unseen. Afterwards the teacher's adapters are merged into its weights, the merged
+backbone is checked against the adapted one on real images, and written as a timm-loadable
+``backbone.safetensors`` that phase 1 trains on (``train-baseline --explora DIR``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import tempfile
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streetvision.config import require, to_dict, to_yaml
+from streetvision.data.dataset import dataset_input, unlabelled_images
+from streetvision.io import store
+from streetvision.io.manifests import Manifest, input_record, sha256_json
+from streetvision.io.outputs import StepOutputs
+from streetvision.steps.make_splits import split_dataset
+from streetvision.steps.train_baseline import ACCELERATORS, DEVICES, PRECISIONS, STRATEGIES
+
+STEP = "adapt_explora"
+# What ``streetvision run`` gives this step from phase 1's keys unless it is given its own
+# (``adapt_explora.model.backbone=...``): the backbone phase 1 will train, the hardware, the seed.
+INHERITS = ("model.backbone", "model.pretrained", "model.weights", "data.image_size", "data.batch_size",
+            "data.num_workers", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.precision",
+            "seed")  # fmt: skip
+WEIGHTS = "backbone.safetensors"
+MERGE_TOLERANCE = 1e-4  # max |merged − adapted| / (1 + max |adapted|) on real images, in float32
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_small_patch14_dinov2.lvd142m"  # a timm ViT (DINOv2 by default)
+    pretrained: bool = True  # start from the hub's pretrained weights
+    weights: str = ""  # or a local / s3:// weights file (overrides the hub)
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 32
+    num_workers: int = 0
+    image_size: int = 0  # global crops' side (0: the backbone's own); a multiple of the patch size
+    local_size: int = 0  # local crops' side (0: 3/7 of the global side, rounded to the patch size)
+    local_crops: int = 6
+
+
+@dataclass
+class ExploraConfig:
+    rank: int = 0  # LoRA rank on Q and V (0: by width, ViT-L 64, ViT-B 32, ViT-S 16, smaller 8)
+    alpha: float = 0.0  # LoRA scale alpha / rank (0: alpha = rank)
+    unfrozen_blocks: int = 1  # the last blocks trained fully
+    prototypes: int = 4096  # the projection head's output
+    head_hidden: int = 2048
+    bottleneck: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.04
+    warmup_epochs: float = 1.0
+    teacher_momentum: float = 0.996  # the EMA's start; it rises to 1 on a cosine
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.99  # DINO's 0.9 assumes batches of 1024; the centre spans ~100 batches here
+    koleo: float = 0.0  # KoLeo weight (DINOv2 uses 0.1); 0: off
+    gradient_checkpointing: bool = False
+    extra_images: str = ""  # an unlabelled folder or s3:// prefix of street images, added to train
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    checkpoint_uri: str = ""  # a checkpoint after every epoch, resumed from on rerun (as phase 1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    explora: ExploraConfig = field(default_factory=ExploraConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+    def check(self) -> None:
+        m, d, e, t = self.model, self.data, self.explora, self.trainer
+        require(bool(m.backbone.strip()), "model.backbone", m.backbone, "a timm ViT name")
+        require(d.batch_size >= 2, "data.batch_size", d.batch_size, "at least 2")
+        require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+        for key, v in (("data.image_size", d.image_size), ("data.local_size", d.local_size)):
+            require(v == 0 or 16 <= v <= 4096, key, v, "0 or 16..4096")
+        require(0 <= d.local_crops <= 32, "data.local_crops", d.local_crops, "0..32")
+        require(0 <= e.rank <= 1024, "explora.rank", e.rank, "0 (the preset) or 1..1024")
+        require(0 <= e.alpha < 1e4, "explora.alpha", e.alpha, "0 (= rank) or a positive scale")
+        require(e.unfrozen_blocks >= 0, "explora.unfrozen_blocks", e.unfrozen_blocks, "0 or more")
+        require(2 <= e.prototypes <= 262144, "explora.prototypes", e.prototypes, "2..262144")
+        require(1 <= e.head_hidden <= 65536, "explora.head_hidden", e.head_hidden, "1..65536")
+        require(1 <= e.bottleneck <= 65536, "explora.bottleneck", e.bottleneck, "1..65536")
+        require(0 < e.lr < 10, "explora.lr", e.lr, "a learning rate in (0, 10)")
+        require(0 <= e.weight_decay < 10, "explora.weight_decay", e.weight_decay, "a number in [0, 10)")
+        require(0 <= e.warmup_epochs < 1e6, "explora.warmup_epochs", e.warmup_epochs, "a number >= 0")
+        for key, v in (
+            ("explora.teacher_momentum", e.teacher_momentum),
+            ("explora.center_momentum", e.center_momentum),
+        ):
+            require(0 <= v < 1, key, v, "a momentum in [0, 1)")
+        for key, v in (("explora.student_temp", e.student_temp), ("explora.teacher_temp", e.teacher_temp)):
+            require(0 < v <= 10, key, v, "a temperature in (0, 10]")
+        require(0 <= e.koleo < 100, "explora.koleo", e.koleo, "a weight >= 0")
+        require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "at least 1")
+        require(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
+        require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
+        require(DEVICES.fullmatch(t.devices.strip()) is not None, "trainer.devices", t.devices,
+                '"auto", a count such as 2, -1 for all, or a list such as [0,1]')  # fmt: skip
+        require(t.strategy.split("_")[0] in STRATEGIES, "trainer.strategy", t.strategy,
+                "auto, ddp (and its variants), fsdp, deepspeed or single_device")  # fmt: skip
+        require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
+
+
+def ui_outputs(out: Path) -> dict:
+    return {}
+
+
+def _sizes(config: Config, backbone) -> tuple[int, int, int]:
+    """(global side, local side, patch size), both sides multiples of the patch size."""
+    from streetvision.models.lora import ExploraError
+
+    patch = int(backbone.patch_embed.patch_size[0])
+    side = config.data.image_size or int(backbone.patch_embed.img_size[0])
+    local = config.data.local_size or max(patch, round(side * 3 / 7 / patch) * patch)
+    for key, value in (("data.image_size", side), ("data.local_size", local)):
+        if value % patch:
+            raise ExploraError(f"{key}={value}: crops must be a multiple of the patch size {patch}")
+    return side, local, patch
+
+
+def run(
+    config: Config,
+    *,
+    dataset: Path,
+    splits: Path,
+    out: Path,
+    sources: dict[str, str] | None = None,
+    run_id: str | None = None,
+    task: str = "",
+) -> Manifest | None:
+    """Adapt and commit; returns None on non-zero DDP ranks, which write nothing."""
+    import lightning as L
+
+    from streetvision.models.checkpoint import RandomState, joined_history, resume_from
+    from streetvision.models.data import MultiCrop, UnlabelledImages, loader
+    from streetvision.models.dino import ExploraModule
+    from streetvision.models.lora import apply_explora, blocks_of, check_vit, preset_rank
+    from streetvision.models.network import architecture, create_backbone, preprocessing
+    from streetvision.models.trainer import build_trainer
+
+    src = {"dataset": str(dataset), "splits": str(splits), **(sources or {})}
+    ds, splits_manifest, parts = split_dataset(dataset, splits, src)
+    e, d = config.explora, config.data
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    with ExitStack() as stack:
+        files = [ds.root / i for i in parts["train"]]  # the train split only: never a held-out image
+        extra = None
+        if e.extra_images:
+            root = stack.enter_context(store.local_tree(e.extra_images, prefix="sv-extra-"))
+            extra_files, extra_sha = unlabelled_images(root, f"explora.extra_images {e.extra_images}")
+            files += extra_files
+            extra = {"uri": e.extra_images, "content_sha256": extra_sha, "images": str(len(extra_files))}
+        check_vit(config.model.backbone)
+        arch = architecture(config.model.backbone, d.image_size)
+        weights = config.model.weights
+        if store.is_s3(weights):
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
+            weights = str(store.download_file(weights, tmp / Path(weights).name).path)
+        backbone = create_backbone(config.model.backbone, pretrained=config.model.pretrained, weights_file=weights,
+                                   arch={**arch, "dynamic_img_size": True})  # fmt: skip
+        blocks_of(backbone)  # a ViT with fused qkv, or one line saying it is not
+        side, local, _ = _sizes(config, backbone)
+        prep = preprocessing(backbone, side)
+        rank = e.rank or preset_rank(backbone.num_features)
+        counts = apply_explora(backbone, rank=rank, alpha=e.alpha or rank, unfrozen=e.unfrozen_blocks)
+        print(f"adapt_explora: {counts['total']:,} trainable backbone parameters ({counts['unfrozen_blocks']:,} in "
+              f"{e.unfrozen_blocks} unfrozen block(s), {counts['lora']:,} LoRA r={rank} on Q,V, {counts['norms']:,} "
+              "LayerNorm)", flush=True)  # fmt: skip
+        if e.gradient_checkpointing:
+            backbone.set_grad_checkpointing(True)
+        module = ExploraModule(
+            backbone, prototypes=e.prototypes, head_hidden=e.head_hidden, bottleneck=e.bottleneck, lr=e.lr,
+            weight_decay=e.weight_decay, warmup_epochs=e.warmup_epochs, teacher_momentum=e.teacher_momentum,
+            student_temp=e.student_temp, teacher_temp=e.teacher_temp, center_momentum=e.center_momentum,
+            koleo_weight=e.koleo, global_crops=2,
+        )  # fmt: skip
+        crops = MultiCrop(side, local, d.local_crops, prep["mean"], prep["std"])
+        images = UnlabelledImages(files, crops, side)
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
+        identity = sha256_json({
+            "config": to_dict(dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))),
+            "dataset": ds.content_sha256, "splits": splits_manifest.self_sha256, "extra": extra,
+        })  # fmt: skip
+        trainer = build_trainer(config.trainer, [RandomState()], log_dir, identity, monitor=None)
+        resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
+        trainer.fit(
+            module,
+            train_dataloaders=loader(
+                images, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=config.seed
+            ),
+            ckpt_path=resume[0] if resume else None,
+        )
+        if not trainer.is_global_zero:
+            return None
+        adapted = module.teacher.backbone.float().cpu().eval()  # DINO's teacher: the EMA, what is evaluated
+        merged, gap = merge_checked(adapted, [load_eval(f, prep) for f in files[: min(len(files), 16)]])
+        history = joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
+    losses = _epoch_losses(history)
+    with StepOutputs(out, STEP) as outputs:
+        state = {k: v.contiguous() for k, v in merged.state_dict().items()}
+        outputs.write_safetensors(WEIGHTS, state, metadata={"backbone": config.model.backbone})
+        outputs.write_json(
+            "model.json",
+            {
+                "backbone": config.model.backbone,
+                "architecture": arch,
+                "preprocessing": prep,
+                "weights": WEIGHTS,
+                "method": "ExPLoRA (arXiv 2406.10973): DINO self-distillation, LoRA on Q,V, unfrozen last blocks",
+                "rank": rank,
+                "alpha": e.alpha or rank,
+                "unfrozen_blocks": e.unfrozen_blocks,
+                "trainable": counts,
+                "exported": "teacher (EMA), adapters merged",
+                "merge_max_abs_diff": gap,
+                "merge_tolerance": MERGE_TOLERANCE,
+                "crops": {"global": [2, side], "local": [d.local_crops, local]},
+                "images": {"train": len(parts["train"]), "extra": int(extra["images"]) if extra else 0},
+            },
+        )
+        outputs.write_text("history.csv", history)
+        outputs.write_text("config.yaml", to_yaml(config))
+        return outputs.commit(
+            config=to_dict(config),
+            inputs={
+                "dataset": dataset_input(ds, src["dataset"]),
+                "splits": input_record(splits, src["splits"]),
+                **({"extra_images": extra} if extra else {}),
+            },
+            metrics={
+                "trainable_parameters": counts["total"],
+                "lora_parameters": counts["lora"],
+                "first_epoch_loss": losses[0] if losses else float("nan"),
+                "last_epoch_loss": losses[-1] if losses else float("nan"),
+                "epochs_run": trainer.current_epoch,
+                "merge_max_abs_diff": gap,
+            },
+            run_id=run_id,
+            task=task,
+            extra={
+                "precision": str(trainer.precision),
+                "world_size": trainer.world_size,
+                "resumed": resume is not None,
+            },
+        )
+
+
+def load_eval(path: Path, prep: dict):
+    """One image as the backbone's eval transform gives it."""
+    from streetvision.data.images import load_rgb
+    from streetvision.models.network import create_transform
+
+    return create_transform(prep)(load_rgb(path, int(prep["input_size"][1])))
+
+
+def merge_checked(adapted, images: list) -> tuple:
+    """(the adapted backbone with its adapters merged, max |merged − adapted| on ``images``); refuses a
+    merge that changes the outputs by more than MERGE_TOLERANCE relative to their scale."""
+    import torch
+
+    from streetvision.models.lora import ExploraError, merge
+
+    batch = torch.stack(images)
+    with torch.no_grad():
+        before = adapted(batch)
+        merged = merge(copy.deepcopy(adapted))
+        after = merged(batch)
+    gap = float((after - before).abs().max())
+    if not gap <= MERGE_TOLERANCE * (1 + float(before.abs().max())):
+        raise ExploraError(f"the merged backbone differs from the adapted one by {gap:.3g} on real images")
+    return merged, gap
+
+
+def _epoch_losses(history: str) -> list[float]:
+    import csv
+
+    return [float(r["loss"]) for r in csv.DictReader(history.splitlines()) if r.get("loss")]
