@@ -79,6 +79,16 @@ def _owners() -> dict[str, str]:
     return owners
 
 
+def _has(stem: str, key: str) -> bool:
+    """Whether ``stem``'s config has the dotted ``key``."""
+    node: Any = step_config(stem)
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
+
+
 def _inherits() -> dict[str, tuple[str, ...]]:
     """stem -> the keys it takes from their owner unless given its own (``steps.<stem>.INHERITS``):
     phase 4 adapts the backbone phase 1 trains, on the same hardware."""
@@ -105,9 +115,12 @@ def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, li
         if head in ORDER and rest:  # explicit: train_baseline.model.lr=...
             routed[head].append(entry.split(".", 1)[1])
         elif head in owners:
-            routed[owners[head]].append(entry)
+            owner = owners[head]
+            if owner != "runner" and not _has(owner, key):  # data.local_crops: a key only phase 4 has
+                owner = next((stem for stem in ORDER if _has(stem, key)), owner)
+            routed[owner].append(entry)
             for stem, keys in inherits.items():
-                if key in keys and stem != owners[head]:
+                if key in keys and stem != owner:
                     inherited[stem].append(entry)
         else:
             raise ConfigError(

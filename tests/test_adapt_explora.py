@@ -306,3 +306,49 @@ def test_an_adaptation_killed_after_an_epoch_resumes_to_identical_weights(
     assert b.extra["resumed"] and not a.extra["resumed"]
     assert a.outputs["backbone.safetensors"]["sha256"] == b.outputs["backbone.safetensors"]["sha256"]
     assert np.isclose(a.metrics["last_epoch_loss"], b.metrics["last_epoch_loss"])
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_commits_once_with_the_centre_and_teacher_in_step(
+    demo_dataset, demo_splits, tmp_path
+):
+    """Two gloo ranks: each sees half the train split, the centre is averaged over both, rank 0 commits."""
+    ddp = [o for o in QUICK if not o.startswith("trainer.devices")] + ["trainer.devices=2", "trainer.strategy=ddp",
+                                                                       "trainer.max_epochs=2"]  # fmt: skip
+    r = cli(
+        "adapt-explora", "--dataset", demo_dataset, "--splits", demo_splits, "--out", tmp_path / "ddp", *ddp
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = verify_dir(tmp_path / "ddp", "adapt_explora")
+    assert m.extra["world_size"] == 2 and m.metrics["merge_max_abs_diff"] <= adapt_explora.MERGE_TOLERANCE
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+@pytest.mark.slow
+def test_streetvision_run_runs_phase_4_before_phase_1_when_named(tmp_path):
+    from streetvision.pipeline import run_local
+
+    settings = ["demo.n=120", "demo.size=64", "model.backbone=test_vit", "model.pretrained=false",
+                "data.image_size=64", "data.batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                "trainer.devices=1", "data.local_crops=2", "explora.prototypes=256", "eval.challenge_views=1",
+                "adapt_explora.trainer.max_epochs=2"]  # fmt: skip
+    phases = "pipeline.phases=[phase0,phase4,phase1,phase2,phase6]"
+    summary = run_local(str(tmp_path / "run"), overrides=[*settings, phases])
+    assert all(
+        summary["steps"][s].startswith("ran") for s in ("adapt_explora", "train_baseline", "export_bundle")
+    )
+    p4 = verify_dir(tmp_path / "run" / "adapt_explora", "adapt_explora")
+    assert p4.config["model"]["backbone"] == "test_vit" and p4.config["trainer"]["max_epochs"] == 2  # its own
+    p1 = verify_dir(tmp_path / "run" / "train_baseline", "train_baseline")
+    assert (
+        p1.inputs["explora"]["manifest_sha256"]
+        == input_record(tmp_path / "run" / "adapt_explora")["manifest_sha256"]
+    )
+    again = run_local(str(tmp_path / "run"), overrides=[*settings, phases])
+    assert again["steps"]["train_baseline"] == "up to date, skipped"
+    # Without phase 4, phase 1 no longer reads it: it trains again, from the hub's (here random) weights.
+    without = run_local(
+        str(tmp_path / "run"), overrides=[*settings, "pipeline.phases=[phase0,phase1,phase2,phase6]"]
+    )
+    assert without["steps"]["train_baseline"].startswith("ran")
+    assert "explora" not in verify_dir(tmp_path / "run" / "train_baseline").inputs

@@ -16,7 +16,7 @@ from test_readme import run_block, section, tool_env
 from components.images import BASE_IMAGE, TRAIN_IMAGE
 from streetvision.data.demo import write_demo_dataset
 from streetvision.io import store
-from streetvision.io.manifests import verify_dir
+from streetvision.io.manifests import input_record, verify_dir
 from streetvision.verify import verify_path
 
 pytestmark = pytest.mark.docker
@@ -171,30 +171,40 @@ def test_the_readme_kfp_local_snippet_runs_the_compiled_pipeline_in_containers(i
     assert r.returncode == 0, r.stderr[-3000:]
     root = tmp_path / "kfp-root"
     (run_dir,) = [p for p in root.iterdir() if p.name.startswith("streetvision-")]
-    for task, artifact in [
-        ("make-splits", "splits"),
-        ("train-baseline", "model"),
-        ("sweep-thresholds", "thresholds"),
-        ("export-bundle", "bundle"),
-    ]:
-        verify_dir(run_dir / task / artifact)
+    made = commits(run_dir)
+    assert set(made) == {
+        "make_splits",
+        "train_baseline",
+        "sweep_thresholds",
+        "export_bundle",
+    }  # one branch ran
     assert {p.stat().st_uid for p in run_dir.rglob("*")} == {os.getuid()}
-    recorded = verify_dir(run_dir / "make-splits" / "splits", "make_splits").config["dataset_fingerprint"]
+    recorded = verify_dir(made["make_splits"], "make_splits").config["dataset_fingerprint"]
     assert len(recorded) == 64  # the fingerprint step ran and fed make_splits
-    report = verify_path(str(run_dir / "export-bundle" / "bundle"))
+    report = verify_path(str(made["export_bundle"]))
     assert report["bundle_files"] == 4
-    bundle = json.loads((run_dir / "export-bundle" / "bundle" / "bundle.json").read_text())
+    bundle = json.loads((made["export_bundle"] / "bundle.json").read_text())
     assert bundle["backbone"] == "test_efficientnet" and "challenge" in bundle["held_out"]
     data = root / "dataset"
     predict = subprocess.run(
-        [sys.executable, "-m", "streetvision", "predict", "--bundle", str(run_dir / "export-bundle" / "bundle"),
+        [sys.executable, "-m", "streetvision", "predict", "--bundle", str(made["export_bundle"]),
          str(data / "images")], capture_output=True, text=True,
     )  # fmt: skip
     assert predict.returncode == 0 and len(predict.stdout.splitlines()) == 80
 
 
-@pytest.mark.slow
-def test_the_scrc_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp_path):
+def commits(run_dir: Path) -> dict[str, Path]:
+    """Every committed step directory of a kfp.local run, by its manifest's step (each verified)."""
+    made: dict[str, Path] = {}
+    for manifest in run_dir.glob("*/*/manifest.json"):
+        step = verify_dir(manifest.parent).step
+        assert step not in made, f"two {step} commits: {made.get(step)} and {manifest.parent}"
+        made[step] = manifest.parent
+    return made
+
+
+def local_run(tmp_path, **parameters) -> dict[str, Path]:
+    """The compiled pipeline through kfp.local in containers, on a small demo dataset; its commits."""
     from kfp import local
 
     from pipelines.streetvision import streetvision
@@ -203,12 +213,42 @@ def test_the_scrc_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp
     data = write_demo_dataset(root / "dataset", n=120, seed=4, size=64)
     runner = local.DockerRunner(network_mode="host", entrypoint=[""], user=f"{os.getuid()}:{os.getgid()}")
     local.init(runner=runner, pipeline_root=str(root))
-    streetvision(dataset_uri=str(data), backbone="test_efficientnet", pretrained=False, freeze_backbone=False,
-                 epochs=2, image_size=64, challenge_views=1, policy="scrc", scrc_alpha=0.5)  # fmt: skip
+    streetvision(dataset_uri=str(data), pretrained=False, freeze_backbone=False, epochs=2, image_size=64,
+                 challenge_views=1, **parameters)  # fmt: skip
     (run_dir,) = [p for p in root.iterdir() if p.name.startswith("streetvision-")]
-    assert not (run_dir / "sweep-thresholds").exists()  # the other branch did not run
-    verify_dir(run_dir / "calibrate-scrc" / "scrc", "calibrate_scrc")
-    bundle = run_dir / "export-bundle-2" / "bundle"
-    verify_path(str(bundle))
-    b = json.loads((bundle / "bundle.json").read_text())
+    return commits(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("confidence", ["margin", "gate"])
+def test_the_scrc_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp_path, confidence):
+    made = local_run(tmp_path, backbone="test_efficientnet", policy="scrc", scrc_alpha=0.5,
+                     scrc_confidence=confidence)  # fmt: skip
+    phases = {"make_splits", "train_baseline", "calibrate_scrc", "export_bundle"}
+    assert set(made) == phases | ({"train_gate"} if confidence == "gate" else set())  # no other branch ran
+    verify_path(str(made["export_bundle"]))
+    b = json.loads((made["export_bundle"] / "bundle.json").read_text())
     assert b["policy"]["type"] == "scrc" and "selective" in b["test_metrics"]
+    assert b["policy"]["params"]["confidence"] == confidence and ("gate" in b["policy"]) == (
+        confidence == "gate"
+    )
+
+
+@pytest.mark.slow
+def test_the_explora_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp_path):
+    made = local_run(tmp_path, backbone="test_vit", explora=True, explora_epochs=1)
+    assert set(made) == {
+        "make_splits",
+        "adapt_explora",
+        "train_baseline",
+        "sweep_thresholds",
+        "export_bundle",
+    }
+    p1 = verify_dir(made["train_baseline"], "train_baseline")
+    assert p1.inputs["explora"]["manifest_sha256"] == input_record(made["adapt_explora"])["manifest_sha256"]
+    assert verify_dir(made["adapt_explora"]).config["model"]["backbone"] == "test_vit"
+    b = json.loads((made["export_bundle"] / "bundle.json").read_text())
+    assert (
+        b["lineage"]["phase1"]["manifest_sha256"] == input_record(made["train_baseline"])["manifest_sha256"]
+    )
+    verify_path(str(made["export_bundle"]))
