@@ -232,3 +232,13 @@ def test_a_gate_bundle_serves_what_its_held_out_report_says(gated, trained, tmp_
     (tmp_path / "b" / "gate.json").write_text("{}")
     r = cli("predict", "--bundle", tmp_path / "b", trained["dataset"] / ids[0])
     assert r.returncode == 2 and "gate.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_gate_can_learn_on_clean_images_too(trained, tmp_path):
+    m = gate_step(
+        trained["phase1"], trained["dataset"], trained["splits"], tmp_path / "g", "gate.views=clean"
+    )
+    rows = len(json.loads((trained["splits"] / "splits.json").read_text())["val_select"])
+    assert m.metrics["val_select_rows"] == rows  # one row per image, not per view
+    assert json.loads((tmp_path / "g" / "model.json").read_text())["views"] == "clean"

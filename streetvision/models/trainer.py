@@ -26,11 +26,18 @@ def devices(spec: str):
 
 
 def build_trainer(
-    t, callbacks: list, log_dir: Path, identity: str, *, monitor: str | None = MONITOR, mode: str = "max"
+    t,
+    callbacks: list,
+    log_dir: Path,
+    identity: str,
+    *,
+    monitor: str | None = MONITOR,
+    mode: str = "max",
+    clip_grad: float | None = None,
 ):
     """A Trainer for ``t`` (a step's trainer config: max_epochs, patience, accelerator, devices, strategy,
     precision, checkpoint_uri): bf16 autocast on GPU, deterministic on CPU; early stopping on ``monitor``
-    (none when None); per-epoch metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``;
+    (none when None); gradients clipped to norm ``clip_grad``; per-epoch metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``;
     a progress bar on a terminal, one line per epoch elsewhere."""
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
@@ -41,6 +48,7 @@ def build_trainer(
         strategy=t.strategy,
         precision=precision,
         deterministic=not on_gpu,
+        gradient_clip_val=clip_grad,
         callbacks=[
             *([EarlyStopping(monitor, mode=mode, patience=t.patience)] if monitor else []),
             *callbacks,

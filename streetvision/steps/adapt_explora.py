@@ -29,7 +29,7 @@ from streetvision.io import store
 from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import split_dataset
-from streetvision.steps.train_baseline import ACCELERATORS, DEVICES, PRECISIONS, STRATEGIES
+from streetvision.steps.train_baseline import check_trainer
 
 STEP = "adapt_explora"
 # What ``streetvision run`` gives this step from phase 1's keys unless it is given its own
@@ -73,6 +73,7 @@ class ExploraConfig:
     teacher_temp: float = 0.04
     center_momentum: float = 0.99  # DINO's 0.9 assumes batches of 1024; the centre spans ~100 batches here
     koleo: float = 0.0  # KoLeo weight (DINOv2 uses 0.1); 0: off
+    clip_grad: float = 3.0  # gradient norm clipping, as DINO (0: off)
     gradient_checkpointing: bool = False
     extra_images: str = ""  # an unlabelled folder or s3:// prefix of street images, added to train
 
@@ -120,13 +121,8 @@ class Config:
         for key, v in (("explora.student_temp", e.student_temp), ("explora.teacher_temp", e.teacher_temp)):
             require(0 < v <= 10, key, v, "a temperature in (0, 10]")
         require(0 <= e.koleo < 100, "explora.koleo", e.koleo, "a weight >= 0")
-        require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "at least 1")
-        require(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
-        require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
-        require(DEVICES.fullmatch(t.devices.strip()) is not None, "trainer.devices", t.devices,
-                '"auto", a count such as 2, -1 for all, or a list such as [0,1]')  # fmt: skip
-        require(t.strategy.split("_")[0] in STRATEGIES, "trainer.strategy", t.strategy,
-                "auto, ddp (and its variants), fsdp, deepspeed or single_device")  # fmt: skip
+        require(0 <= e.clip_grad < 1e6, "explora.clip_grad", e.clip_grad, "a norm >= 0 (0: off)")
+        check_trainer(t)
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
 
 
@@ -212,7 +208,8 @@ def run(
             "config": to_dict(dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))),
             "dataset": ds.content_sha256, "splits": splits_manifest.self_sha256, "extra": extra,
         })  # fmt: skip
-        trainer = build_trainer(config.trainer, [RandomState()], log_dir, identity, monitor=None)
+        trainer = build_trainer(config.trainer, [RandomState()], log_dir, identity, monitor=None,
+                                clip_grad=e.clip_grad or None)  # fmt: skip
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(

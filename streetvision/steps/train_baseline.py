@@ -52,6 +52,25 @@ AUGMENTS = ("none", "timm", "challenge")
 EXPLORA_WEIGHTS = "backbone.safetensors"  # what phase 4 commits (adapt_explora.WEIGHTS)
 
 
+def check_trainer(t) -> None:
+    """A training step's trainer section: epochs, accelerator, precision, devices and strategy."""
+    require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "at least 1")
+    require(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
+    require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
+    require(
+        DEVICES.fullmatch(t.devices.strip()) is not None,
+        "trainer.devices",
+        t.devices,
+        '"auto", a count such as 2, -1 for all, or a list such as [0,1]',
+    )
+    require(
+        t.strategy.split("_")[0] in STRATEGIES,
+        "trainer.strategy",
+        t.strategy,
+        "auto, ddp (and its variants), fsdp, deepspeed or single_device",
+    )
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "vit_small_patch14_dinov2.lvd142m"  # any timm model name
@@ -115,22 +134,8 @@ class Config:
         require(
             d.image_size == 0 or 16 <= d.image_size <= 4096, "data.image_size", d.image_size, "0 or 16..4096"
         )
-        require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "at least 1")
+        check_trainer(t)
         require(t.patience >= 0, "trainer.patience", t.patience, "0 or more")
-        require(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
-        require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
-        require(
-            DEVICES.fullmatch(t.devices.strip()) is not None,
-            "trainer.devices",
-            t.devices,
-            '"auto", a count such as 2, -1 for all, or a list such as [0,1]',
-        )
-        require(
-            t.strategy.split("_")[0] in STRATEGIES,
-            "trainer.strategy",
-            t.strategy,
-            "auto, ddp (and its variants), fsdp, deepspeed or single_device",
-        )
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
 
 

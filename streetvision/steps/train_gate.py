@@ -31,7 +31,7 @@ from streetvision.eval.views import VIEWS
 from streetvision.io.manifests import Manifest, check_lineage, input_record, sha256_json, verify_dir
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import split_dataset
-from streetvision.steps.train_baseline import ACCELERATORS, CHALLENGE_SPLITS, EVAL_SPLITS, PRECISIONS
+from streetvision.steps.train_baseline import CHALLENGE_SPLITS, EVAL_SPLITS, check_trainer
 
 STEP = "train_gate"
 INHERITS = (
@@ -91,24 +91,13 @@ class Config:
         require(1 <= g.train_views <= 64, "gate.train_views", g.train_views, "1..64")
         require(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
         require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
-        require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "at least 1")
+        check_trainer(t)
         require(t.patience >= 0, "trainer.patience", t.patience, "0 or more")
-        require(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
-        require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
 
 
 def ui_outputs(out: Path) -> dict[str, Any]:
     return {"report": "report.md"}
-
-
-@dataclass
-class Rows:
-    """What the backbone and head give for a split's rows (images or challenge views)."""
-
-    features: np.ndarray
-    logits: np.ndarray  # (rows,) roadwork logit
-    labels: np.ndarray
 
 
 def _phase1_config(manifest: Manifest, where: str) -> tuple[int, int]:
@@ -117,19 +106,6 @@ def _phase1_config(manifest: Manifest, where: str) -> tuple[int, int]:
         return int(manifest.config["seed"]), int(manifest.config["eval"]["challenge_views"])
     except (KeyError, TypeError, ValueError):
         raise DataError(f"--phase1 {where}: its manifest records no seed and eval.challenge_views") from None
-
-
-def _check_same(name: str, ours: np.ndarray, theirs: np.ndarray, tolerance: float, where: str) -> None:
-    """Phase 1's stored logits must be what its own weights compute on these images."""
-    theirs = sweep.margins(np.load(theirs, allow_pickle=False))
-    if ours.shape != theirs.shape:
-        raise DataError(f"--phase1 {where}: {name} has {len(theirs)} rows, these images give {len(ours)}")
-    gap = float(np.max(np.abs(ours - theirs) / (1 + np.abs(theirs)))) if len(ours) else 0.0
-    if gap > tolerance:
-        raise DataError(
-            f"--phase1 {where}: {name} differs from what its weights compute on --dataset (relative gap "
-            f"{gap:.3g} > {tolerance}); the dataset or splits are not the ones phase 1 scored"
-        )
 
 
 def run(
@@ -144,13 +120,13 @@ def run(
     task: str = "",
 ) -> Manifest:
     import lightning as L
-    import torch
 
-    from streetvision.models.data import infer, loader
+    from streetvision.models.data import loader
     from streetvision.models.datamodule import RoadworkData
     from streetvision.models.gate import MONITOR, GateModule, GateNet, gate_scores
     from streetvision.models.lightning import BestWeights
     from streetvision.models.network import load_network
+    from streetvision.models.rescore import Rescorer
     from streetvision.models.trainer import build_trainer
 
     src = {"phase1": str(phase1), "splits": str(splits), "dataset": str(dataset), **(sources or {})}
@@ -182,47 +158,23 @@ def run(
                             batch_size=config.data.batch_size, num_workers=config.data.num_workers,
                             augment="none", cache=False, seed=p1_seed)  # fmt: skip
 
-        def rows(images) -> Rows:
-            def features_and_logit(x):
-                f = net.backbone(x)
-                return torch.cat([f, net.head(f)], dim=1)
-
-            out, labels, _ = infer(features_and_logit, images, batch_size=config.data.batch_size,
-                                   num_workers=config.data.num_workers, device=device, precision=precision)  # fmt: skip
-            return Rows(out[:, :-1], out[:, -1], labels.astype(np.int64))
-
+        rescore = Rescorer(net, data, phase1, device=device, precision=precision,
+                           phase1_precision=p1.extra.get("precision", "32-true"), batch_size=config.data.batch_size,
+                           num_workers=config.data.num_workers, where=src["phase1"])  # fmt: skip
         g = config.gate
         fit = {
-            split: rows(
+            split: rescore.rows(
                 _views(data, split, g.train_views, config.seed)
                 if g.views == "challenge"
                 else data.images(split)
             )
             for split in FIT_SPLITS
         }
-        scored = {
-            split: rows(data.images(split))
-            for split in EVAL_SPLITS
-            if g.views == "challenge" or split != "val_select"
+        scored = {split: rescore.split(split) for split in EVAL_SPLITS}  # checked against phase 1's logits
+        has_views = (phase1 / "logits_val_calib_challenge.npy").is_file()
+        challenged = {
+            split: rescore.views(split, p1_views) for split in (CHALLENGE_SPLITS if has_views else ())
         }
-        scored.setdefault("val_select", fit["val_select"])
-        # Under 16-bit autocast (either run's) logits agree to bf16's precision only.
-        tolerance = 1e-3 if _full(precision) and _full(p1.extra.get("precision", "32-true")) else 0.1
-        for split, r in scored.items():
-            _check_same(
-                f"logits_{split}.npy", r.logits, phase1 / f"logits_{split}.npy", tolerance, src["phase1"]
-            )
-        challenged = {}
-        for split in CHALLENGE_SPLITS if (phase1 / "logits_val_calib_challenge.npy").is_file() else ():
-            views = data.challenge_views(split, p1_views)
-            stored = np.load(phase1 / f"views_{split}_challenge.npy", allow_pickle=False)
-            if not np.array_equal(stored, views.rows()):
-                raise DataError(
-                    f"--phase1 {src['phase1']}: views_{split}_challenge.npy are not its own views"
-                )
-            challenged[split] = rows(views)
-            _check_same(f"logits_{split}_challenge.npy", challenged[split].logits,
-                        phase1 / f"logits_{split}_challenge.npy", tolerance, src["phase1"])  # fmt: skip
 
         # The decision the gate judges: phase 1's at the max-MCC threshold on val_select's rows.
         sel = fit["val_select"]
@@ -287,10 +239,6 @@ def run(
         )
 
 
-def _full(precision: str) -> bool:
-    return precision.startswith(("32", "64"))
-
-
 def _views(data, split: str, views: int, seed: int):
     """``views`` seeded challenge views of every image of a split the gate fits on."""
     from streetvision.models.data import ChallengeViews
@@ -298,7 +246,7 @@ def _views(data, split: str, views: int, seed: int):
     return ChallengeViews(data.images(split), views, seed)
 
 
-def _gate_rows(r: Rows, threshold: float):
+def _gate_rows(r, threshold: float):
     """(features, logit, decision correct) as tensors for the gate's fit."""
     import torch
     from torch.utils.data import TensorDataset
@@ -311,7 +259,7 @@ def _gate_rows(r: Rows, threshold: float):
     )
 
 
-def _selective_report(sel: Rows, gate: np.ndarray, threshold: float) -> dict[str, float]:
+def _selective_report(sel, gate: np.ndarray, threshold: float) -> dict[str, float]:
     """How well the gate ranks val_select's rows by correctness, against the margin |2·served − 1|."""
     correct = sweep.decide(sweep.sigmoid(sel.logits), threshold) == sel.labels
     margin = np.abs(2 * served_probability(sweep.sigmoid(sel.logits), threshold) - 1)
