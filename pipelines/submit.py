@@ -47,19 +47,35 @@ def main(argv: list[str] | None = None) -> int:
     if params.get("policy", "threshold") not in ("threshold", "scrc"):
         print(f"pipelines.submit: policy={params['policy']}: threshold or scrc", file=sys.stderr)
         return 2
+    import tempfile
+
     import kfp
 
     client = kfp.Client(host=endpoint)
-    run = client.create_run_from_pipeline_package(
-        str(a.package),
-        arguments={k: _value(v) for k, v in params.items()},
-        experiment_name=a.experiment,
-        run_name=a.run_name,
-        service_account=a.service_account or None,
-        enable_caching=False if a.no_cache else None,
-    )
+    with tempfile.TemporaryDirectory(prefix="sv-submit-") as tmp:
+        package = without_cache(a.package, Path(tmp) / a.package.name) if a.no_cache else a.package
+        run = client.create_run_from_pipeline_package(
+            str(package),
+            arguments={k: _value(v) for k, v in params.items()},
+            experiment_name=a.experiment,
+            run_name=a.run_name,
+            service_account=a.service_account or None,
+        )
     print(f"started run {run.run_id} on {endpoint}")
     return 0
+
+
+def without_cache(package: Path, out: Path) -> Path:
+    """A copy of the compiled pipeline with caching off for every task, those inside conditions and
+    sub-pipelines too (the SDK's ``enable_caching=False`` reaches only the root DAG's tasks)."""
+    docs = list(yaml.safe_load_all(package.read_text()))
+    spec = docs[0]
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec.get("components", {}).values() if "dag" in c)]
+    for dag in dags:
+        for task in dag.get("tasks", {}).values():
+            task["cachingOptions"] = {**task.get("cachingOptions", {}), "enableCache": False}
+    out.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return out
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_demo_data_on_s3_is_uploaded_once_with_its_marker_last(s3, monkeypatch):
         ),
     )
     uri = _demo_data(f"{s3}/run", settings)
-    assert uri == f"{s3}/run/data" and calls == [{"n": 24, "seed": 3, "size": 32}]
+    assert uri == f"{s3}/run/data" and calls == [{"n": 24, "seed": 3, "size": 32, "domain": "street"}]
     assert uploaded == [False], "the marker must not exist while the images are uploaded"
     files = store.list_files(uri)
     assert "labels.csv" in files and "demo.json" in files and sum(f.endswith(".jpg") for f in files) == 24

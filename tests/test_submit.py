@@ -52,9 +52,21 @@ def _run(received) -> dict:
 
 
 def _caching(run) -> dict[str, bool]:
+    """Every task's caching, by its path through conditions and sub-pipelines."""
     spec = run["pipeline_spec"]
-    tasks = spec.get("pipeline_spec", spec)["root"]["dag"]["tasks"]  # with a platform spec, both are sent
-    return {name: t.get("cachingOptions", {}).get("enableCache", False) for name, t in tasks.items()}
+    spec = spec.get("pipeline_spec", spec)  # with a platform spec, both are sent
+    found: dict[str, bool] = {}
+
+    def walk(dag, prefix):
+        for name, t in dag.get("tasks", {}).items():
+            inner = spec["components"][t["componentRef"]["name"]]
+            if "dag" in inner:
+                walk(inner["dag"], f"{prefix}{name}/")
+            else:
+                found[prefix + name] = t.get("cachingOptions", {}).get("enableCache", False)
+
+    walk(spec["root"]["dag"], "")
+    return found
 
 
 def test_submit_sends_the_pipeline_parameters_and_service_account(kfp_api, capsys):
@@ -66,12 +78,13 @@ def test_submit_sends_the_pipeline_parameters_and_service_account(kfp_api, capsy
     assert run["runtime_config"]["parameters"] == {"dataset_uri": "s3://b/roadwork", "epochs": 3}
     assert run["service_account"] == "streetvision-pipeline-runner"
     caching = _caching(run)
-    assert caching["make-splits"] and caching["train-baseline"] and not caching["dataset-fingerprint"]
+    assert not caching.pop("dataset-fingerprint") and len(caching) == 19 and all(caching.values())
 
 
 def test_no_cache_turns_caching_off_for_every_step(kfp_api):
     assert submit.main(["--no-cache", "dataset_uri=s3://b/roadwork"]) == 0
-    assert not any(_caching(_run(kfp_api)).values())
+    caching = _caching(_run(kfp_api))
+    assert len(caching) == 20 and not any(caching.values())  # inside conditions and sub-pipelines too
 
 
 def test_submit_refuses_a_missing_dataset_or_endpoint(kfp_api, monkeypatch, capsys):

@@ -71,7 +71,7 @@ class ExploraConfig:
     teacher_momentum: float = 0.996  # the EMA's start; it rises to 1 on a cosine
     student_temp: float = 0.1
     teacher_temp: float = 0.04
-    center_momentum: float = 0.99  # DINO's 0.9 assumes batches of 1024; the centre spans ~100 batches here
+    center_momentum: float = 0.999  # DINO's 0.9 assumes batches of 1024 (see the README)
     koleo: float = 0.0  # KoLeo weight (DINOv2 uses 0.1); 0: off
     clip_grad: float = 3.0  # gradient norm clipping, as DINO (0: off)
     gradient_checkpointing: bool = False
