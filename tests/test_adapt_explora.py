@@ -352,3 +352,23 @@ def test_streetvision_run_runs_phase_4_before_phase_1_when_named(tmp_path):
     )
     assert without["steps"]["train_baseline"].startswith("ran")
     assert "explora" not in verify_dir(tmp_path / "run" / "train_baseline").inputs
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_weights(demo_dataset, demo_splits, tmp_path):
+    plain = adapt(demo_dataset, demo_splits, tmp_path / "plain", "trainer.max_epochs=1")
+    saved = adapt(
+        demo_dataset,
+        demo_splits,
+        tmp_path / "ckpt",
+        "trainer.max_epochs=1",
+        "explora.gradient_checkpointing=true",
+    )
+    assert saved.config["explora"]["gradient_checkpointing"] is True
+    from safetensors.torch import load_file
+
+    a, b = (load_file(p / "backbone.safetensors") for p in (tmp_path / "plain", tmp_path / "ckpt"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert plain.metrics["last_epoch_loss"] == pytest.approx(saved.metrics["last_epoch_loss"], rel=1e-4)
