@@ -90,3 +90,31 @@ def test_bad_options_get_one_line(vit_bundle, tmp_path, args, message):
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_an_scrc_bundle_is_exported_with_its_temperature_and_threshold_folded_in(
+    vit_bundle, demo_dataset, demo_splits, tmp_path
+):
+    """The scrc policy decides on sigmoid(logit / T) >= t: the folder's output must cut there at 0.5."""
+    from streetvision.config import load_config
+    from streetvision.steps import calibrate_scrc, export_bundle
+
+    calibrate_scrc.run(load_config(calibrate_scrc.Config, [], ["scrc.alpha=0.9"]), phase1=vit_bundle / "p1",
+                       out=tmp_path / "c")  # fmt: skip
+    export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), phase1=vit_bundle / "p1",
+                      policy=tmp_path / "c", splits=demo_splits, out=tmp_path / "b")  # fmt: skip
+    params = verify_bundle(tmp_path / "b")["policy"]["params"]
+    r = subprocess.run([sys.executable, "-m", "streetvision", "export-hf", "--bundle", str(tmp_path / "b"),
+                        "--out", str(tmp_path / "hf"), "--submitted-by", HOTKEY], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ids = json.loads((vit_bundle / "p1" / "ids_val_test.json").read_text())
+    r = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "hf"), *(str(demo_dataset / i) for i in ids)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    folded = np.array(json.loads(r.stdout))
+    logits = np.load(vit_bundle / "p1" / "logits_val_test.npy")[:, 0]
+    calibrated = 1 / (1 + np.exp(-logits / params["temperature"]))
+    assert params["temperature"] != pytest.approx(1.0, abs=1e-3)  # a fold that ignored T would show
+    np.testing.assert_array_equal(folded >= 0, calibrated >= params["threshold"])
+    t = params["threshold"]
+    np.testing.assert_allclose(1 / (1 + np.exp(-(folded + np.log(t / (1 - t))))), calibrated, atol=1e-5)
