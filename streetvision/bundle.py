@@ -6,7 +6,7 @@ is absolute, has a ``..`` component, or is a symlink leading outside the bundle.
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from streetvision.errors import StreetVisionError
 from streetvision.eval.sweep import sigmoid
 from streetvision.io.atomic import compute_file_sha256
 from streetvision.io.manifests import verify_dir
+from streetvision.io.paths import PathEscape, inside
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_SCHEMA = 1
@@ -94,17 +95,12 @@ def served_probability(p, threshold: float):
 
 def safe_member(root: Path, name: str) -> Path:
     """Resolve ``name`` inside ``root``; refuse absolute paths, ``..`` and links that lead out."""
-    if not isinstance(name, str) or not name:
-        raise BundleError(f"{root}: empty or non-string path {name!r} in {BUNDLE_FILE}")
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or name.startswith("\\") or ":" in pure.parts[0]:
-        raise BundleError(f"{root}: absolute path {name!r} in {BUNDLE_FILE}; bundles use relative paths")
-    if ".." in pure.parts:
-        raise BundleError(f"{root}: path {name!r} in {BUNDLE_FILE} has a '..' component")
-    target = (root / pure).resolve()
-    if not target.is_relative_to(root.resolve()):
-        raise BundleError(f"{root}: {name!r} is a link that leads outside the bundle (to {target})")
-    return target
+    try:
+        return inside(root, name)
+    except PathEscape as e:
+        raise BundleError(
+            f"{root}: {e} in {BUNDLE_FILE}; bundles use relative paths inside the bundle"
+        ) from None
 
 
 def referenced_paths(bundle: dict[str, Any]) -> list[str]:
@@ -159,12 +155,8 @@ def read_gate_info(path: Path) -> dict[str, Any]:
     info = read_json(path, BundleError)
     for key, kind in GATE_INFO.items():
         value = info.get(key)
-        ok = (
-            type(value) is int
-            if kind is int
-            else isinstance(value, int | float) and not isinstance(value, bool)
-        )
-        if not ok or (kind is int and value < 1) or not np.isfinite(value):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and (type(value) is int and value >= 1 if kind is int else np.isfinite(value))):
             raise BundleError(f"{path}: {key} must be {'a positive integer' if kind is int else 'a number'}")
     if not (0 <= info["dropout"] < 1 and 0 <= info["threshold"] <= 1):
         raise BundleError(f"{path}: dropout must be in [0, 1) and threshold in [0, 1]")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 DATASET = None  # an input that no phase produces: the dataset folder or prefix
 UNUSED = ""  # what ``Config.source(name)`` returns for an optional input that this config does not read
-WHEN_GIVEN = ""  # an optional input read whenever it is given (no setting decides)
+WHEN_GIVEN = "when given"  # an optional input read whenever it is given (no setting decides)
 
 
 @dataclass(frozen=True)

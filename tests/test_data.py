@@ -98,6 +98,40 @@ def test_symlink_leaving_the_dataset_is_rejected(dataset_copy, tmp_path):
         load_index(dataset_copy)
 
 
+@pytest.mark.parametrize("spelling", ["./{}", "{d}//{f}", "{d}/./{f}", "link"])
+def test_one_image_listed_under_two_spellings_is_refused_as_a_duplicate(dataset_copy, spelling):
+    rows = rows_of(dataset_copy)
+    first = rows[0][0]
+    folder, file = first.rsplit("/", 1)
+    if spelling == "link":
+        (dataset_copy / folder / "alias.jpg").symlink_to(file)
+        alias = f"{folder}/alias.jpg"
+    else:
+        alias = spelling.format(first, d=folder, f=file)
+    rewrite_index(dataset_copy, rows + [(alias, "0" if rows[0][1] == "1" else "1")])
+    with pytest.raises(
+        DataError, match=rf"duplicate id: 1 \(line {len(rows) + 2} \({first} as '{alias}'\)\)"
+    ):
+        load_index(dataset_copy)
+
+
+def test_an_image_is_known_by_its_normal_spelling_and_the_identity_follows_the_files(dataset_copy):
+    before = load_index(dataset_copy)
+    rows = rows_of(dataset_copy)
+    rewrite_index(dataset_copy, [(f"./{rows[0][0]}", rows[0][1]), *rows[1:]])
+    after = load_index(dataset_copy)
+    assert after.ids == before.ids
+    assert after.content_sha256 != before.content_sha256  # the index's bytes changed
+    rewrite_index(dataset_copy, rows)
+    assert load_index(dataset_copy).content_sha256 == before.content_sha256
+
+
+def test_a_nul_byte_in_an_image_path_is_a_bad_row(dataset_copy):
+    rewrite_index(dataset_copy, rows_of(dataset_copy) + [("images/a\x00.jpg", "1")])
+    with pytest.raises(DataError, match="path escaping the dataset root: 1"):
+        load_index(dataset_copy)
+
+
 def test_make_splits_on_bad_input_exits_nonzero_and_writes_nothing(dataset_copy, tmp_path):
     rewrite_index(dataset_copy, rows_of(dataset_copy) + [("images/gone.jpg", "1")])
     r = cli("make-splits", "--dataset", str(dataset_copy), "--out", str(tmp_path / "out"))

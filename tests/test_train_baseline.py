@@ -210,6 +210,45 @@ def test_backbone_weights_load_from_a_local_safetensors_file(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_a_phase_1_model_file_loads_its_backbone_exactly_and_other_weights_are_refused(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from streetvision.models.network import ModelError, build_network, create_backbone
+
+    net = build_network("test_vit", pretrained=False, dropout=0.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.321)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "model.safetensors")
+    loaded = create_backbone("test_vit", pretrained=False, weights_file=str(tmp_path / "model.safetensors"))
+    for (k, a), b in zip(net.backbone.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # Another backbone's weights share no key: refused, naming the first missing and unexpected keys,
+    # where timm's lenient load would print "Unexpected keys" and start from random weights.
+    save_file(timm.create_model("test_efficientnet", num_classes=0).state_dict(), tmp_path / "e.safetensors")
+    with pytest.raises(ModelError, match=r"missing \(first: cls_token\), \d+ unexpected \(first: bn1\."):
+        create_backbone("test_vit", pretrained=False, weights_file=str(tmp_path / "e.safetensors"))
+    # One key short is as wrong as all of them.
+    state = timm.create_model("test_vit", num_classes=0).state_dict()
+    del state["norm.bias"]
+    save_file(state, tmp_path / "short.safetensors")
+    with pytest.raises(ModelError, match=r"1 of test_vit's keys missing \(first: norm.bias\), 0 unexpected"):
+        create_backbone("test_vit", pretrained=False, weights_file=str(tmp_path / "short.safetensors"))
+
+
+def test_a_weights_file_of_another_backbone_fails_training_in_one_line(demo_dataset, demo_splits, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_vit", num_classes=0).state_dict(), tmp_path / "vit.safetensors")
+    out = tmp_path / "p1"
+    r = cli_train(demo_dataset, demo_splits, out, *TINY, f"model.weights={tmp_path / 'vit.safetensors'}")
+    assert r.returncode == 2 and not (out / MANIFEST).exists()
+    assert "does not fit test_efficientnet" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 @pytest.mark.parametrize(
     "backbone,size", [("vit_tiny_patch16_224", 64), ("vit_small_patch14_dinov2.lvd142m", 224)]
 )

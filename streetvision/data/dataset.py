@@ -12,7 +12,7 @@ import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.atomic import compute_file_sha256
 from streetvision.io.hashcache import HashCache
+from streetvision.io.paths import PathEscape, canonical, relative_name
 
 INDEX = "labels.csv"
 CLASS_NAMES = ["no_roadwork", "roadwork"]  # label 0 and label 1
@@ -40,13 +41,6 @@ class Dataset:
 
     def label_of(self) -> dict[str, int]:
         return dict(zip(self.ids, self.labels.tolist(), strict=True))
-
-
-def _escapes(root: Path, name: str) -> bool:
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in name:
-        return True
-    return not (root / pure).resolve().is_relative_to(root.resolve())
 
 
 def _readable(path: Path) -> bool:
@@ -97,14 +91,17 @@ def load_index(root: str | Path, *, check_images: bool = True) -> Dataset:
     hashes: dict[str, str] = {}
     with HashCache() as cache:
         for lineno, row in enumerate(rows, start=2):
-            name, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
+            written, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
             if label not in ("0", "1"):
                 bad.setdefault("label outside {0,1}", []).append(f"line {lineno} ({label!r})")
-            if not name or _escapes(root, name):
-                bad.setdefault("path escaping the dataset root", []).append(f"line {lineno} ({name!r})")
+            try:  # one file, one id: ./a.jpg, a//b.jpg and a link to a file are that file's own path
+                name = canonical(root, written)
+            except PathEscape:
+                bad.setdefault("path escaping the dataset root", []).append(f"line {lineno} ({written!r})")
                 continue
             if name in seen:
-                bad.setdefault("duplicate id", []).append(name)
+                alias = "" if name == written else f" as {written!r}"
+                bad.setdefault("duplicate id", []).append(f"line {lineno} ({name}{alias})")
             seen.add(name)
             path = root / name
             if not path.is_file():
@@ -146,6 +143,16 @@ def dataset_input(ds: Dataset, uri: str | None = None) -> dict[str, str]:
     }
 
 
+def _object_name(row: dict[str, str]) -> str:
+    """A row's image key under an ``s3://`` prefix, spelt as :func:`load_index` spells its id (an object
+    store has no links to follow); a name that cannot be one is returned as written, which no key is."""
+    written = (row.get("image") or "").strip()
+    try:
+        return relative_name(written)
+    except PathEscape:
+        return written
+
+
 def content_identity(uri: str | Path) -> str:
     """``content_sha256`` of the dataset at a folder or ``s3://`` prefix, without decoding any image.
 
@@ -159,7 +166,7 @@ def content_identity(uri: str | Path) -> str:
     hashes: dict[str, str] = {}
     with HashCache() as cache:
         for row in _rows(raw, store.join(str(uri), INDEX)):
-            name = (row.get("image") or "").strip()
+            name = _object_name(row)
             if name not in objects:
                 return f"missing image {name}"
             obj = store.join(str(uri), name)
@@ -181,7 +188,7 @@ def fingerprint(uri: str | Path) -> str:
     objects = store.list_objects(str(uri))
     lines = [f"{INDEX} {hashlib.sha256(raw).hexdigest()}"]
     for row in _rows(raw, index):
-        name = (row.get("image") or "").strip()
+        name = _object_name(row)
         size, etag = objects.get(name, (-1, "missing"))
         lines.append(f"{name} {size} {etag}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -137,7 +137,7 @@ def _scene(rng: np.random.Generator, s: int, positive: bool, domain: str = "stre
     horizon = _background(d, rng, s)
     grow = 1.6 if domain == "shifted" else 1.0
 
-    def _road_point(rng, s, horizon):  # noqa: ANN001 - objects drawn larger in the shifted domain
+    def _road_point(rng, s, horizon):  # objects drawn larger in the shifted domain
         x, y, k = _point(rng, s, horizon)
         return x, y, k * grow
 

@@ -39,6 +39,21 @@ class Scores:
         return {int(v): self.levels == v for v in np.unique(self.levels)}
 
 
+def gate_file(split: str, view: str) -> str:
+    """Where phase 3 writes its scores of a split's rows in ``view`` (aligned with phase 1's rows)."""
+    return f"gate_{split}{'_challenge' if view == 'challenge' else ''}.npy"
+
+
+def load_gate(root: Path, split: str, view: str, rows: int) -> np.ndarray:
+    """Phase 3's scores of ``split`` in ``view`` from a verified folder holding them (phase 3's output,
+    or a gate policy's): one probability per row of phase 1's scores, ``rows`` of them."""
+    name = gate_file(split, view)
+    scores = _npy(Path(root) / name).astype(np.float64).reshape(-1)
+    if scores.shape != (rows,) or not (np.isfinite(scores).all() and 0 <= scores.min() <= scores.max() <= 1):
+        raise ViewError(f"{root}: {name} must hold one probability per {view} row of {split} ({rows})")
+    return scores
+
+
 def _npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)

@@ -23,6 +23,7 @@ from typing import Any
 
 from streetvision.errors import StreetVisionError
 from streetvision.io import atomic
+from streetvision.io.paths import PathEscape, relative_name
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2
@@ -172,17 +173,14 @@ def code_version() -> str:
 
 
 def check_relative(name: str) -> str:
-    """Reject absolute names, '..' and empty parts: an output name must stay inside its directory."""
-    p = PurePosixPath(name)
-    if (
-        not isinstance(name, str)
-        or not name
-        or p.is_absolute()
-        or "\\" in name
-        or any(part in ("", ".", "..") for part in name.split("/"))
-    ):
-        raise ValueError(f"output name {name!r} must be a relative path inside the step directory")
-    return str(p)
+    """An output name in its one spelling (:func:`streetvision.io.paths.relative_name`, and already
+    written so): it must stay inside its directory."""
+    try:
+        if relative_name(name) == name:
+            return name
+    except PathEscape:
+        pass
+    raise ValueError(f"output name {name!r} must be a relative path inside the step directory")
 
 
 def expected_step(where: str, manifest: Manifest, step: str | None) -> None:

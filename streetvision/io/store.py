@@ -310,6 +310,16 @@ def upload_tree(local: str | os.PathLike, uri: str, exclude: frozenset[str] = fr
 
 
 @contextmanager
+def local_file(uri: str) -> Iterator[str]:
+    """A local path of one file: the path itself, or a temporary download of an ``s3://`` object."""
+    if not is_s3(uri):
+        yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="sv-file-") as tmp:
+        yield str(download_file(uri, Path(tmp) / Path(split_s3(uri)[1]).name).path)
+
+
+@contextmanager
 def local_tree(uri: str | os.PathLike, prefix: str = "sv-in-") -> Iterator[Path]:
     """A local folder: the folder itself, or a temporary download of every object under an s3 prefix."""
     if not is_s3(uri):

@@ -52,11 +52,8 @@ class DINOLoss(nn.Module):
 
     def __init__(self, prototypes: int, *, student_temp: float, teacher_temp: float, center_momentum: float):
         super().__init__()
-        self.student_temp, self.teacher_temp, self.center_momentum = (
-            student_temp,
-            teacher_temp,
-            center_momentum,
-        )
+        self.student_temp, self.teacher_temp = student_temp, teacher_temp
+        self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, prototypes))
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -120,11 +117,8 @@ class ExploraModule(L.LightningModule):
             prototypes, student_temp=student_temp, teacher_temp=teacher_temp, center_momentum=center_momentum
         )
         self.lr, self.weight_decay, self.warmup_epochs = lr, weight_decay, warmup_epochs
-        self.base_momentum, self.koleo_weight, self.global_crops = (
-            teacher_momentum,
-            koleo_weight,
-            global_crops,
-        )
+        self.base_momentum, self.koleo_weight = teacher_momentum, koleo_weight
+        self.global_crops = global_crops
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]

@@ -1,9 +1,10 @@
 """Phase 3's network: a small MLP that scores whether phase 1's decision on an image is right.
 
 Its input is what phase 1 already computes for an image: the frozen backbone's pooled features, the
-roadwork logit, and the margin |2·served − 1| from the decision threshold (phase 5's plain confidence),
-standardised with the training rows' mean and spread (buffers, saved with the weights). Its output is one logit of P(decision correct);
-phase 5 answers an image when the sigmoid of it reaches lambda. The phase-1 network is never changed.
+roadwork logit, and the margin |2·served − 1| from the decision threshold (phase 5's plain
+confidence), standardised with the training rows' mean and spread (buffers, saved with the weights). Its
+output is one logit of P(decision correct); phase 5 answers an image when the sigmoid of it reaches
+lambda. The phase-1 network is never changed.
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ class GateNet(nn.Module):
     def inputs(self, features: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
         z = logit.reshape(-1, 1).to(features.dtype)
         p, t = torch.sigmoid(z), self.threshold
-        margin = torch.where(
-            p >= t, (p - t) / (1 - t), (t - p) / t
-        )  # |2·served − 1|, bundle.served_probability
+        # |2·served − 1| of bundle.served_probability, in torch.
+        margin = torch.where(p >= t, (p - t) / (1 - t), (t - p) / t)
         return torch.cat([features, z, margin], dim=1)
 
     def standardise_on(self, features: torch.Tensor, logit: torch.Tensor) -> None:
@@ -103,9 +103,7 @@ class GateModule(L.LightningModule):
 def gate_scores(gate: GateNet, features: np.ndarray, logits: np.ndarray, batch: int = 4096) -> np.ndarray:
     """P(phase 1's decision is right) per row, on the CPU."""
     gate = gate.cpu().eval()
-    f, z = (
-        torch.from_numpy(np.asarray(features, np.float32)),
-        torch.from_numpy(np.asarray(logits, np.float32)),
-    )
+    f = torch.from_numpy(np.asarray(features, np.float32))
+    z = torch.from_numpy(np.asarray(logits, np.float32))
     out = [torch.sigmoid(gate(f[i : i + batch], z[i : i + batch])) for i in range(0, len(f), batch)]
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)

@@ -73,7 +73,7 @@ def check_vit(name: str) -> None:
     if timm.is_model(name):
         module = timm.models.model_entrypoint(timm.models.get_arch_name(name)).__module__
         if module != "timm.models.vision_transformer":
-            raise ExploraError(f"{name} is a {module.rsplit('.', 1)[-1]} model: ExPLoRA adapts timm ViTs")
+            raise ExploraError(f"{name} is not a VisionTransformer ({module}): ExPLoRA adapts timm ViTs")
 
 
 def blocks_of(vit: nn.Module) -> nn.ModuleList:

@@ -47,12 +47,10 @@ def create_backbone(
         raise ModelError(f"unknown timm backbone {name!r} (timm.list_models() lists the names)")
     kwargs: dict[str, Any] = {"num_classes": 0, **(arch or {})}
     if weights_file:
-        if not Path(weights_file).is_file():
-            raise ModelError(f"backbone weights file {weights_file} does not exist")
-        # timm reads .safetensors itself, and .pth/.bin with torch.load(weights_only=True).
-        kwargs["pretrained_cfg_overlay"] = {"file": weights_file}
-        pretrained = True
-    if pretrained and not weights_file and (why := _hub_unavailable(name)):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_weights_file(model, name, weights_file)
+        return model
+    if pretrained and (why := _hub_unavailable(name)):
         raise ModelError(
             f"cannot load pretrained weights for {name} from the model hub: {why}; set model.weights=FILE "
             "(a local or s3:// .safetensors file), or model.pretrained=false to start from random weights"
@@ -60,11 +58,56 @@ def create_backbone(
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # timm raises many types here; the user needs to know which input was wrong
-        source = f"file {weights_file}" if weights_file else "the model hub"
         raise ModelError(
-            f"could not load pretrained weights for {name} from {source} ({type(e).__name__}: {str(e)[:200]}); "
-            "set model.weights=FILE, or model.pretrained=false to start from random weights"
+            f"could not load pretrained weights for {name} from the model hub ({type(e).__name__}: "
+            f"{str(e)[:200]}); set model.weights=FILE, or model.pretrained=false to start from random weights"
         ) from None
+
+
+# The documented prefix mapping of a weights file: a StreetVision phase-1 ``model.safetensors`` holds the
+# backbone under ``backbone.`` beside its own ``head.``; DDP's ``module.`` is removed by timm itself.
+NETWORK_PREFIX, NETWORK_HEAD = "backbone.", "head."
+
+
+def load_weights_file(model: nn.Module, name: str, weights_file: str) -> None:
+    """Load every backbone tensor of ``model`` from a file, or refuse in one line.
+
+    timm reads ``.safetensors`` itself and ``.pth``/``.bin`` with ``torch.load(weights_only=True)``; the
+    model's own checkpoint filter (ViTs: position embeddings resampled to the input size) and the
+    classifier's removal apply as they do for hub weights. Unlike timm's pretrained path, which loads
+    leniently once the classifier differs, every backbone key must be there and nothing else may be.
+    """
+    import sys
+
+    from timm.models import load_state_dict
+
+    if not Path(weights_file).is_file():
+        raise ModelError(f"backbone weights file {weights_file} does not exist")
+    try:
+        state = load_state_dict(weights_file, weights_only=True)
+        if state and all(k.startswith((NETWORK_PREFIX, NETWORK_HEAD)) for k in state):
+            state = {k[len(NETWORK_PREFIX) :]: v for k, v in state.items() if k.startswith(NETWORK_PREFIX)}
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+        for classifier in _as_tuple(getattr(model, "pretrained_cfg", {}).get("classifier")):
+            state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:  # a file that is not weights at all, or tensors of other shapes
+        raise ModelError(
+            f"could not load pretrained weights for {name} from file {weights_file} ({type(e).__name__}: "
+            f"{str(e)[:200]}); set model.weights=FILE, or model.pretrained=false to start from random weights"
+        ) from None
+    if missing or unexpected:
+        raise ModelError(
+            f"weights file {weights_file} does not fit {name}: {len(missing)} of {name}'s keys missing "
+            f"(first: {missing[0] if missing else '-'}), {len(unexpected)} unexpected "
+            f"(first: {unexpected[0] if unexpected else '-'}); name a file of this backbone's weights"
+        )
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    return () if not value else (value,) if isinstance(value, str) else tuple(value)
 
 
 def _hub_unavailable(name: str) -> str | None:

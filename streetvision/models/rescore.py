@@ -39,12 +39,8 @@ class Rescorer:
     def __init__(self, net, data, phase1: Path, *, device, precision: str, phase1_precision: str,
                  batch_size: int, num_workers: int, where: str):  # fmt: skip
         self.net, self.data, self.phase1, self.where = net, data, phase1, where
-        self.device, self.precision, self.batch_size, self.num_workers = (
-            device,
-            precision,
-            batch_size,
-            num_workers,
-        )
+        self.device, self.precision = device, precision
+        self.batch_size, self.num_workers = batch_size, num_workers
         # Under 16-bit autocast (either run's) logits agree to bf16's precision only.
         self.tolerance = 1e-3 if full_precision(precision) and full_precision(phase1_precision) else 0.1
 

@@ -37,8 +37,9 @@ def build_trainer(
 ):
     """A Trainer for ``t`` (a step's trainer config: max_epochs, patience, accelerator, devices, strategy,
     precision, checkpoint_uri): bf16 autocast on GPU, deterministic on CPU; early stopping on ``monitor``
-    (none when None); gradients clipped to norm ``clip_grad``; per-epoch metrics to a CSVLogger (and TensorBoard when installed) under ``log_dir``;
-    a progress bar on a terminal, one line per epoch elsewhere."""
+    (none when None); gradients clipped to norm ``clip_grad``; per-epoch metrics to a CSVLogger (and
+    TensorBoard when installed) under ``log_dir``; a progress bar on a terminal, one line per epoch
+    elsewhere."""
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
     return L.Trainer(

@@ -29,7 +29,7 @@ from streetvision.io import store
 from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import split_dataset
-from streetvision.steps.train_baseline import check_trainer
+from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, check_trainer
 
 STEP = "adapt_explora"
 # What ``streetvision run`` gives this step from phase 1's keys unless it is given its own
@@ -37,7 +37,7 @@ STEP = "adapt_explora"
 INHERITS = ("model.backbone", "model.pretrained", "model.weights", "data.image_size", "data.batch_size",
             "data.num_workers", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.precision",
             "seed")  # fmt: skip
-WEIGHTS = "backbone.safetensors"
+WEIGHTS = EXPLORA_WEIGHTS  # what phase 1 reads of this step's output
 MERGE_TOLERANCE = 1e-4  # max |merged − adapted| / (1 + max |adapted|) on real images, in float32
 
 
@@ -159,7 +159,7 @@ def run(
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
     from streetvision.models.data import MultiCrop, UnlabelledImages, loader
     from streetvision.models.dino import ExploraModule
-    from streetvision.models.lora import apply_explora, blocks_of, check_vit, preset_rank
+    from streetvision.models.lora import apply_explora, check_vit, preset_rank
     from streetvision.models.network import architecture, create_backbone, preprocessing
     from streetvision.models.trainer import build_trainer
 
@@ -179,13 +179,9 @@ def run(
             extra = {"uri": e.extra_images, "content_sha256": extra_sha, "images": str(len(extra_files))}
         check_vit(config.model.backbone)
         arch = architecture(config.model.backbone, d.image_size)
-        weights = config.model.weights
-        if store.is_s3(weights):
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
-            weights = str(store.download_file(weights, tmp / Path(weights).name).path)
+        weights = stack.enter_context(store.local_file(config.model.weights))
         backbone = create_backbone(config.model.backbone, pretrained=config.model.pretrained, weights_file=weights,
                                    arch={**arch, "dynamic_img_size": True})  # fmt: skip
-        blocks_of(backbone)  # a ViT with fused qkv, or one line saying it is not
         side, local, _ = _sizes(config, backbone)
         prep = preprocessing(backbone, side)
         rank = e.rank or preset_rank(backbone.num_features)
@@ -222,7 +218,7 @@ def run(
         if not trainer.is_global_zero:
             return None
         adapted = module.teacher.backbone.float().cpu().eval()  # DINO's teacher: the EMA, what is evaluated
-        merged, gap = merge_checked(adapted, [load_eval(f, prep) for f in files[: min(len(files), 16)]])
+        merged, gap = merge_checked(adapted, [load_eval(f, prep) for f in files[:16]])
         history = joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
     losses = _epoch_losses(history)
     with StepOutputs(out, STEP) as outputs:

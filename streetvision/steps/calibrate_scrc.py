@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from streetvision.bundle import GATE_FILES as BUNDLED_GATE
 from streetvision.bundle import served_probability
 from streetvision.config import require, to_dict, to_yaml
 from streetvision.eval import conformal, sweep, views
@@ -33,12 +34,12 @@ STEP = "calibrate_scrc"
 POLICY_FILE = "scrc.json"
 SPLIT = "val_calib"
 CONFIDENCES = ("margin", "gate")
-# What a gate policy carries from phase 3: name here <- name in the train_gate output.
+# What a gate policy carries from phase 3 (name here <- name in the train_gate output): what the bundle
+# ships, and the val_test scores its held-out report reads.
 GATE_FILES = {
-    "gate.safetensors": "gate.safetensors",
-    "gate.json": "model.json",
-    "gate_val_test.npy": "gate_val_test.npy",
-    "gate_val_test_challenge.npy": "gate_val_test_challenge.npy",
+    BUNDLED_GATE["weights"]: "gate.safetensors",
+    BUNDLED_GATE["config"]: "model.json",
+    **{views.gate_file("val_test", v): views.gate_file("val_test", v) for v in views.VIEWS},
 }
 
 
@@ -194,18 +195,7 @@ def _gate_scores(gate: Path, phase1: Path, calib: views.Scores, view: str, src: 
     check_lineage(
         f"--gate {src['gate']}", gate_manifest, "phase1", phase1, src["phase1"], conformal.ConformalError
     )
-    name = f"gate_{SPLIT}{'_challenge' if view == 'challenge' else ''}.npy"
-    try:
-        scores = np.load(gate / name, allow_pickle=False).astype(np.float64).reshape(-1)
-    except (OSError, ValueError) as e:
-        raise conformal.ConformalError(f"--gate {src['gate']}: {name} cannot be read ({e})") from None
-    if scores.shape != calib.logits.shape or not (
-        np.isfinite(scores).all() and 0 <= scores.min() <= scores.max() <= 1
-    ):
-        raise conformal.ConformalError(
-            f"--gate {src['gate']}: {name} must hold one probability per {view} row of {SPLIT} ({len(calib.logits)})"
-        )
-    return scores
+    return views.load_gate(gate, SPLIT, view, len(calib.logits))
 
 
 def _coverage(selection, score: np.ndarray) -> float | None:

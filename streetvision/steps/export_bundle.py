@@ -89,18 +89,6 @@ def find_policy(policy_dir: Path, kind: str) -> tuple[str, dict[str, Any], dict[
     return name, content, params
 
 
-def gate_scores(policy_dir: Path, view: str, rows: int) -> np.ndarray | None:
-    """The gate's val_test scores in ``view`` that a gate policy carries (None for other policies)."""
-    name = f"gate_val_test{'_challenge' if view == 'challenge' else ''}.npy"
-    try:
-        scores = np.load(policy_dir / name, allow_pickle=False).reshape(-1)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{policy_dir}: {name} cannot be read ({e}); the gate policy needs it") from None
-    if scores.shape != (rows,) or not np.isfinite(scores).all():
-        raise BundleError(f"{policy_dir}: {name} must hold one finite score per val_test {view} row ({rows})")
-    return scores
-
-
 def held_out(phase1: Path, kind: str, params: dict[str, Any], policy_dir: Path) -> dict[str, Any]:
     """val_test, per view phase 1 has (clean; challenge, also per level): the policy's metrics, and the
     subnet reward simulated for the served probability and, for comparison, the raw one cut at 0.5."""
@@ -113,7 +101,7 @@ def held_out(phase1: Path, kind: str, params: dict[str, Any], policy_dir: Path) 
             if view == "clean":
                 raise
             continue  # phase 1 made no challenge views
-        gate = gate_scores(policy_dir, view, len(s.scores)) if gated else None
+        gate = views.load_gate(policy_dir, "val_test", view, len(s.scores)) if gated else None
         out = policy_outputs(kind, params, s.scores, gate)
         decided, served, answered = out["decision"], out["served"], out["answered"]
         if not np.array_equal(np.round(served) == 1, decided == 1):  # what the validator reads

@@ -107,7 +107,6 @@ def split_dataset(dataset: Path, splits: Path, sources: dict[str, str] | None = 
     """(dataset index, manifest of splits, the four id lists) of a dataset and splits that belong
     together: the splits are a verified make_splits commit made from this dataset's content, and every id
     they name is in its index."""
-
     src = sources or {}
     splits_manifest = verify_dir(splits, STEP)
     ds = load_index(dataset)

@@ -49,7 +49,7 @@ DEVICES = re.compile(r"auto|-1|[1-9][0-9]*|\[\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*\]
 EVAL_SPLITS = ("val_select", "val_calib", "val_test")
 CHALLENGE_SPLITS = ("val_calib", "val_test")  # what phase 2 calibrates on and phase 6 reports
 AUGMENTS = ("none", "timm", "challenge")
-EXPLORA_WEIGHTS = "backbone.safetensors"  # what phase 4 commits (adapt_explora.WEIGHTS)
+EXPLORA_WEIGHTS = "backbone.safetensors"  # the adapted backbone phase 4 commits
 
 
 def check_trainer(t) -> None:
@@ -145,13 +145,9 @@ def _network(config: Config, explora: Path | None):
     from streetvision.models.network import RoadworkNet, architecture, create_backbone, preprocessing
 
     arch = architecture(config.model.backbone, config.data.image_size)
-    with ExitStack() as stack:
-        weights = config.model.weights
-        if explora is not None:
-            weights = str(explora / EXPLORA_WEIGHTS)
-        elif store.is_s3(weights):
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-weights-")))
-            weights = str(store.download_file(weights, tmp / Path(weights).name).path)
+    with store.local_file(
+        str(explora / EXPLORA_WEIGHTS) if explora is not None else config.model.weights
+    ) as weights:
         backbone = create_backbone(
             config.model.backbone, pretrained=config.model.pretrained, weights_file=weights, arch=arch
         )

@@ -27,7 +27,7 @@ from streetvision.config import read_json, require, to_dict, to_yaml
 from streetvision.data.dataset import DataError, dataset_input
 from streetvision.eval import sweep
 from streetvision.eval.metrics import auroc
-from streetvision.eval.views import VIEWS
+from streetvision.eval.views import VIEWS, gate_file
 from streetvision.io.manifests import Manifest, check_lineage, input_record, sha256_json, verify_dir
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps.make_splits import split_dataset
@@ -201,9 +201,9 @@ def run(
                **{f"val_select_{k}": v for k, v in report.items()}}  # fmt: skip
     with StepOutputs(out, STEP) as outputs:
         for split in EVAL_SPLITS:
-            outputs.write_npy(f"gate_{split}.npy", scores[split])
+            outputs.write_npy(gate_file(split, "clean"), scores[split])
         for split in challenged:
-            outputs.write_npy(f"gate_{split}_challenge.npy", scores[f"{split}_challenge"])
+            outputs.write_npy(gate_file(split, "challenge"), scores[f"{split}_challenge"])
         outputs.write_safetensors(
             "gate.safetensors", {k: v.contiguous() for k, v in gate.state_dict().items()}
         )
