@@ -96,8 +96,8 @@ def bench_challenge_calibration() -> None:
     (clean training, clean calibration), (clean training, challenge calibration), (challenge training,
     challenge calibration). Not a speed target: it prints what the choice does, whatever it is."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    data, splits = _demo(1200, 96)
-    clean = _train_keys(DEMO)
+    data, splits = _demo(960, 96)
+    clean = [*_train_keys(DEMO), "data.augment=none"]
     runs = {
         "clean training, clean calibration": (clean, "clean"),
         "clean training, challenge calibration": (clean, "challenge"),
@@ -138,7 +138,7 @@ def bench_gate_vs_margin() -> None:
     from streetvision.steps import calibrate_scrc, export_bundle, train_baseline, train_gate
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    data, splits = _demo(1200, 96)
+    data, splits = _demo(960, 96)
     train = [*_train_keys(DEMO), "data.augment=challenge"]
     root = WORK / "subnet"
     p1 = root / f"p1-{hashlib.sha256(' '.join(train).encode()).hexdigest()[:12]}"  # shared with _chain

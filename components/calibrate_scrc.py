@@ -17,6 +17,7 @@ def calibrate_scrc(
     views: str = "challenge",
     gate: Optional[dsl.Input[dsl.Artifact]] = None,  # noqa: UP045 - the KFP SDK reads Optional
     confidence: str = "margin",
+    seed: int = 0,
 ):
     """Phase 5: temperature scaling and selective conformal risk control on val_calib (answer or defer).
 
@@ -29,6 +30,7 @@ def calibrate_scrc(
         views: Calibrate on val_calib's challenge views (one per image) or its clean images.
         gate: train_gate output, with confidence=gate.
         confidence: What decides answering: margin (from the decision threshold) or gate (phase 3's scores).
+        seed: Seed of val_calib's split into the temperature's part and lambda's.
 
     Returns:
         scrc: Step directory: scrc.json (temperature, thresholds, alpha, delta, coverage), plot, report,
@@ -51,5 +53,6 @@ def calibrate_scrc(
             dsl.ConcatPlaceholder(["scrc.risk=", risk]),
             dsl.ConcatPlaceholder(["scrc.views=", views]),
             dsl.ConcatPlaceholder(["scrc.confidence=", confidence]),
+            dsl.ConcatPlaceholder(["scrc.seed=", seed]),
         ],
     )

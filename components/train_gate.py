@@ -17,6 +17,7 @@ def train_gate(
     hidden: int = GATE.gate.hidden,
     epochs: int = GATE.trainer.max_epochs,
     seed: int = GATE.seed,
+    batch_size: int = GATE.data.batch_size,
 ):
     """Phase 3: a learned gate that scores whether phase 1's decision on an image is right (answer or defer).
 
@@ -32,6 +33,7 @@ def train_gate(
         hidden: Hidden units of the MLP.
         epochs: Maximum epochs; early stopping on the val_select loss may end sooner.
         seed: Seed for the views, initialisation and shuffling.
+        batch_size: Images per batch through the phase-1 backbone.
 
     Returns:
         gate: Step directory: gate.safetensors, model.json, gate scores for val_select, val_calib and
@@ -57,5 +59,6 @@ def train_gate(
             dsl.ConcatPlaceholder(["gate.hidden=", hidden]),
             dsl.ConcatPlaceholder(["trainer.max_epochs=", epochs]),
             dsl.ConcatPlaceholder(["seed=", seed]),
+            dsl.ConcatPlaceholder(["data.batch_size=", batch_size]),
         ],
     )

@@ -1,4 +1,8 @@
-"""``python -m pipelines.compile``: write pipelines/streetvision.yaml and components/<stem>.yaml.
+"""``python -m pipelines.compile``: write pipelines/<variant>.yaml and components/<stem>.yaml.
+
+Every shipped variant (``pipelines.streetvision.VARIANTS``: ``streetvision``, ``streetvision-scrc``,
+``streetvision-scrc-gate``, ``streetvision-explora``) is its own committed file; ``--variant NAME`` with
+an ``--output`` compiles one.
 
 Platform options (off by default): ``--gpus N``, ``--node-selector key=value``, ``--toleration
 key=value:effect``, ``--s3-secret NAME``, ``--train-cpu``/``--train-memory``/``--step-cpu``/``--step-memory``
@@ -7,7 +11,7 @@ Image references come from components/images.py (environment overrides ``STREETV
 ``STREETVISION_TAG``, or digests in ``STREETVISION_BASE_IMAGE`` / ``STREETVISION_TRAIN_IMAGE``).
 
 The committed files are only ever the defaults: with any option or other images the pipeline goes to
-``--output`` (default ``build/streetvision.yaml``) and the components beside it, never over them.
+``--output`` (default ``build/<variant>.yaml``) and the components beside it, never over them.
 """
 
 from __future__ import annotations
@@ -18,38 +22,30 @@ from pathlib import Path
 from kfp import compiler
 
 from components import images
-from components.adapt_explora import adapt_explora
-from components.calibrate_scrc import calibrate_scrc
 from components.dataset_fingerprint import dataset_fingerprint
-from components.export_bundle import export_bundle
-from components.make_splits import make_splits
-from components.sweep_thresholds import sweep_thresholds
-from components.train_baseline import train_baseline
-from components.train_gate import train_gate
-from pipelines.streetvision import PlatformOptions, build_pipeline
+from pipelines.streetvision import VARIANTS, PlatformOptions, build_pipeline, component
+from streetvision.phases import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "pipelines" / "streetvision.yaml"
+PIPELINES = ROOT / "pipelines"
+COMMITTED = PIPELINES / "streetvision.yaml"
 BUILD = ROOT / "build" / "streetvision.yaml"
-COMPONENTS = {
-    "adapt_explora": adapt_explora,
-    "calibrate_scrc": calibrate_scrc,
-    "dataset_fingerprint": dataset_fingerprint,
-    "make_splits": make_splits,
-    "train_baseline": train_baseline,
-    "train_gate": train_gate,
-    "sweep_thresholds": sweep_thresholds,
-    "export_bundle": export_bundle,
-}
+# Each phase's component, and the fingerprint helper that feeds make_splits on Kubeflow.
+COMPONENTS = {"dataset_fingerprint": dataset_fingerprint, **{p.stem: component(p.stem) for p in PHASES}}
 
 
 def compile_all(
-    pipeline_path: Path, components_dir: Path | None, options: PlatformOptions | None = None
+    pipeline_path: Path,
+    components_dir: Path | None,
+    options: PlatformOptions | None = None,
+    variant: str = "streetvision",
 ) -> None:
-    compiler.Compiler().compile(build_pipeline(options or PlatformOptions()), str(pipeline_path))
+    compiler.Compiler().compile(
+        build_pipeline(options or PlatformOptions(), VARIANTS[variant]), str(pipeline_path)
+    )
     if components_dir is not None:
-        for stem, component in COMPONENTS.items():
-            compiler.Compiler().compile(component, str(components_dir / f"{stem}.yaml"))
+        for stem, comp in COMPONENTS.items():
+            compiler.Compiler().compile(comp, str(components_dir / f"{stem}.yaml"))
 
 
 def _toleration(spec: str) -> dict[str, str]:
@@ -109,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--{name.replace('_', '-')}", default=getattr(d, name), help=f"default {getattr(d, name)}"
         )
     p.add_argument("--legacy-platform-spec", action="store_true", help="for KFP backends older than 2.17")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default=None,
+                   help="compile this variant alone (default: every shipped variant into pipelines/)")  # fmt: skip
     a = p.parse_args(argv)
     options = PlatformOptions(
         s3_secret=a.s3_secret,
@@ -121,19 +119,28 @@ def main(argv: list[str] | None = None) -> int:
         step_memory=a.step_memory,
     )
     default = options == PlatformOptions() and not a.legacy_platform_spec and images.DEFAULT
-    output = a.output or (COMMITTED if default else BUILD)
-    if not default and output.resolve() == COMMITTED.resolve():
-        p.error(
-            f"{COMMITTED.relative_to(ROOT)} holds the defaults only; write these options to another --output"
+    if default and a.output is None and a.variant is None:  # the committed files: every shipped variant
+        for name in VARIANTS:
+            compile_all(PIPELINES / f"{name}.yaml", ROOT / "components" if name == "streetvision" else None,
+                        variant=name)  # fmt: skip
+        print(
+            f"wrote {', '.join(f'pipelines/{n}.yaml' for n in VARIANTS)} and {len(COMPONENTS)} component specs"
         )
+        return 0
+    variant = a.variant or "streetvision"
+    output = a.output or (PIPELINES / f"{variant}.yaml" if default else BUILD.with_name(f"{variant}.yaml"))
+    if not default and output.resolve().parent == PIPELINES.resolve():
+        p.error("pipelines/*.yaml hold the defaults only; write these options to another --output")
     components = a.components_dir or (
-        ROOT / "components" if output.resolve() == COMMITTED.resolve() else output.parent / "components"
+        ROOT / "components"
+        if output.resolve().parent == PIPELINES.resolve()
+        else output.parent / "components"
     )
     if not default and components.resolve() == (ROOT / "components").resolve():
         p.error("components/*.yaml hold the default images only; give another --components-dir")
     output.parent.mkdir(parents=True, exist_ok=True)
     components.mkdir(parents=True, exist_ok=True)
-    compile_all(output, components, options)
+    compile_all(output, components, options, variant)
     if a.legacy_platform_spec:
         legacy_platform_spec(output)
     print(f"wrote {output} and {len(COMPONENTS)} component specs in {components}")

@@ -1,26 +1,34 @@
-"""The default StreetVision pipeline: make_splits -> train_baseline -> sweep_thresholds -> export_bundle;
-with ``policy=scrc`` calibrate_scrc (after train_gate with ``scrc_confidence=gate``) instead of the sweep,
-and with ``explora=true`` adapt_explora before train_baseline. What follows training is one sub-pipeline,
-``calibrate_and_export``, run in either branch of ``explora``.
+"""The StreetVision pipeline, built from the phase declaration (``streetvision/phases.py``).
 
-``build_pipeline(options)`` returns the pipeline function; :class:`PlatformOptions` holds what is decided
-at compile time (credentials Secret, GPU request, node selector, tolerations, CPU and memory). The committed
-``pipelines/streetvision.yaml`` is ``build_pipeline()`` with the defaults (CPU, no selectors).
+Which optional phases run is chosen when the pipeline is compiled, not by runtime conditions: a
+:class:`Variant` (``explora``, ``policy``, ``confidence``: the switches ``streetvision run`` reads as
+``pipeline.explora``, ``export.policy`` and ``scrc.confidence``) selects the phases exactly as a local
+run does (:func:`streetvision.pipeline.plan`), and each selected phase is one task, its inputs wired to
+the outputs the declaration names and its parameters bound to the pipeline parameters whose local
+setting reaches it (:data:`streetvision.phases.PARAMETERS`). So each real task appears once in a compiled
+file, with no branch a reviewer has to follow, and every shipped variant is its own file
+(:data:`VARIANTS`). Runtime branches (``dsl.If``) would copy the tasks after a branch point into every
+branch, and ``dsl.OneOf`` does not run on Kubeflow's local runner, which the image tests use.
+
+``build_pipeline(options, variant)`` returns the pipeline function; :class:`PlatformOptions` holds what is
+decided at compile time about the cluster (credentials Secret, GPU request, node selector, tolerations,
+CPU and memory).
 """
 
+from __future__ import annotations
+
+import importlib
+import inspect
 from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
+from kfp.dsl import placeholders
 
-from components.adapt_explora import adapt_explora
-from components.calibrate_scrc import calibrate_scrc
 from components.dataset_fingerprint import dataset_fingerprint
-from components.defaults import EXPLORA, TRAIN
-from components.export_bundle import export_bundle
-from components.make_splits import make_splits
-from components.sweep_thresholds import sweep_thresholds
-from components.train_baseline import train_baseline
-from components.train_gate import train_gate
+from streetvision.phases import BY_STEM, PARAMETERS, SWITCHES, producers
+from streetvision.pipeline import plan, reach
+
+PYTHON_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,118 @@ class PlatformOptions:
     train_memory: str = "16G"
     step_cpu: str = "1"
     step_memory: str = "2G"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The compile-time switches: phase 4 first, the policy shipped, what phase 5 answers by."""
+
+    explora: bool = False
+    policy: str = "threshold"  # threshold (phase 2) or scrc (phase 5)
+    confidence: str = "margin"  # scrc: margin, or gate (phase 3 first)
+
+    def settings(self) -> list[str]:
+        values = {"explora": str(self.explora).lower(), "policy": self.policy, "confidence": self.confidence}
+        return [f"{setting}={values[name]}" for name, setting in SWITCHES.items()]
+
+    @property
+    def name(self) -> str:
+        parts = (
+            ["explora"] * self.explora
+            + ["scrc"] * (self.policy == "scrc")
+            + ["gate"] * (self.confidence == "gate")
+        )
+        return "-".join(["streetvision", *parts])
+
+
+# The variants compiled into pipelines/<name>.yaml (phase 3 only answers for phase 5: gate implies scrc).
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant(),
+        Variant(policy="scrc"),
+        Variant(policy="scrc", confidence="gate"),
+        Variant(explora=True),
+    )
+}
+
+
+def component(stem: str):
+    """The container component of a phase: ``components/<stem>.py``'s function of that name."""
+    return getattr(importlib.import_module(f"components.{stem}"), stem)
+
+
+def passes(comp) -> dict[str, str]:
+    """The setting each of a component's parameters is passed as (``trainer.max_epochs``, or a flag such
+    as ``--checkpoint-root``) -> the parameter, read from its command line."""
+    args = comp.component_spec.implementation.container.args
+    found = {}
+    for i, arg in enumerate(args):
+        if isinstance(arg, placeholders.ConcatPlaceholder):
+            key, value = arg.items
+            if isinstance(key, str) and isinstance(value, placeholders.InputValuePlaceholder):
+                found[key.rstrip("=")] = value.input_name
+        elif isinstance(arg, placeholders.InputValuePlaceholder) and isinstance(args[i - 1], str):
+            found[args[i - 1]] = arg.input_name
+    return found
+
+
+@dataclass
+class Plan:
+    """What a variant compiles to: its phases, each one's inputs and constant settings, and the pipeline
+    parameters with the (phase, component parameter) each one binds."""
+
+    phases: list[str]
+    inputs: dict[str, dict[str, str | None]]
+    constants: dict[str, dict[str, str]]
+    parameters: dict[str, list[tuple[str, str]]]
+
+
+def compile_plan(variant: Variant) -> Plan:
+    phases, configs, routed = plan(variant.settings())
+    if variant.confidence == "gate" and variant.policy != "scrc":
+        raise ValueError("confidence=gate answers for phase 5: it needs policy=scrc")
+    given = {"explora"} if variant.explora else set()
+    inputs = {stem: producers(stem, configs[stem], given) for stem in phases}
+    constants: dict[str, dict[str, str]] = {}
+    for stem in phases:  # a switch a component passes on (export.policy) is a constant of its variant
+        keys = passes(component(stem))
+        switches = {entry.split("=", 1)[0]: entry.split("=", 1)[1] for entry in routed[stem]}
+        constants[stem] = {keys[k]: v for k, v in switches.items() if k in keys}
+    parameters: dict[str, list[tuple[str, str]]] = {}
+    for name, parameter in PARAMETERS.items():
+        for stem, key in sorted(reach(parameter.setting)):
+            if stem not in phases:
+                continue
+            keys = passes(component(stem))
+            if key not in keys:
+                raise ValueError(
+                    f"pipeline parameter {name} sets {stem}'s {key} (as streetvision run's "
+                    f"{parameter.setting} does), but components/{stem}.py does not pass {key}"
+                )
+            parameters.setdefault(name, []).append((stem, keys[key]))
+    for name, targets in parameters.items():  # one setting, one default: the steps' own
+        defaults = {repr(component(s).component_spec.inputs[arg].default) for s, arg in targets}
+        if len(defaults) > 1:
+            raise ValueError(
+                f"pipeline parameter {name}: its phases' components default to {sorted(defaults)}"
+            )
+    return Plan(phases, inputs, constants, parameters)
+
+
+def _signature(p: Plan) -> tuple[inspect.Signature, str]:
+    """The pipeline function's signature (types and defaults: the components', i.e. the steps') and its
+    docstring (the declaration's descriptions), which KFP publishes."""
+    params = [inspect.Parameter("dataset_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
+    doc = ["Args:", "    dataset_uri: Object-store URI of the dataset folder (labels.csv + images), "
+           "e.g. s3://bucket/roadwork."]  # fmt: skip
+    for name, targets in p.parameters.items():
+        stem, input_name = targets[0]
+        spec = component(stem).component_spec.inputs[input_name]
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        annotation=PYTHON_TYPES[spec.type], default=spec.default))  # fmt: skip
+        doc.append(f"    {name}: {PARAMETERS[name].help}")
+    return inspect.Signature(params), "\n".join(doc)
 
 
 def _with_resources(task, cpu: str, memory: str):
@@ -76,185 +196,56 @@ def _on_training_nodes(task, options: PlatformOptions):
     return task
 
 
-def build_pipeline(options: PlatformOptions | None = None):
-    options = options or PlatformOptions()
+def build_pipeline(options: PlatformOptions | None = None, variant: Variant | None = None):
+    options, variant = options or PlatformOptions(), variant or Variant()
+    p = compile_plan(variant)
+    signature, args_doc = _signature(p)
 
-    def training(task):
-        """A step of the training image: GPU, placement, bigger requests, credentials."""
-        return _on_training_nodes(_with_credentials(task, options), options)
+    def place(task, image: str):
+        """Credentials for every step; a training step gets GPU, placement and bigger requests."""
+        _with_credentials(task, options)
+        if image == "train":
+            return _on_training_nodes(task, options)
+        return _with_resources(task, options.step_cpu, options.step_memory)
 
-    def step(task):
-        """A light step: the base image's requests, credentials."""
-        return _with_resources(_with_credentials(task, options), options.step_cpu, options.step_memory)
-
-    @dsl.pipeline(
-        name="calibrate-and-export",
-        description="Phase 2 (or 3 and 5) on a trained phase 1, and the export of the one policy chosen.",
-    )
-    def calibrate_and_export(
-        phase1: dsl.Input[dsl.Model],
-        dataset: dsl.Input[dsl.Dataset],
-        splits: dsl.Input[dsl.Artifact],
-        policy: str,
-        calibrate_on: str,
-        max_fnr: float,
-        scrc_alpha: float,
-        scrc_delta: float,
-        scrc_risk: str,
-        scrc_confidence: str,
-        min_test_mcc: float,
-        seed: int,
-    ):
-        """The policy branches of the StreetVision pipeline, as its parameters of the same names say."""
-
-        # One policy is shipped, by name: phase 2 and its export by default, phase 5 and its export under
-        # policy=scrc. (Each branch has its own export task: Kubeflow's local runner has no dsl.OneOf.)
-        def export(kind: str, policy_output):
-            step(export_bundle(phase1=phase1, policy=policy_output, splits=splits, policy_type=kind,
-                               min_test_mcc=min_test_mcc))  # fmt: skip
-
-        with dsl.If(policy == "threshold", name="threshold-policy"):
-            sweep = step(sweep_thresholds(phase1=phase1, max_fnr=max_fnr, views=calibrate_on))
-            export("threshold", sweep.outputs["thresholds"])
-        scrc_options = {"alpha": scrc_alpha, "delta": scrc_delta, "risk": scrc_risk, "views": calibrate_on}
-        with dsl.Else(name="scrc-policy"):
-            with dsl.If(scrc_confidence == "gate", name="gate-confidence"):
-                gate = training(train_gate(phase1=phase1, dataset=dataset, splits=splits, views=calibrate_on,
-                                           seed=seed))  # fmt: skip
-                gated = step(calibrate_scrc(phase1=phase1, gate=gate.outputs["gate"], confidence="gate",
-                                            **scrc_options))  # fmt: skip
-                export("scrc", gated.outputs["scrc"])
-            with dsl.Else(name="margin-confidence"):
-                scrc = step(calibrate_scrc(phase1=phase1, confidence="margin", **scrc_options))
-                export("scrc", scrc.outputs["scrc"])
-
-    @dsl.pipeline(
-        name="streetvision",
-        description="Train, calibrate and export the StreetVision roadwork classifier "
-        "(make_splits -> [adapt_explora ->] train_baseline -> sweep_thresholds or calibrate_scrc -> export_bundle).",
-    )
-    def streetvision(
-        dataset_uri: str,
-        backbone: str = TRAIN.model.backbone,
-        pretrained: bool = TRAIN.model.pretrained,
-        weights_uri: str = TRAIN.model.weights,
-        freeze_backbone: bool = TRAIN.model.freeze_backbone,
-        epochs: int = TRAIN.trainer.max_epochs,
-        lr: float = TRAIN.model.lr,
-        batch_size: int = TRAIN.data.batch_size,
-        image_size: int = TRAIN.data.image_size,
-        seed: int = TRAIN.seed,
-        augment: str = TRAIN.data.augment,
-        challenge_views: int = TRAIN.eval.challenge_views,
-        explora: bool = False,
-        explora_epochs: int = EXPLORA.trainer.max_epochs,
-        explora_rank: int = EXPLORA.explora.rank,
-        explora_unfrozen_blocks: int = EXPLORA.explora.unfrozen_blocks,
-        explora_extra_images: str = EXPLORA.explora.extra_images,
-        calibrate_on: str = "challenge",
-        max_fnr: float = 1.0,
-        policy: str = "threshold",
-        scrc_alpha: float = 0.05,
-        scrc_delta: float = 0.0,
-        scrc_risk: str = "error",
-        scrc_confidence: str = "margin",
-        min_test_mcc: float = -1.0,
-        checkpoint_root: str = "",
-    ):
-        """StreetVision default pipeline.
-
-        Args:
-            dataset_uri: Object-store URI of the dataset folder (labels.csv + images), e.g. s3://bucket/roadwork.
-            backbone: timm model name of the backbone.
-            pretrained: Load the hub's pretrained backbone weights.
-            weights_uri: Backbone weights file (s3:// URI) used instead of the hub; empty for the hub.
-            freeze_backbone: Train the head only.
-            epochs: Maximum training epochs (early stopping on val_select MCC may end sooner).
-            lr: Learning rate.
-            batch_size: Training batch size.
-            image_size: Input side in pixels (0: the backbone's own).
-            seed: Seed for the splits and the training.
-            augment: Training augmentation: none, timm, or challenge (the subnet validator's views).
-            challenge_views: Validator-style views per val_calib and val_test image (0: none).
-            explora: Run phase 4 (adapt_explora) first: ExPLoRA self-supervised adaptation of the ViT backbone
-                to the dataset's train images, which phase 1 then starts from.
-            explora_epochs: phase 4: epochs of self-distillation.
-            explora_rank: phase 4: LoRA rank on Q and V (0: the preset for the backbone's width).
-            explora_unfrozen_blocks: phase 4: the last blocks trained fully.
-            explora_extra_images: phase 4: an s3:// prefix of unlabelled street images added to the train
-                split's (empty: none).
-            calibrate_on: What the threshold is fitted on: challenge (validator-style views) or clean.
-            max_fnr: Policy constraint: largest false-negative rate on val_calib (1.0: none).
-            policy: The policy to ship: threshold (phase 2, one threshold for every image) or scrc (phase 5:
-                answer or defer, with the risk of the answers controlled at scrc_alpha).
-            scrc_alpha: scrc: the risk level of the answered images.
-            scrc_delta: scrc: 0.0 controls the risk in expectation; otherwise with probability 1 - delta.
-            scrc_risk: scrc: error (wrong answers) or fnr (missed roadwork among answered roadwork).
-            scrc_confidence: scrc: what decides answering: margin (from the decision threshold) or gate
-                (phase 3, train_gate, is trained first and its scores are the confidence).
-            min_test_mcc: Release gate on held-out val_test MCC (-1.0: none).
-            checkpoint_root: s3:// prefix for training checkpoints (one per epoch, under the run's id, for
-                phases 1 and 4): a preempted and retried training resumes from its last epoch. Empty: none.
-        """
-        dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
+    def pipeline(*channels):
+        values = dict(zip(signature.parameters, channels, strict=True))
+        dataset = dsl.importer(artifact_uri=values["dataset_uri"], artifact_class=dsl.Dataset, reimport=False)
         dataset.set_display_name("dataset")
-
         # The importer does not look at the data: a dataset rewritten in place keeps its URI. A never-cached
         # fingerprint of its listing feeds make_splits, so the cache key of every step follows the content.
-        fingerprint = step(dataset_fingerprint(dataset_uri=dataset_uri))
+        fingerprint = place(dataset_fingerprint(dataset_uri=values["dataset_uri"]), "base")
         fingerprint.set_caching_options(False)
         fingerprint.set_display_name("dataset-fingerprint")
-        splits = step(make_splits(dataset=dataset.output, seed=seed,
-                                  dataset_fingerprint=fingerprint.outputs["fingerprint"]))  # fmt: skip
-        backbone_options = {"backbone": backbone, "pretrained": pretrained, "weights_uri": weights_uri,
-                            "image_size": image_size, "batch_size": batch_size, "seed": seed,
-                            "checkpoint_root": checkpoint_root}  # fmt: skip
+        made = {}
+        for stem in p.phases:
+            phase = BY_STEM[stem]
+            kwargs = {
+                name: dataset.output if producer is None else made[producer]
+                for name, producer in p.inputs[stem].items()
+            }
+            if stem == "make_splits":
+                kwargs["dataset_fingerprint"] = fingerprint.outputs["fingerprint"]
+            kwargs.update(p.constants[stem])
+            kwargs.update({arg: values[name] for name, targets in p.parameters.items()
+                           for s, arg in targets if s == stem})  # fmt: skip
+            task = place(component(stem)(**kwargs), phase.image)
+            if phase.checkpoints:
+                # Only training is retried: a preempted GPU node is worth another try, and it resumes
+                # from its checkpoints. Bad input and the release gate fail the same way every time (exit
+                # 2, checked before any work), and transient object-store errors are already retried inside
+                # each step by botocore.
+                task.set_retry(num_retries=1, backoff_duration="10s")
+            made[stem] = task.outputs[phase.artifact]
 
-        def train_and_ship(explora_output=None) -> None:
-            """Phase 1 (from phase 4's backbone when given), then the policy and its export."""
-            train = training(
-                train_baseline(
-                    dataset=dataset.output,
-                    splits=splits.outputs["splits"],
-                    **({"explora": explora_output} if explora_output is not None else {}),
-                    freeze_backbone=freeze_backbone,
-                    epochs=epochs,
-                    lr=lr,
-                    augment=augment,
-                    challenge_views=challenge_views,
-                    **backbone_options,
-                )
-            )
-            # Only training is retried: a preempted GPU node is worth another try. Bad input and the release
-            # gate fail the same way every time (exit 2, checked before any work), and transient object-store
-            # errors are already retried inside each step by botocore, so the other steps are not retried.
-            train.set_retry(num_retries=1, backoff_duration="10s")
-            calibrate_and_export(
-                phase1=train.outputs["model"], dataset=dataset.output, splits=splits.outputs["splits"],
-                policy=policy, calibrate_on=calibrate_on, max_fnr=max_fnr, scrc_alpha=scrc_alpha,
-                scrc_delta=scrc_delta, scrc_risk=scrc_risk, scrc_confidence=scrc_confidence,
-                min_test_mcc=min_test_mcc, seed=seed,
-            )  # fmt: skip
-
-        # Phase 4 feeds phase 1 only under explora=true; each branch trains and ships on its own (no OneOf).
-        with dsl.If(explora == True, name="explora"):  # noqa: E712 - a KFP condition, not a Python test
-            adapt = training(
-                adapt_explora(
-                    dataset=dataset.output,
-                    splits=splits.outputs["splits"],
-                    epochs=explora_epochs,
-                    rank=explora_rank,
-                    unfrozen_blocks=explora_unfrozen_blocks,
-                    extra_images=explora_extra_images,
-                    **backbone_options,
-                )
-            )
-            adapt.set_retry(num_retries=1, backoff_duration="10s")
-            train_and_ship(adapt.outputs["adapted"])
-        with dsl.Else(name="no-explora"):
-            train_and_ship()
-
-    return streetvision
+    pipeline.__signature__ = signature
+    pipeline.__doc__ = f"StreetVision pipeline: {' -> '.join(p.phases)}.\n\n{args_doc}\n"
+    return dsl.pipeline(
+        name=variant.name,
+        description="Train, calibrate and export the StreetVision roadwork classifier: "
+        + " -> ".join(p.phases)
+        + ".",
+    )(pipeline)
 
 
 streetvision = build_pipeline()

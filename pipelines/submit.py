@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     if "dataset_uri" not in params:
         print("pipelines.submit: dataset_uri=s3://bucket/prefix is required", file=sys.stderr)
         return 2
-    if params.get("policy", "threshold") not in ("threshold", "scrc"):
-        print(f"pipelines.submit: policy={params['policy']}: threshold or scrc", file=sys.stderr)
+    declared = next(yaml.safe_load_all(a.package.read_text()))["root"]["inputDefinitions"]["parameters"]
+    if unknown := sorted(set(params) - set(declared)):
+        print(f"pipelines.submit: {unknown[0]} is not a parameter of {a.package.name} (the optional phases "
+              f"are chosen by the package: pipelines/streetvision-scrc.yaml, -scrc-gate, -explora); "
+              f"its parameters: {', '.join(sorted(declared))}", file=sys.stderr)  # fmt: skip
         return 2
     import tempfile
 
@@ -66,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def without_cache(package: Path, out: Path) -> Path:
-    """A copy of the compiled pipeline with caching off for every task, those inside conditions and
-    sub-pipelines too (the SDK's ``enable_caching=False`` reaches only the root DAG's tasks)."""
+    """A copy of the compiled pipeline with caching off for every task, in any sub-pipeline too (the SDK's
+    ``enable_caching=False`` reaches only the root DAG's tasks)."""
     docs = list(yaml.safe_load_all(package.read_text()))
     spec = docs[0]
     dags = [spec["root"]["dag"], *(c["dag"] for c in spec.get("components", {}).values() if "dag" in c)]

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             optional = name in phase.optional_inputs
             p.add_argument(f"--{name}", required=not optional, default=None, help=phase.input_help.get(name))
         p.add_argument("--out", required=True)
-        if phase.stem in ("train_baseline", "adapt_explora"):
+        if phase.checkpoints:
             p.add_argument(
                 "--checkpoint-root",
                 default="",
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/local", help="output folder or s3:// prefix")
     p.add_argument("--dataset", default=None, help="dataset folder or s3:// prefix (default: demo data)")
     p.add_argument("--force", action="store_true", help="re-run every step even when committed")
+    p.add_argument("--checkpoint-root", default="", metavar="DIR_OR_S3",
+                   help="checkpoint the training phases under DIR_OR_S3/<run id>/<phase> (Kubeflow: checkpoint_root)")  # fmt: skip
     _common(p, step=False)
     return parser
 
@@ -149,7 +151,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from streetvision.pipeline import run_local
 
         run_local(
-            args.out, dataset=args.dataset, files=args.config, overrides=args.overrides, force=args.force
+            args.out,
+            dataset=args.dataset,
+            files=args.config,
+            overrides=args.overrides,
+            force=args.force,
+            checkpoint_root=args.checkpoint_root,
         )
         return 0
     from streetvision.steps import run_from_cli

@@ -14,8 +14,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DATASET = None  # an input that no phase produces: the dataset folder or prefix
-UNUSED = ""  # what ``Config.source(name)`` returns for an optional input that this config does not read
+UNUSED = ""  # a Choice's value for an optional input that this config does not read
 WHEN_GIVEN = "when given"  # an optional input read whenever it is given (no setting decides)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An input made by one of several phases, as a setting of the reading phase says: the setting's
+    value -> the producing phase (or UNUSED: not read under that value)."""
+
+    setting: str  # a dotted key of the reading phase's config, e.g. export.policy
+    by_value: dict[str, str]
+
+    def of(self, config) -> str:
+        value = config
+        for part in self.setting.split("."):
+            value = getattr(value, part)
+        return self.by_value[value]
 
 
 @dataclass(frozen=True)
@@ -24,9 +39,8 @@ class Phase:
     number: int
     help: str
     # Input name (the CLI flag --<name>, run()'s keyword, the component's input) -> the producing phase's
-    # stem, or DATASET, or several stems of which the step's config names one (``Config.source(name)``,
-    # which may also say UNUSED for an input named in ``optional_inputs``).
-    inputs: dict[str, str | tuple[str, ...] | None]
+    # stem, or DATASET, or a Choice of stems by a setting of this phase's config.
+    inputs: dict[str, str | Choice | None]
     image: str  # "base" (no torch) or "train"
     artifact: str  # the component output holding the step directory
     # The component's other outputs for the Kubeflow UI: output name -> KFP schema title.
@@ -36,6 +50,7 @@ class Phase:
     # Inputs read only under some config: input name -> the setting that reads it (for error messages),
     # or WHEN_GIVEN for one read whenever it is given.
     optional_inputs: dict[str, str] = field(default_factory=dict)
+    checkpoints: bool = False  # takes --checkpoint-root (per-epoch checkpoints a retried task resumes from)
 
     @property
     def command(self) -> str:
@@ -66,6 +81,7 @@ PHASES: tuple[Phase, ...] = (
         {"metrics": "system.Metrics"},
         input_help={"splits": "make_splits output: only its train split's images are read"},
         optional=True,
+        checkpoints=True,
     ),
     Phase(
         "train_baseline",
@@ -80,6 +96,7 @@ PHASES: tuple[Phase, ...] = (
             "explora": "adapt_explora output: its adapted backbone is the starting point (optional)",
         },
         optional_inputs={"explora": WHEN_GIVEN},
+        checkpoints=True,
     ),
     Phase(
         "sweep_thresholds",
@@ -113,7 +130,10 @@ PHASES: tuple[Phase, ...] = (
         "calibrate_scrc",
         5,
         "phase 5: temperature scaling and selective conformal risk control (answer or defer)",
-        {"phase1": "train_baseline", "gate": ("train_gate", UNUSED)},
+        {
+            "phase1": "train_baseline",
+            "gate": Choice("scrc.confidence", {"gate": "train_gate", "margin": UNUSED}),
+        },
         "base",
         "scrc",
         {"metrics": "system.Metrics", "report": "system.Markdown"},
@@ -130,7 +150,7 @@ PHASES: tuple[Phase, ...] = (
         "phase 6: export a verified, portable bundle",
         {
             "phase1": "train_baseline",
-            "policy": ("sweep_thresholds", "calibrate_scrc"),
+            "policy": Choice("export.policy", {"threshold": "sweep_thresholds", "scrc": "calibrate_scrc"}),
             "splits": "make_splits",
         },
         "base",
@@ -145,8 +165,96 @@ BY_STEM = {p.stem: p for p in PHASES}
 ALIASES = {p.alias: p.stem for p in PHASES}
 
 
+@dataclass(frozen=True)
+class Shared:
+    """A setting of the whole run: set once (``seed=4``), it reaches every phase listed, each under its
+    own key. A phase's own spelling (``splits.seed=2``, ``train_gate.seed=3``) sets that phase alone and
+    wins there, except where phases must agree (``agree``: phase 1 trains the backbone phase 4 adapted)."""
+
+    name: str
+    keys: dict[str, str]  # stem -> the key this setting is in that phase's config
+    agree: bool = False
+
+
+_TRAINING = ("adapt_explora", "train_baseline")
+SHARED: tuple[Shared, ...] = (
+    Shared("seed", {"make_splits": "splits.seed", "adapt_explora": "seed", "train_baseline": "seed",
+                    "train_gate": "seed", "calibrate_scrc": "scrc.seed"}),  # fmt: skip
+    Shared("views", {"train_gate": "gate.views", "sweep_thresholds": "policy.views", "calibrate_scrc": "scrc.views"}),
+    Shared("model.backbone", dict.fromkeys(_TRAINING, "model.backbone"), agree=True),
+    *(Shared(key, dict.fromkeys(_TRAINING, key)) for key in ("model.pretrained", "model.weights", "data.image_size")),
+    *(Shared(key, dict.fromkeys((*_TRAINING, "train_gate"), key))
+      for key in ("data.batch_size", "data.num_workers", "trainer.accelerator", "trainer.precision")),
+    *(Shared(key, dict.fromkeys(_TRAINING, key)) for key in ("trainer.devices", "trainer.strategy")),
+)  # fmt: skip
+SHARED_BY_NAME = {s.name: s for s in SHARED}
+
+# What switches the optional phases on, the same on both sides: the last phase reads the policy that
+# export.policy names, calibrate_scrc reads the gate under scrc.confidence=gate, and phase 1 reads phase
+# 4's backbone under pipeline.explora=true. See :func:`needed`. On Kubeflow they are compile-time
+# choices (one pipeline file per shipped variant), so that each compiled task appears once.
+EXPLORA_SWITCH = "pipeline.explora"
+SWITCHES: dict[str, str] = {
+    "explora": EXPLORA_SWITCH,
+    "policy": "export.policy",
+    "confidence": "scrc.confidence",
+}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A Kubeflow pipeline parameter: the same setting for ``streetvision run`` (a shared setting, a key,
+    its phase's prefix where another phase owns the unprefixed key, or a flag of ``streetvision run``),
+    and its published description. Its type and default are the step's own (the component's)."""
+
+    setting: str
+    help: str
+
+
+# Every Kubeflow pipeline parameter but the dataset's URI. A compiled variant has those that reach one of
+# its phases; a test compiles each variant and checks every one reaches the same phases and keys as its
+# local setting.
+PARAMETERS: dict[str, Parameter] = {
+    "backbone": Parameter("model.backbone", "timm model name of the backbone (phases 4 and 1)."),
+    "pretrained": Parameter("model.pretrained", "Load the hub's pretrained backbone weights."),
+    "weights_uri": Parameter("model.weights", "Backbone weights file (s3:// URI) used instead of the hub; empty for the hub."),
+    "freeze_backbone": Parameter("model.freeze_backbone", "Train the head only."),
+    "epochs": Parameter("trainer.max_epochs", "Maximum training epochs of phase 1 (early stopping on val_select MCC may end sooner)."),
+    "lr": Parameter("model.lr", "Learning rate of phase 1."),
+    "batch_size": Parameter("data.batch_size", "Images per batch (phases 4, 1 and 3)."),
+    "image_size": Parameter("data.image_size", "Input side in pixels (0: the backbone's own)."),
+    "seed": Parameter("seed", "Seed for the splits, the training phases and phase 5's split of val_calib."),
+    "augment": Parameter("data.augment", "Training augmentation: challenge (the subnet validator's views), timm, or none."),
+    "challenge_views": Parameter("eval.challenge_views", "Validator-style views per val_calib and val_test image (0: none)."),
+    "explora_epochs": Parameter("adapt_explora.trainer.max_epochs", "phase 4: epochs of self-distillation."),
+    "explora_rank": Parameter("explora.rank", "phase 4: LoRA rank on Q and V (0: the preset for the backbone's width)."),
+    "explora_unfrozen_blocks": Parameter("explora.unfrozen_blocks", "phase 4: the last blocks trained fully."),
+    "explora_extra_images": Parameter("explora.extra_images", "phase 4: an s3:// prefix of unlabelled street images added to the train split's (empty: none)."),
+    "calibrate_on": Parameter("views", "What phases 2, 3 and 5 fit on: challenge (validator-style views) or clean."),
+    "max_fnr": Parameter("policy.max_fnr", "phase 2: largest false-negative rate on val_calib (1.0: none)."),
+    "scrc_alpha": Parameter("scrc.alpha", "phase 5: the risk level of the answered images."),
+    "scrc_delta": Parameter("scrc.delta", "phase 5: 0.0 controls the risk in expectation; otherwise with probability 1 - delta."),
+    "scrc_risk": Parameter("scrc.risk", "phase 5: error (wrong answers) or fnr (missed roadwork among answered roadwork)."),
+    "min_test_mcc": Parameter("export.min_test_mcc", "Release gate on held-out val_test MCC (-1.0: none)."),
+    "checkpoint_root": Parameter("--checkpoint-root", "s3:// prefix for training checkpoints (one per epoch, under the run's id): a preempted and retried training resumes from its last epoch. Empty: none."),
+}  # fmt: skip
+
+
 def phase(stem: str) -> Phase:
     return BY_STEM[stem]
+
+
+def needed(configs: dict, explora: bool) -> list[str]:
+    """The phases a run executes, in run order: the last phase and, transitively, what each reads under
+    these configs (stem -> its config); phase 4 only with ``explora``."""
+    want: set[str] = set()
+    todo = [PHASES[-1].stem]
+    while todo:
+        stem = todo.pop()
+        want.add(stem)
+        given = {"explora"} if explora else set()
+        todo += [p for p in producers(stem, configs[stem], given).values() if p is not None and p not in want]
+    return [p.stem for p in PHASES if p.stem in want]
 
 
 def producers(stem: str, config, given=()) -> dict[str, str | None]:
@@ -154,7 +262,7 @@ def producers(stem: str, config, given=()) -> dict[str, str | None]:
     this config does not read left out, and those read when given unless ``given`` names them."""
     phase = BY_STEM[stem]
     chosen = {
-        name: config.source(name) if isinstance(made_by, tuple) else made_by
+        name: made_by.of(config) if isinstance(made_by, Choice) else made_by
         for name, made_by in phase.inputs.items()
     }
     return {
@@ -162,3 +270,10 @@ def producers(stem: str, config, given=()) -> dict[str, str | None]:
         for name, made_by in chosen.items()
         if made_by != UNUSED and (phase.optional_inputs.get(name) != WHEN_GIVEN or name in given)
     }
+
+
+def choices(stem: str, name: str) -> dict[str, str]:
+    """The setting's values -> the producing phase, of an input that is a Choice."""
+    made_by = BY_STEM[stem].inputs[name]
+    assert isinstance(made_by, Choice), (stem, name)
+    return made_by.by_value

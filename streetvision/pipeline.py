@@ -5,9 +5,14 @@ Each phase runs as its own ``python -m streetvision <step>`` process (as in its 
 the same config hash and the same input checksums is skipped, so a re-run after a crash or Ctrl-C picks
 up where it stopped, and a changed parameter re-runs that phase and everything downstream.
 
-Overrides are the steps' own keys (``model.lr=0.001 data.batch_size=32 policy.max_fnr=0.1``), routed to
-the step that owns the section; ``pipeline.phases=[phase1,phase2,phase6]`` runs a subset whose inputs
-exist, and ``demo.n=...`` shapes the generated demo data used when no dataset is given.
+Which phases run follows from the settings, as on Kubeflow (:func:`streetvision.phases.needed`): the
+export, the policy ``export.policy`` names, the gate under ``scrc.confidence=gate``, and phase 4 under
+``pipeline.explora=true``; ``pipeline.phases=[make_splits,train_baseline]`` runs a subset instead.
+
+Overrides are the steps' own keys (``model.lr=0.001 policy.max_fnr=0.1``), routed to the step that owns
+the section, or a shared setting of the whole run (``seed=4``, ``views=clean``, ``model.backbone=...``;
+:data:`streetvision.phases.SHARED`), routed to every phase that has it. ``demo.n=...`` shapes the
+generated demo data used when no dataset is given.
 """
 
 from __future__ import annotations
@@ -28,7 +33,17 @@ from streetvision.data.dataset import content_identity
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
-from streetvision.phases import ALIASES, BY_STEM, PHASES, WHEN_GIVEN, producers
+from streetvision.phases import (
+    ALIASES,
+    BY_STEM,
+    PHASES,
+    SHARED,
+    SHARED_BY_NAME,
+    WHEN_GIVEN,
+    choices,
+    needed,
+    producers,
+)
 from streetvision.steps import step_config
 
 ORDER = [p.stem for p in PHASES]  # the phases in dependency order
@@ -38,7 +53,7 @@ DEMO_PROFILE = Path(__file__).parent / "configs" / "demo.yaml"
 
 @dataclass
 class DemoConfig:
-    n: int = 1200
+    n: int = 960
     seed: int = 0
     size: int = 96
 
@@ -50,7 +65,8 @@ class DemoConfig:
 
 @dataclass
 class PipelineConfig:
-    phases: list[str] = field(default_factory=lambda: [p.alias for p in PHASES if not p.optional])
+    phases: list[str] = field(default_factory=list)  # empty: the phases the settings need
+    explora: bool = False  # phase 4 first, phase 1 starting from its adapted backbone
 
 
 @dataclass
@@ -59,7 +75,8 @@ class RunnerConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def check(self) -> None:
-        _phases(self.pipeline.phases)
+        if self.pipeline.phases:
+            _phases(self.pipeline.phases)
         self.demo.check()
 
 
@@ -89,44 +106,62 @@ def _has(stem: str, key: str) -> bool:
     return True
 
 
-def _inherits() -> dict[str, tuple[str, ...]]:
-    """stem -> the keys it takes from their owner unless given its own (``steps.<stem>.INHERITS``):
-    phase 4 adapts the backbone phase 1 trains, on the same hardware."""
-    import importlib
-
-    return {
-        stem: getattr(importlib.import_module(f"streetvision.steps.{stem}"), "INHERITS", ()) for stem in ORDER
-    }
-
-
 def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, list[str]]:
-    """Split YAML files and ``key=value`` overrides by the step (or the runner) that owns each key."""
+    """Split YAML files and ``key=value`` overrides by the step (or the runner) that reads each key: a
+    shared setting to every phase that has it, under that phase's key, then each phase's own keys (which
+    win there); a ``stem.`` prefix names the phase."""
     from omegaconf import OmegaConf
 
     entries: list[str] = []
     for f in files:
         entries += _flatten("", OmegaConf.to_container(read_yaml(f)))
     entries += list(overrides)
-    owners, routed = _owners(), {"runner": [], **{stem: [] for stem in ORDER}}
-    inherits, inherited = _inherits(), {stem: [] for stem in ORDER}
+    owners = _owners()
+    shared: dict[str, list[str]] = {stem: [] for stem in ORDER}
+    own: dict[str, list[str]] = {"runner": [], **{stem: [] for stem in ORDER}}
     for entry in entries:
-        key = entry.split("=", 1)[0]
+        key, _, value = entry.partition("=")
         head, _, rest = key.partition(".")
-        if head in ORDER and rest:  # explicit: train_baseline.model.lr=...
-            routed[head].append(entry.split(".", 1)[1])
+        if key in SHARED_BY_NAME:
+            for stem, its_key in SHARED_BY_NAME[key].keys.items():
+                shared[stem].append(f"{its_key}={value}")
+        elif head in ORDER and rest:  # explicit: train_baseline.model.lr=...
+            if agreed := next((s for s in SHARED if s.agree and s.keys.get(head) == rest), None):
+                raise ConfigError(
+                    f"config key {key!r}: {agreed.name} is one setting for {' and '.join(agreed.keys)}, "
+                    f"which must agree; set {agreed.name}=... without a phase prefix"
+                )
+            own[head].append(f"{rest}={value}")
         elif head in owners:
             owner = owners[head]
             if owner != "runner" and not _has(owner, key):  # data.local_crops: a key only phase 4 has
                 owner = next((stem for stem in ORDER if _has(stem, key)), owner)
-            routed[owner].append(entry)
-            for stem, keys in inherits.items():
-                if key in keys and stem != owner:
-                    inherited[stem].append(entry)
+            own[owner].append(entry)
         else:
             raise ConfigError(
-                f"config key {key!r}: no step reads it (known sections: {', '.join(sorted(owners))})"
+                f"config key {key!r}: no step reads it (known sections: {', '.join(sorted(owners))}; "
+                f"shared settings: {', '.join(SHARED_BY_NAME)})"
             )
-    return {owner: inherited.get(owner, []) + own for owner, own in routed.items()}  # its own win
+    return {owner: shared.get(owner, []) + mine for owner, mine in own.items()}  # its own win
+
+
+def reach(setting: str) -> set[tuple[str, str]]:
+    """(phase, its key or flag) that a setting of the run sets: where ``streetvision run`` routes
+    ``setting=...``, or, for a flag of ``streetvision run``, the phases it is passed to."""
+    if setting == "--checkpoint-root":
+        return {(p.stem, setting) for p in PHASES if p.checkpoints}
+    routed = route([], [f"{setting}=0"])
+    return {(stem, entry.split("=", 1)[0]) for stem in ORDER for entry in routed[stem]}
+
+
+def plan(overrides: Sequence[str]) -> tuple[list[str], dict[str, Any], dict[str, list[str]]]:
+    """(the phases a run with these settings executes, in run order; each phase's config; the routed
+    overrides): what ``streetvision run`` does without ``pipeline.phases``, and what the Kubeflow compiler
+    builds for a variant."""
+    routed = route([], overrides)
+    runner = load_config(RunnerConfig, [], routed["runner"])
+    configs = {stem: step_config(stem, [], routed[stem]) for stem in ORDER}
+    return needed(configs, runner.pipeline.explora), configs, routed
 
 
 def _phases(requested: list[str]) -> list[str]:
@@ -150,7 +185,7 @@ def _check_optional_inputs(selected: list[str], configs: dict[str, Any]) -> None
         for name, setting in BY_STEM[stem].optional_inputs.items():
             if setting == WHEN_GIVEN:
                 continue
-            wanted = [m for m in BY_STEM[stem].inputs[name] if m in selected]
+            wanted = [m for m in choices(stem, name).values() if m in selected]
             if wanted and name not in producers(stem, configs[stem]):
                 raise ConfigError(
                     f"pipeline.phases runs {wanted[0]} and {stem}, which reads it only with {setting}; "
@@ -166,6 +201,21 @@ def _given(stem: str, selected: list[str]) -> set[str]:
         for name, setting in phase.optional_inputs.items()
         if setting == WHEN_GIVEN and phase.inputs[name] in selected
     }
+
+
+def _check_inputs_exist(selected: list[str], configs: dict[str, Any], outs: dict[str, str]) -> None:
+    """Before any work: every input of a selected phase is made by this run or already committed."""
+    for stem in selected:
+        for name, producer in producers(stem, configs[stem], given=_given(stem, selected)).items():
+            if (
+                producer is not None
+                and producer not in selected
+                and committed(outs[producer], producer) is None
+            ):
+                raise StreetVisionError(
+                    f"phase {stem} needs a committed {name} at {outs[producer]}; "
+                    f"run its phase first (add {producer} to pipeline.phases)"
+                )
 
 
 def committed(uri: str, stem: str) -> tuple[Manifest, str] | None:
@@ -215,10 +265,14 @@ def _demo_data(out: str, demo: DemoConfig) -> str:
     return uri
 
 
-def _launch(stem: str, uris: dict[str, str], out: str, overrides: list[str], run_id: str) -> None:
+def _launch(
+    stem: str, uris: dict[str, str], out: str, overrides: list[str], run_id: str, checkpoint_root: str
+) -> None:
     args = [sys.executable, "-m", "streetvision", stem.replace("_", "-")]
     for name, uri in uris.items():
         args += [f"--{name}", uri]
+    if checkpoint_root and BY_STEM[stem].checkpoints:
+        args += ["--checkpoint-root", checkpoint_root]
     args += ["--out", out, "--run-id", run_id, *overrides]
     code = subprocess.run(args).returncode  # noqa: S603 - our own CLI, arguments from the user's own command
     if code != 0:
@@ -232,17 +286,20 @@ def run_local(
     files: Sequence[str] = (),
     overrides: Sequence[str] = (),
     force: bool = False,
+    checkpoint_root: str = "",
 ) -> dict[str, Any]:
     files = list(files)
     if dataset is None:
         files.insert(0, str(DEMO_PROFILE))
     routed = route(files, overrides)
     runner = load_config(RunnerConfig, [], routed["runner"])
-    selected = _phases(runner.pipeline.phases)
     configs = {stem: step_config(stem, [], routed[stem]) for stem in ORDER}  # all validated before any work
+    p = runner.pipeline
+    selected = _phases(p.phases) if p.phases else needed(configs, p.explora)
     _check_optional_inputs(selected, configs)
-    data = dataset or _demo_data(out, runner.demo)
     outs = {stem: store.join(out, stem) for stem in ORDER}
+    _check_inputs_exist(selected, configs, outs)
+    data = dataset or _demo_data(out, runner.demo)
     run_id = uuid.uuid4().hex
     done: dict[str, str] = {}
     for stem in ORDER:
@@ -254,19 +311,13 @@ def run_local(
             elif not BY_STEM[stem].optional:  # an optional phase that never ran is no part of this pipeline
                 done[stem] = "absent"
             continue
-        for name, producer in made_by.items():
-            if producer is not None and committed(uris[name], producer) is None:
-                raise StreetVisionError(
-                    f"phase {stem} needs a committed {name} at {uris[name]}; "
-                    "run its phase first (add it to pipeline.phases)"
-                )
         reason = "--force" if force else stale_reason(stem, configs[stem], uris, outs[stem])
         if reason is None:
             done[stem] = "up to date, skipped"
             continue
         t0 = time.time()
         print(f"== {stem} -> {outs[stem]} (running: {reason})", flush=True)
-        _launch(stem, uris, outs[stem], routed[stem], run_id)
+        _launch(stem, uris, outs[stem], routed[stem], run_id, checkpoint_root)
         done[stem] = f"ran in {time.time() - t0:.1f}s"
     summary = _summary(outs, done)
     print(summary["text"], flush=True)
@@ -296,11 +347,16 @@ def _summary(outs: dict[str, str], done: dict[str, str]) -> dict[str, Any]:
             f"  val_test (held out) MCC {m['test_mcc']:.3f}  accuracy {m['test_accuracy']:.3f}  "
             f"FNR {m['test_fnr']:.3f}  FPR {m['test_fpr']:.3f}"
         )
-        rewards = [
-            f"{v}: {m[f'{v}_subnet_reward']:.3f}" for v in ("clean", "challenge") if f"{v}_subnet_reward" in m
-        ]
-        if rewards:
-            lines.append(f"  simulated subnet reward on val_test  {'  '.join(rewards)}")
+        for v in ("clean", "challenge"):  # served beside the raw probability cut at 0.5: a regression shows
+            if f"{v}_subnet_reward" in m:
+                raw = (
+                    f" (raw probability cut at 0.5: {m[f'{v}_raw_subnet_reward']:.3f})"
+                    if f"{v}_raw_subnet_reward" in m
+                    else ""
+                )
+                lines.append(
+                    f"  simulated subnet reward on val_test, {v} views: {m[f'{v}_subnet_reward']:.3f}{raw}"
+                )
         lines.append(
             f"  verified bundle: {outs['export_bundle']}  (check: streetvision verify {outs['export_bundle']})"
         )

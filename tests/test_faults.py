@@ -133,6 +133,16 @@ def _bad_datasets(world, base: Path) -> list[tuple[str, Path, str]]:
         lambda d: (d / "labels.csv").write_text("\n".join([*lines, lines[1]]) + "\n"),
         "duplicate",
     )
+    alias = "\n".join([*lines, f"./{first},{1 - int(lines[1].split(',')[1])}"]) + "\n"
+    variant("alias-dot", lambda d: (d / "labels.csv").write_text(alias), "duplicate")
+    variant(
+        "alias-slashes",
+        lambda d: (d / "labels.csv").write_text(alias.replace(f"./{first}", first.replace("/", "//"))),
+        "duplicate",
+    )
+    variant(
+        "nul-path", lambda d: (d / "labels.csv").write_text("image,label\nimages/a\x00.jpg,1\n"), "escaping"
+    )
     variant("truncated", lambda d: (d / first).write_bytes((d / first).read_bytes()[:100]), "truncated")
     variant("not-an-image", lambda d: (d / first).write_text("hello"), "unreadable")
     return cases
@@ -195,7 +205,7 @@ CONFIG_CASES = {
     ],
 }  # fmt: skip
 RUNNER_CASES = [
-    "pipeline.phases=[]", "pipeline.phases=[bogus]", "pipeline.phases=[phase9]", "pipeline.phases=3",
+    "pipeline.explora=maybe", "pipeline.phases=[bogus]", "pipeline.phases=[phase9]", "pipeline.phases=3",
     "pipeline.phases=[phase0,phase1,phase3,phase5]",
     "demo.n=4", "demo.n=0", "demo.n=-1", "demo.n=abc", "demo.size=0", "demo.size=8", "demo.size=99999",
     "demo.seed=-1", "bogus.key=1", "noequals",

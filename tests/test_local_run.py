@@ -91,7 +91,7 @@ def test_a_subset_without_its_inputs_fails_clearly(demo_dataset, tmp_path):
         run_local(str(tmp_path / "empty"), dataset=str(demo_dataset), overrides=["pipeline.phases=[phase2]"])
 
 
-def test_overrides_are_routed_to_the_step_that_owns_them():
+def test_overrides_are_routed_to_the_step_that_owns_them_and_shared_settings_to_every_phase():
     routed = route(
         [],
         [
@@ -100,14 +100,34 @@ def test_overrides_are_routed_to_the_step_that_owns_them():
             "policy.max_fnr=0.2",
             "export.min_test_mcc=0.1",
             "seed=4",
+            "views=clean",
             "demo.n=50",
             "train_baseline.data.batch_size=8",
         ],
     )
-    assert routed["train_baseline"] == ["model.lr=0.1", "seed=4", "data.batch_size=8"]
-    assert routed["make_splits"] == ["splits.seed=2"] and routed["runner"] == ["demo.n=50"]
+    # seed reaches the splits and every seeded phase; a phase's own spelling wins there.
+    assert routed["train_baseline"] == ["seed=4", "model.lr=0.1", "data.batch_size=8"]
+    assert routed["make_splits"] == ["splits.seed=4", "splits.seed=2"] and routed["runner"] == ["demo.n=50"]
+    assert routed["calibrate_scrc"] == ["scrc.seed=4", "scrc.views=clean"]
+    assert routed["sweep_thresholds"] == ["policy.views=clean", "policy.max_fnr=0.2"]
+    assert routed["adapt_explora"] == ["seed=4"] and routed["train_gate"] == ["seed=4", "gate.views=clean"]
     with pytest.raises(ConfigError, match="modle"):
         route([], ["modle.lr=0.1"])
+    # Phase 1 trains the backbone phase 4 adapted: one backbone for both, never one phase's own.
+    with pytest.raises(
+        ConfigError, match="model.backbone is one setting for adapt_explora and train_baseline"
+    ):
+        route([], ["train_baseline.model.backbone=test_vit"])
+
+
+def test_the_settings_choose_the_phases_as_kubeflow_does(tmp_path, demo_dataset):
+    from streetvision.pipeline import run_local
+
+    # export.policy=scrc runs phase 5, not the sweep, and refuses before any work when its input is missing.
+    with pytest.raises(Exception, match="needs a committed phase1"):
+        run_local(str(tmp_path / "r"), dataset=str(demo_dataset),
+                  overrides=["export.policy=scrc", "pipeline.phases=[calibrate_scrc,export_bundle]"])  # fmt: skip
+    assert not (tmp_path / "r").exists()
 
 
 def streetvision_cli(*args, cwd=None):
@@ -137,6 +157,11 @@ def test_the_embedded_default_learns_the_demo_data_and_a_constant_guess_cannot(t
 
     summary = run_local(str(tmp_path / "run"))
     assert summary["test"]["test_mcc"] > 0.5, summary["text"]
+    # The defaults train on the validator's views: what is served on them does no worse than the raw
+    # probability cut at 0.5, and the summary says both.
+    test = summary["test"]
+    assert test["challenge_subnet_reward"] >= test["challenge_raw_subnet_reward"], summary["text"]
+    assert "challenge views: " in summary["text"] and "(raw probability cut at 0.5: " in summary["text"]
     assert verify_path(summary["bundle"])["bundle_files"] == 4
     labels = json.loads((tmp_path / "run" / "make_splits" / "splits.json").read_text())["counts"]
     assert labels["val_test"]["positive"] not in (0, labels["val_test"]["total"])

@@ -93,3 +93,42 @@ def test_serving_on_the_subnet_runs_as_written(tmp_path):
     served = float(outputs[1].strip().splitlines()[-1])
     assert 0 <= served <= 1
     assert (work / "runs/subnet/hf/model_card.json").is_file()
+
+
+def _table(header: str) -> list[list[str]]:
+    """The rows of the README table whose header row starts with ``header``, cells without backticks."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().strip("`") for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_variant_and_parameter_tables_are_the_declaration():
+    from pipelines.streetvision import VARIANTS, compile_plan
+    from streetvision.phases import PARAMETERS
+
+    plans = {name: compile_plan(v) for name, v in VARIANTS.items()}
+    variants = _table("| variant (`pipelines/<name>.yaml`)")
+    assert [(r[0], r[1], r[2]) for r in variants] == [
+        (name, " ".join(v.settings()), " → ".join(plans[name].phases)) for name, v in VARIANTS.items()
+    ]
+    parameters = _table("| parameter | `streetvision run` setting |")
+
+    def short(name):
+        return name.removeprefix("streetvision").lstrip("-") or "default"
+
+    assert [(r[0], r[1], r[2]) for r in parameters] == [
+        (name, p.setting, ", ".join(short(v) for v in VARIANTS if name in plans[v].parameters))
+        for name, p in PARAMETERS.items()
+    ]
+
+
+def test_the_phase_table_is_the_declaration_in_run_order():
+    from streetvision.phases import PHASES
+
+    rows = _table("| stem | optional |")
+    assert [(r[0], r[1]) for r in rows] == [(p.stem, "yes" if p.optional else "") for p in PHASES]

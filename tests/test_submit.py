@@ -78,20 +78,21 @@ def test_submit_sends_the_pipeline_parameters_and_service_account(kfp_api, capsy
     assert run["runtime_config"]["parameters"] == {"dataset_uri": "s3://b/roadwork", "epochs": 3}
     assert run["service_account"] == "streetvision-pipeline-runner"
     caching = _caching(run)
-    assert not caching.pop("dataset-fingerprint") and len(caching) == 19 and all(caching.values())
+    assert not caching.pop("dataset-fingerprint") and all(caching.values())
+    assert set(caching) == {"importer", "make-splits", "train-baseline", "sweep-thresholds", "export-bundle"}
 
 
 def test_no_cache_turns_caching_off_for_every_step(kfp_api):
     assert submit.main(["--no-cache", "dataset_uri=s3://b/roadwork"]) == 0
     caching = _caching(_run(kfp_api))
-    assert len(caching) == 20 and not any(caching.values())  # inside conditions and sub-pipelines too
+    assert len(caching) == 6 and not any(caching.values())  # the importer, the fingerprint and four phases
 
 
 def test_submit_refuses_a_missing_dataset_or_endpoint(kfp_api, monkeypatch, capsys):
     assert submit.main(["epochs=3"]) == 2 and "dataset_uri" in capsys.readouterr().err
     assert (
-        submit.main(["dataset_uri=s3://b/d", "policy=scr"]) == 2
-        and "threshold or scrc" in capsys.readouterr().err
+        submit.main(["dataset_uri=s3://b/d", "policy=scrc"]) == 2
+        and "policy is not a parameter of streetvision.yaml" in capsys.readouterr().err
     )
     monkeypatch.delenv("KFP_ENDPOINT")
     assert submit.main(["dataset_uri=s3://b/d"]) == 2 and "KFP_ENDPOINT" in capsys.readouterr().err

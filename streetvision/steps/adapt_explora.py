@@ -32,11 +32,6 @@ from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, check_trainer
 
 STEP = "adapt_explora"
-# What ``streetvision run`` gives this step from phase 1's keys unless it is given its own
-# (``adapt_explora.model.backbone=...``): the backbone phase 1 will train, the hardware, the seed.
-INHERITS = ("model.backbone", "model.pretrained", "model.weights", "data.image_size", "data.batch_size",
-            "data.num_workers", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.precision",
-            "seed")  # fmt: skip
 WEIGHTS = EXPLORA_WEIGHTS  # what phase 1 reads of this step's output
 MERGE_TOLERANCE = 1e-4  # max |merged − adapted| / (1 + max |adapted|) on real images, in float32
 

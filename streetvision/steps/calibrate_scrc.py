@@ -28,7 +28,6 @@ from streetvision.eval import conformal, sweep, views
 from streetvision.eval.metrics import calibration_errors, compute_all_metrics
 from streetvision.io.manifests import Manifest, check_lineage, input_record, verify_dir
 from streetvision.io.outputs import StepOutputs
-from streetvision.phases import UNUSED
 
 STEP = "calibrate_scrc"
 POLICY_FILE = "scrc.json"
@@ -67,11 +66,6 @@ class Config:
         require(0 < s.fit_fraction < 1, "scrc.fit_fraction", s.fit_fraction, "a share in (0, 1)")
         require(s.confidence in CONFIDENCES, "scrc.confidence", s.confidence, ", ".join(CONFIDENCES))
         require(0 <= s.seed < 2**32, "scrc.seed", s.seed, "an integer in [0, 2^32)")
-
-    def source(self, name: str) -> str:
-        """The phase whose commit --gate must be, or UNUSED without a gate."""
-        assert name == "gate", name
-        return "train_gate" if self.scrc.confidence == "gate" else UNUSED
 
 
 def ui_outputs(out: Path) -> dict[str, Any]:

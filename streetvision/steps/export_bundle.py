@@ -31,6 +31,7 @@ from streetvision.eval.report import level_table
 from streetvision.eval.views import VIEWS
 from streetvision.io.manifests import Manifest, check_lineage, code_version, input_record, verify_dir
 from streetvision.io.outputs import StepOutputs
+from streetvision.phases import choices
 from streetvision.steps.make_splits import SPLITS_FILE
 
 STEP = "export_bundle"
@@ -47,7 +48,7 @@ MODEL_FIELDS = (
     "dropout",
 )
 POLICY_FILES = {"threshold": "thresholds.json", "scrc": "scrc.json"}  # what each policy step commits
-POLICY_STEPS = {"threshold": "sweep_thresholds", "scrc": "calibrate_scrc"}
+POLICY_STEPS = choices("export_bundle", "policy")  # export.policy -> the phase that commits that policy
 
 
 @dataclass
@@ -66,11 +67,6 @@ class Config:
         require(
             self.export.policy in POLICY_STEPS, "export.policy", self.export.policy, ", ".join(POLICY_STEPS)
         )
-
-    def source(self, name: str) -> str:
-        """The phase whose commit --policy must be (the registry lists both)."""
-        assert name == "policy", name
-        return POLICY_STEPS[self.export.policy]
 
 
 def find_policy(policy_dir: Path, kind: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -210,7 +206,7 @@ def run(
 ) -> Manifest:
     src = {"phase1": str(phase1), "policy": str(policy), "splits": str(splits), **(sources or {})}
     p1_manifest = verify_dir(phase1, "train_baseline")
-    policy_manifest = verify_dir(policy, config.source("policy"))
+    policy_manifest = verify_dir(policy, POLICY_STEPS[config.export.policy])
     verify_dir(splits, "make_splits")
     check_lineage(f"--policy {src['policy']}", policy_manifest, "phase1", phase1, src["phase1"], BundleError)
     check_lineage(f"--phase1 {src['phase1']}", p1_manifest, "splits", splits, src["splits"], BundleError)
@@ -292,6 +288,7 @@ def run(
             metrics={
                 **{f"test_{k}": v for k, v in test.items()},
                 **{f"{view}_subnet_reward": r["reward"]["served"]["reward"] for view, r in report.items()},
+                **{f"{view}_raw_subnet_reward": r["reward"]["raw"]["reward"] for view, r in report.items()},
                 **{f"{view}_mcc": r["metrics"]["mcc"] for view, r in report.items()},
                 **{
                     f"test_{k}": v

@@ -88,7 +88,10 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 0
     image_size: int = 0  # 0: the backbone's own input size
-    augment: str = "none"  # none, timm (timm's training augmentation) or challenge (the validator's views)
+    # none, timm (timm's training augmentation) or challenge: random views as the subnet's validator makes
+    # them, the default, since serving is judged on those (the README's bench: challenge-view reward 0.610
+    # against 0.278 for clean training on the demo model)
+    augment: str = "challenge"
 
 
 @dataclass

@@ -34,13 +34,6 @@ from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import CHALLENGE_SPLITS, EVAL_SPLITS, check_trainer
 
 STEP = "train_gate"
-INHERITS = (
-    "data.batch_size",
-    "data.num_workers",
-    "trainer.accelerator",
-    "trainer.precision",
-    "seed",
-)  # from phase 1
 FIT_SPLITS = ("train", "val_select")  # the only splits whose labels reach the gate's fit
 
 
