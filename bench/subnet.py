@@ -34,7 +34,7 @@ def _chain(name: str, data: Path, splits: Path, train: list[str], views: str) ->
         train_baseline.run(load_config(train_baseline.Config, [], train), dataset=data, splits=splits, out=p1)
     shutil.rmtree(root, ignore_errors=True)
     sweep_thresholds.run(
-        load_config(sweep_thresholds.Config, [], [f"policy.views={views}"]), phase1=p1, out=root / "p2"
+        load_config(sweep_thresholds.Config, [], [f"sweep.views={views}"]), phase1=p1, out=root / "p2"
     )
     export_bundle.run(
         load_config(export_bundle.Config), phase1=p1, policy=root / "p2", splits=splits, out=root / "b"

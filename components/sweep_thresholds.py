@@ -39,9 +39,9 @@ def sweep_thresholds(
             "--out",
             thresholds.path,
             *KFP_RUN,
-            dsl.ConcatPlaceholder(["policy.max_fnr=", max_fnr]),
-            dsl.ConcatPlaceholder(["policy.max_fpr=", max_fpr]),
-            dsl.ConcatPlaceholder(["policy.min_precision=", min_precision]),
-            dsl.ConcatPlaceholder(["policy.views=", views]),
+            dsl.ConcatPlaceholder(["sweep.max_fnr=", max_fnr]),
+            dsl.ConcatPlaceholder(["sweep.max_fpr=", max_fpr]),
+            dsl.ConcatPlaceholder(["sweep.min_precision=", min_precision]),
+            dsl.ConcatPlaceholder(["sweep.views=", views]),
         ],
     )

@@ -180,7 +180,7 @@ _TRAINING = ("adapt_explora", "train_baseline")
 SHARED: tuple[Shared, ...] = (
     Shared("seed", {"make_splits": "splits.seed", "adapt_explora": "seed", "train_baseline": "seed",
                     "train_gate": "seed", "calibrate_scrc": "scrc.seed"}),  # fmt: skip
-    Shared("views", {"train_gate": "gate.views", "sweep_thresholds": "policy.views", "calibrate_scrc": "scrc.views"}),
+    Shared("views", {"train_gate": "gate.views", "sweep_thresholds": "sweep.views", "calibrate_scrc": "scrc.views"}),
     Shared("model.backbone", dict.fromkeys(_TRAINING, "model.backbone"), agree=True),
     *(Shared(key, dict.fromkeys(_TRAINING, key)) for key in ("model.pretrained", "model.weights", "data.image_size")),
     *(Shared(key, dict.fromkeys((*_TRAINING, "train_gate"), key))
@@ -231,7 +231,7 @@ PARAMETERS: dict[str, Parameter] = {
     "explora_unfrozen_blocks": Parameter("explora.unfrozen_blocks", "phase 4: the last blocks trained fully."),
     "explora_extra_images": Parameter("explora.extra_images", "phase 4: an s3:// prefix of unlabelled street images added to the train split's (empty: none)."),
     "calibrate_on": Parameter("views", "What phases 2, 3 and 5 fit on: challenge (validator-style views) or clean."),
-    "max_fnr": Parameter("policy.max_fnr", "phase 2: largest false-negative rate on val_calib (1.0: none)."),
+    "max_fnr": Parameter("sweep.max_fnr", "phase 2: largest false-negative rate on val_calib (1.0: none)."),
     "scrc_alpha": Parameter("scrc.alpha", "phase 5: the risk level of the answered images."),
     "scrc_delta": Parameter("scrc.delta", "phase 5: 0.0 controls the risk in expectation; otherwise with probability 1 - delta."),
     "scrc_risk": Parameter("scrc.risk", "phase 5: error (wrong answers) or fnr (missed roadwork among answered roadwork)."),

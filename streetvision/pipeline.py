@@ -9,7 +9,7 @@ Which phases run follows from the settings, as on Kubeflow (:func:`streetvision.
 export, the policy ``export.policy`` names, the gate under ``scrc.confidence=gate``, and phase 4 under
 ``pipeline.explora=true``; ``pipeline.phases=[make_splits,train_baseline]`` runs a subset instead.
 
-Overrides are the steps' own keys (``model.lr=0.001 policy.max_fnr=0.1``), routed to the step that owns
+Overrides are the steps' own keys (``model.lr=0.001 sweep.max_fnr=0.1``), routed to the step that owns
 the section, or a shared setting of the whole run (``seed=4``, ``views=clean``, ``model.backbone=...``;
 :data:`streetvision.phases.SHARED`), routed to every phase that has it. ``demo.n=...`` shapes the
 generated demo data used when no dataset is given.

@@ -171,10 +171,10 @@ CONFIG_CASES = {
         "trainer=1",
     ],
     "sweep_thresholds": [
-        "policy.max_fnr=1.5", "policy.max_fnr=-0.1", "policy.max_fnr=nan", "policy.max_fnr=abc",
-        "policy.max_fnr=inf", "policy.max_fpr=2", "policy.max_fpr=nan", "policy.min_precision=-1",
-        "policy.min_precision=nan", "policy.optimize=f1", "policy.optimize=", "roc_points=1", "roc_points=0",
-        "roc_points=-3", "roc_points=abc", "policy.bogus=1", "policy.views=perhaps", "policy.views=",
+        "sweep.max_fnr=1.5", "sweep.max_fnr=-0.1", "sweep.max_fnr=nan", "sweep.max_fnr=abc",
+        "sweep.max_fnr=inf", "sweep.max_fpr=2", "sweep.max_fpr=nan", "sweep.min_precision=-1",
+        "sweep.min_precision=nan", "sweep.optimize=f1", "sweep.optimize=", "roc_points=1", "roc_points=0",
+        "roc_points=-3", "roc_points=abc", "sweep.bogus=1", "sweep.views=perhaps", "sweep.views=",
     ],
     "train_gate": [
         "gate.hidden=0", "gate.hidden=abc", "gate.hidden=1.5", "gate.dropout=1", "gate.dropout=nan", "gate.lr=0",

@@ -339,7 +339,7 @@ def test_train_gate_component_runs_its_compiled_command_and_phase_5_answers_by_i
 def test_sweep_thresholds_component_runs_its_compiled_command(trained, tmp_path):
     out, root = run_component("sweep_thresholds", {"phase1": trained["phase1"]}, tmp_path, {"max_fnr": 0.5})
     m = verify_dir(root / "thresholds")
-    assert m.config["policy"]["max_fnr"] == 0.5
+    assert m.config["sweep"]["max_fnr"] == 0.5
     assert "mcc" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert "confusionMatrix" in out["artifacts"]["classification"]["artifacts"][0]["metadata"]
     assert (root / "report").read_text().startswith("# Threshold sweep")

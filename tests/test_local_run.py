@@ -51,7 +51,7 @@ def test_rerun_with_the_same_inputs_skips_every_phase(first_run, demo_dataset):
 def test_changed_policy_reruns_that_phase_and_downstream_only(first_run, demo_dataset, tmp_path):
     out, _ = first_run
     before = manifests(out)
-    summary = run_local(str(out), dataset=str(demo_dataset), overrides=[*TINY_TRAIN, "policy.max_fnr=0.5"])
+    summary = run_local(str(out), dataset=str(demo_dataset), overrides=[*TINY_TRAIN, "sweep.max_fnr=0.5"])
     assert summary["steps"]["make_splits"] == summary["steps"]["train_baseline"] == "up to date, skipped"
     assert summary["steps"]["sweep_thresholds"].startswith("ran")
     assert summary["steps"]["export_bundle"].startswith("ran")
@@ -67,7 +67,7 @@ def test_a_phase_that_crashed_before_its_manifest_is_rerun(first_run, demo_datas
     # What a kill before the commit leaves: a staging folder without a manifest, and no output folder.
     (out / "train_baseline" / MANIFEST).unlink()
     (out / "train_baseline").rename(out / ".train_baseline.staging-killed")
-    summary = run_local(str(out), dataset=str(demo_dataset), overrides=[*TINY_TRAIN, "policy.max_fnr=0.5"])
+    summary = run_local(str(out), dataset=str(demo_dataset), overrides=[*TINY_TRAIN, "sweep.max_fnr=0.5"])
     assert not (out / ".train_baseline.staging-killed").exists()  # the next writer cleans it
     assert summary["steps"]["make_splits"] == "up to date, skipped"
     assert all(
@@ -80,7 +80,7 @@ def test_a_subset_of_phases_runs_when_its_inputs_exist(first_run, demo_dataset):
     summary = run_local(
         str(out),
         dataset=str(demo_dataset),
-        overrides=[*TINY_TRAIN, "policy.max_fnr=0.3", "pipeline.phases=[phase2,phase6]"],
+        overrides=[*TINY_TRAIN, "sweep.max_fnr=0.3", "pipeline.phases=[phase2,phase6]"],
     )
     assert summary["steps"]["train_baseline"] == "not selected"
     assert summary["steps"]["sweep_thresholds"].startswith("ran")
@@ -97,7 +97,7 @@ def test_overrides_are_routed_to_the_step_that_owns_them_and_shared_settings_to_
         [
             "model.lr=0.1",
             "splits.seed=2",
-            "policy.max_fnr=0.2",
+            "sweep.max_fnr=0.2",
             "export.min_test_mcc=0.1",
             "seed=4",
             "views=clean",
@@ -109,7 +109,7 @@ def test_overrides_are_routed_to_the_step_that_owns_them_and_shared_settings_to_
     assert routed["train_baseline"] == ["seed=4", "model.lr=0.1", "data.batch_size=8"]
     assert routed["make_splits"] == ["splits.seed=4", "splits.seed=2"] and routed["runner"] == ["demo.n=50"]
     assert routed["calibrate_scrc"] == ["scrc.seed=4", "scrc.views=clean"]
-    assert routed["sweep_thresholds"] == ["policy.views=clean", "policy.max_fnr=0.2"]
+    assert routed["sweep_thresholds"] == ["sweep.views=clean", "sweep.max_fnr=0.2"]
     assert routed["adapt_explora"] == ["seed=4"] and routed["train_gate"] == ["seed=4", "gate.views=clean"]
     with pytest.raises(ConfigError, match="modle"):
         route([], ["modle.lr=0.1"])

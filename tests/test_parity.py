@@ -114,7 +114,7 @@ def test_seed_reaches_the_splits_and_every_seeded_phase_on_both_sides(compiled):
 
 def test_views_reach_every_phase_that_reads_views_on_both_sides(compiled):
     expected = {
-        ("sweep_thresholds", "policy.views"),
+        ("sweep_thresholds", "sweep.views"),
         ("train_gate", "gate.views"),
         ("calibrate_scrc", "scrc.views"),
     }

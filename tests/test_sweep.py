@@ -178,8 +178,8 @@ def test_unsatisfiable_constraint_fails_with_the_numbers(tmp_path):
         str(p1),
         "--out",
         str(tmp_path / "out"),
-        "policy.max_fnr=0.0",
-        "policy.max_fpr=0.0",
+        "sweep.max_fnr=0.0",
+        "sweep.max_fpr=0.0",
     )
     assert r.returncode != 0 and "no threshold on val_calib satisfies" in r.stderr
     assert not (tmp_path / "out" / MANIFEST).exists()
@@ -274,7 +274,7 @@ def test_challenge_views_are_what_the_threshold_is_fitted_on(tmp_path):
     out.write_npy("views_val_calib_challenge.npy", views)
     out.commit(config={})
     run_step(tmp_path / "c", tmp_path / "p1b")
-    run_step(tmp_path / "k", tmp_path / "p1b", "policy.views=clean")
+    run_step(tmp_path / "k", tmp_path / "p1b", "sweep.views=clean")
     challenge = json.loads((tmp_path / "c" / "sweep" / "thresholds.json").read_text())
     clean = json.loads((tmp_path / "k" / "sweep" / "thresholds.json").read_text())
     expected, _ = sweep.choose_threshold(sweep.exact_sweep(sweep.probabilities(shifted), labels[rows]))
@@ -292,7 +292,7 @@ def test_missing_or_malformed_challenge_views_get_one_line(tmp_path):
     assert r.returncode == 2 and "eval.challenge_views" in r.stderr and len(r.stderr.splitlines()) == 1
     assert (
         cli(
-            "sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "o2"), "policy.views=clean"
+            "sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "o2"), "sweep.views=clean"
         ).returncode
         == 0
     )

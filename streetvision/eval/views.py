@@ -73,7 +73,7 @@ def load(phase1: Path, split: str, view: str) -> Scores:
     if not logits_file.is_file():
         raise ViewError(
             f"{phase1}: no challenge views of {split} (phase 1 ran with eval.challenge_views=0); "
-            "re-run phase 1 with eval.challenge_views=4, or use policy.views=clean"
+            "re-run phase 1 with eval.challenge_views=4, or use sweep.views=clean"
         )
     views = _npy(phase1 / f"views_{split}_challenge.npy")
     challenged = margins(_npy(logits_file))

@@ -27,7 +27,9 @@ SPLIT = "val_calib"
 
 
 @dataclass
-class PolicyConfig:
+class SweepConfig:
+    """How the threshold policy is chosen: the objective, what it is fitted on, the constraints."""
+
     optimize: str = "mcc"
     # What the threshold is fitted on: val_calib's images as they are (clean), or phase 1's
     # validator-style challenge views of them (challenge: what a subnet miner is asked about).
@@ -39,15 +41,15 @@ class PolicyConfig:
 
 @dataclass
 class Config:
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     roc_points: int = 200  # ROC points kept for the Kubeflow UI
 
     def check(self) -> None:
-        p = self.policy
-        require(p.optimize == "mcc", "policy.optimize", p.optimize, "only 'mcc' is supported")
-        require(p.views in VIEWS, "policy.views", p.views, ", ".join(VIEWS))
+        p = self.sweep
+        require(p.optimize == "mcc", "sweep.optimize", p.optimize, "only 'mcc' is supported")
+        require(p.views in VIEWS, "sweep.views", p.views, ", ".join(VIEWS))
         for key in ("max_fnr", "max_fpr", "min_precision"):
-            probability(f"policy.{key}", getattr(p, key))
+            probability(f"sweep.{key}", getattr(p, key))
         require(self.roc_points >= 2, "roc_points", self.roc_points, "at least 2")
 
 
@@ -76,13 +78,13 @@ def run(
     run_id: str | None = None,
     task: str = "",
 ) -> Manifest:
-    if config.policy.optimize != "mcc":
-        raise sweep.SweepError(f"policy.optimize={config.policy.optimize!r}: only 'mcc' is supported")
+    if config.sweep.optimize != "mcc":
+        raise sweep.SweepError(f"sweep.optimize={config.sweep.optimize!r}: only 'mcc' is supported")
     verify_dir(phase1, "train_baseline")  # before anything is read
-    calib = views.load(phase1, SPLIT, config.policy.views)
+    calib = views.load(phase1, SPLIT, config.sweep.views)
     scores, labels = calib.scores, calib.labels
     curve = sweep.exact_sweep(scores, labels)
-    constraint = sweep.Constraint(config.policy.max_fnr, config.policy.max_fpr, config.policy.min_precision)
+    constraint = sweep.Constraint(config.sweep.max_fnr, config.sweep.max_fpr, config.sweep.min_precision)
     threshold, k = sweep.choose_threshold(curve, constraint)
     predicted = sweep.decide(scores, threshold)
     at = compute_all_metrics(labels, predicted)
@@ -103,7 +105,7 @@ def run(
         "n": int(len(labels)),
         "n_positive": int(labels.sum()),
         "split": SPLIT,
-        "views": config.policy.views,
+        "views": config.sweep.views,
         "images": calib.images,
         "selected_score": float(curve.thresholds[k]),
         "by_level": {
