@@ -51,6 +51,10 @@ class Phase:
     # or WHEN_GIVEN for one read whenever it is given.
     optional_inputs: dict[str, str] = field(default_factory=dict)
     checkpoints: bool = False  # takes --checkpoint-root (per-epoch checkpoints a retried task resumes from)
+    # Inputs that must belong together, checked before any work: (a, b) means input a's manifest records
+    # input b as its own b (the policy was swept on this phase 1). A dataset and splits are checked by
+    # content (``make_splits.split_dataset``).
+    belongs: tuple[tuple[str, str], ...] = ()
 
     @property
     def command(self) -> str:
@@ -97,6 +101,7 @@ PHASES: tuple[Phase, ...] = (
         },
         optional_inputs={"explora": WHEN_GIVEN},
         checkpoints=True,
+        belongs=(("explora", "splits"),),
     ),
     Phase(
         "sweep_thresholds",
@@ -125,6 +130,7 @@ PHASES: tuple[Phase, ...] = (
             "splits": "the make_splits output phase 1 was trained on",
         },
         optional=True,
+        belongs=(("phase1", "splits"),),
     ),
     Phase(
         "calibrate_scrc",
@@ -143,6 +149,7 @@ PHASES: tuple[Phase, ...] = (
         },
         optional=True,
         optional_inputs={"gate": "scrc.confidence=gate"},
+        belongs=(("gate", "phase1"),),
     ),
     Phase(
         "export_bundle",
@@ -156,6 +163,7 @@ PHASES: tuple[Phase, ...] = (
         "base",
         "bundle",
         {"test_metrics": "system.Metrics", "report": "system.Markdown"},
+        belongs=(("policy", "phase1"), ("phase1", "splits")),
         input_help={
             "policy": "the policy step's output: sweep_thresholds, or calibrate_scrc with export.policy=scrc"
         },

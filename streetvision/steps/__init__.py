@@ -93,6 +93,38 @@ def run_step(
     return manifest
 
 
+def read_inputs(stem: str, config, given: set[str]) -> dict[str, str | None]:
+    """Input name -> its producing phase, of the inputs this config reads; an optional input given but
+    not read under this config, or read but not given, is refused in one line."""
+    read = producers(stem, config, given)
+    for name, setting in BY_STEM[stem].optional_inputs.items():
+        if setting == WHEN_GIVEN:
+            continue
+        if name in given and name not in read:
+            raise StreetVisionError(f"--{name} is read only with {setting}; add that, or leave --{name} out")
+        if name in read and name not in given:
+            raise StreetVisionError(f"{setting} needs --{name} (a {read[name]} output)")
+    return read
+
+
+def start(stem: str, config, paths: dict[str, Path | None], sources: dict[str, str] | None = None):
+    """The start-up every step shares, from the declaration: each input that is a commit is verified as
+    its producing phase's (manifest first, every file's checksum), and each pair the declaration says
+    belongs together is checked, before any work. Returns input name -> its verified manifest. ``paths``:
+    the step's input folders (None for one not given); ``sources``: how the user named them."""
+    from streetvision.io.manifests import check_lineage, verify_dir
+
+    src = {name: str(path) for name, path in paths.items() if path is not None} | (sources or {})
+    made_by = read_inputs(stem, config, given={name for name, path in paths.items() if path is not None})
+    manifests = {
+        name: verify_dir(paths[name], producer) for name, producer in made_by.items() if producer is not None
+    }
+    for a, b in BY_STEM[stem].belongs:
+        if a in manifests and b in manifests:
+            check_lineage(f"--{a} {src[a]}", manifests[a], b, paths[b], src[b], StreetVisionError)
+    return manifests
+
+
 def step_config(stem: str, files=(), overrides=()):
     """The resolved config of a step: its dataclass defaults, then files, then ``key=value`` overrides."""
     module = importlib.import_module(f"streetvision.steps.{stem}")
@@ -106,14 +138,7 @@ def run_from_cli(stem: str, args: dict[str, Any]):
             raise StreetVisionError("--checkpoint-root needs --run-id (checkpoints live under the run's id)")
         overrides.append(f"trainer.checkpoint_uri={store.join(root, args['run_id'], stem.replace('_', '-'))}")
     config = step_config(stem, args.get("config") or [], overrides)
-    read = producers(stem, config, given={name for name in STEPS[stem] if args.get(name)})
-    for name, setting in BY_STEM[stem].optional_inputs.items():
-        if setting == WHEN_GIVEN:
-            continue
-        if args.get(name) and name not in read:
-            raise StreetVisionError(f"--{name} is read only with {setting}; add that, or leave --{name} out")
-        if name in read and not args.get(name):
-            raise StreetVisionError(f"{setting} needs --{name} (a {read[name]} output)")
+    read = read_inputs(stem, config, given={name for name in STEPS[stem] if args.get(name)})
     uris = {name: str(args[name]) for name in read}
     return run_step(
         stem,

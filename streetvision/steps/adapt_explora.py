@@ -28,6 +28,7 @@ from streetvision.data.dataset import dataset_input, unlabelled_images
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
+from streetvision.steps import start
 from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, check_trainer
 
@@ -159,6 +160,7 @@ def run(
     from streetvision.models.trainer import build_trainer
 
     src = {"dataset": str(dataset), "splits": str(splits), **(sources or {})}
+    start(STEP, config, {"dataset": dataset, "splits": splits}, src)
     ds, splits_manifest, parts = split_dataset(dataset, splits, src)
     e, d = config.explora, config.data
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -26,8 +26,9 @@ from streetvision.bundle import served_probability
 from streetvision.config import require, to_dict, to_yaml
 from streetvision.eval import conformal, sweep, views
 from streetvision.eval.metrics import calibration_errors, compute_all_metrics
-from streetvision.io.manifests import Manifest, check_lineage, input_record, verify_dir
+from streetvision.io.manifests import Manifest, input_record
 from streetvision.io.outputs import StepOutputs
+from streetvision.steps import start
 
 STEP = "calibrate_scrc"
 POLICY_FILE = "scrc.json"
@@ -84,9 +85,10 @@ def run(
 ) -> Manifest:
     c = config.scrc
     src = {"phase1": str(phase1), "gate": str(gate), **(sources or {})}
-    verify_dir(phase1, "train_baseline")
+    start(STEP, config, {"phase1": phase1, "gate": gate}, src)
     calib = views.load(phase1, SPLIT, c.views)  # every image once below: a seeded view of it
-    gate_scores = _gate_scores(gate, phase1, calib, c.views, src) if gate is not None else None
+    # phase 3's scores of val_calib's rows in the same view (scrc.confidence=gate)
+    gate_scores = views.load_gate(gate, SPLIT, c.views, len(calib.logits)) if gate is not None else None
     logits, labels, rows = calib.logits, calib.labels, calib.rows
     rng = np.random.default_rng(c.seed)
     images = np.unique(rows)
@@ -181,15 +183,6 @@ def run(
             run_id=run_id,
             task=task,
         )
-
-
-def _gate_scores(gate: Path, phase1: Path, calib: views.Scores, view: str, src: dict[str, str]) -> np.ndarray:
-    """Phase 3's scores of val_calib's rows in ``view``, from a gate trained on this phase-1 output."""
-    gate_manifest = verify_dir(gate, "train_gate")
-    check_lineage(
-        f"--gate {src['gate']}", gate_manifest, "phase1", phase1, src["phase1"], conformal.ConformalError
-    )
-    return views.load_gate(gate, SPLIT, view, len(calib.logits))
 
 
 def _coverage(selection, score: np.ndarray) -> float | None:

@@ -29,9 +29,10 @@ from streetvision.eval import views
 from streetvision.eval.metrics import compute_all_metrics, subnet_reward
 from streetvision.eval.report import level_table
 from streetvision.eval.views import VIEWS
-from streetvision.io.manifests import Manifest, check_lineage, code_version, input_record, verify_dir
+from streetvision.io.manifests import Manifest, code_version, input_record
 from streetvision.io.outputs import StepOutputs
 from streetvision.phases import choices
+from streetvision.steps import start
 from streetvision.steps.make_splits import SPLITS_FILE
 
 STEP = "export_bundle"
@@ -205,11 +206,8 @@ def run(
     task: str = "",
 ) -> Manifest:
     src = {"phase1": str(phase1), "policy": str(policy), "splits": str(splits), **(sources or {})}
-    p1_manifest = verify_dir(phase1, "train_baseline")
-    policy_manifest = verify_dir(policy, POLICY_STEPS[config.export.policy])
-    verify_dir(splits, "make_splits")
-    check_lineage(f"--policy {src['policy']}", policy_manifest, "phase1", phase1, src["phase1"], BundleError)
-    check_lineage(f"--phase1 {src['phase1']}", p1_manifest, "splits", splits, src["splits"], BundleError)
+    manifests = start(STEP, config, {"phase1": phase1, "policy": policy, "splits": splits}, src)
+    p1_manifest = manifests["phase1"]
     kind = config.export.policy
     policy_file, policy_content, params = find_policy(policy, kind)
     gated = params.get("confidence") == "gate"

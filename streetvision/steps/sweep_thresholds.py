@@ -18,8 +18,9 @@ from streetvision.config import probability, require, to_dict, to_yaml
 from streetvision.eval import report, sweep, views
 from streetvision.eval.metrics import RATE_NAMES, compute_all_metrics
 from streetvision.eval.views import VIEWS
-from streetvision.io.manifests import Manifest, input_record, verify_dir
+from streetvision.io.manifests import Manifest, input_record
 from streetvision.io.outputs import StepOutputs
+from streetvision.steps import start
 
 STEP = "sweep_thresholds"
 POLICY_FILE = "thresholds.json"
@@ -80,7 +81,7 @@ def run(
 ) -> Manifest:
     if config.sweep.optimize != "mcc":
         raise sweep.SweepError(f"sweep.optimize={config.sweep.optimize!r}: only 'mcc' is supported")
-    verify_dir(phase1, "train_baseline")  # before anything is read
+    start(STEP, config, {"phase1": phase1}, sources)  # before anything is read
     calib = views.load(phase1, SPLIT, config.sweep.views)
     scores, labels = calib.scores, calib.labels
     curve = sweep.exact_sweep(scores, labels)

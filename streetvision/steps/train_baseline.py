@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from streetvision.config import require, to_dict, to_yaml
-from streetvision.data.dataset import CLASS_NAMES, DataError, dataset_input
+from streetvision.data.dataset import CLASS_NAMES, dataset_input
 from streetvision.errors import StreetVisionError
 from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, check_lineage, input_record, sha256_json, verify_dir
+from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
+from streetvision.steps import start
 from streetvision.steps.make_splits import split_dataset
 
 STEP = "train_baseline"
@@ -157,18 +158,16 @@ def _network(config: Config, explora: Path | None):
     return RoadworkNet(backbone, config.model.dropout), arch, preprocessing(backbone, config.data.image_size)
 
 
-def check_explora(explora: Path, config: Config, where: str) -> Manifest:
-    """A phase-4 output this training can start from: committed, of the configured backbone."""
+def check_explora(explora: Path, config: Config, where: str) -> None:
+    """A verified phase-4 output this training can start from: of the configured backbone."""
     from streetvision.config import read_json
 
-    manifest = verify_dir(explora, "adapt_explora")
     adapted = read_json(explora / "model.json", StreetVisionError).get("backbone")
     if adapted != config.model.backbone:
         raise StreetVisionError(
             f"--explora {where} adapted {adapted}, but model.backbone is {config.model.backbone}; "
             f"set model.backbone={adapted}"
         )
-    return manifest
 
 
 def run(
@@ -218,11 +217,11 @@ def _train(
     from streetvision.models.trainer import build_trainer
 
     src = sources or {}
+    manifests = start(STEP, config, {"dataset": dataset, "splits": splits, "explora": explora}, src)
     ds, splits_manifest, parts = split_dataset(dataset, splits, src)
     if explora is not None:
-        explora_manifest = check_explora(explora, config, src.get("explora", str(explora)))
-        check_lineage(f"--explora {src.get('explora', explora)}", explora_manifest, "splits", splits,
-                      src.get("splits", str(splits)), DataError)  # fmt: skip
+        explora_manifest = manifests["explora"]
+        check_explora(explora, config, src.get("explora", str(explora)))
     label_of = ds.label_of()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates, once per fit: noise in every job's log.

@@ -28,8 +28,9 @@ from streetvision.data.dataset import DataError, dataset_input
 from streetvision.eval import sweep
 from streetvision.eval.metrics import auroc
 from streetvision.eval.views import VIEWS, gate_file
-from streetvision.io.manifests import Manifest, check_lineage, input_record, sha256_json, verify_dir
+from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
+from streetvision.steps import start
 from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import CHALLENGE_SPLITS, EVAL_SPLITS, check_trainer
 
@@ -123,9 +124,8 @@ def run(
     from streetvision.models.trainer import build_trainer
 
     src = {"phase1": str(phase1), "splits": str(splits), "dataset": str(dataset), **(sources or {})}
-    p1 = verify_dir(phase1, "train_baseline")
+    p1 = start(STEP, config, {"phase1": phase1, "dataset": dataset, "splits": splits}, src)["phase1"]
     ds, _, parts = split_dataset(dataset, splits, src)
-    check_lineage(f"--phase1 {src['phase1']}", p1, "splits", splits, src["splits"], DataError)
     info = read_json(phase1 / "model.json", DataError)
     p1_seed, p1_views = _phase1_config(p1, src["phase1"])
     for split in EVAL_SPLITS:
