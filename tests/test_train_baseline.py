@@ -311,8 +311,9 @@ def test_training_reports_its_splits_with_the_policies_own_decision_rule(trained
 def test_a_frozen_backbone_sees_every_image_exactly_once_and_on_the_trainers_device(
     demo_dataset, demo_splits, tmp_path, monkeypatch
 ):
-    """Default settings (frozen backbone, feature cache, precision auto). Where CUDA is present every
-    backbone forward pass must run on the GPU; everywhere, no image passes the backbone twice."""
+    """Default settings but augmentation off (frozen backbone, feature cache, precision auto). Where CUDA
+    is present every backbone forward pass must run on the GPU; everywhere, no image passes the backbone
+    twice."""
     import torch
 
     from streetvision.models import network
@@ -330,6 +331,7 @@ def test_a_frozen_backbone_sees_every_image_exactly_once_and_on_the_trainers_dev
         "model.pretrained=false",
         "data.image_size=32",
         "trainer.max_epochs=2",
+        "data.augment=none",  # the default, challenge views, are new images every epoch: nothing to cache
     ]
     cfg = load_config(train_baseline.Config, [], overrides)
     assert cfg.model.freeze_backbone and cfg.trainer.cache_features and cfg.trainer.precision == "auto"

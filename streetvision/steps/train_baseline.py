@@ -196,6 +196,66 @@ def run(
                   run_id=run_id, task=task)  # fmt: skip
 
 
+def _identity(config: Config, ds, splits_manifest: Manifest, explora_manifest: Manifest | None) -> str:
+    """What a checkpoint must belong to before it is resumed: this config (wherever checkpoints are
+    written) and these inputs."""
+    unplaced = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))
+    return sha256_json({
+        "config": to_dict(unplaced),
+        "dataset": ds.content_sha256,
+        "splits": splits_manifest.self_sha256,
+        **({"explora": explora_manifest.self_sha256} if explora_manifest is not None else {}),
+    })  # fmt: skip
+
+
+def _score(net, data, trainer, config: Config, cached: bool):
+    """(split -> (logits, labels, rows), split -> the same for its challenge views) of the trained
+    network on the evaluation splits, on the trainer's device, each rank its share."""
+    from streetvision.models.data import infer
+
+    run_on_device = functools.partial(
+        infer,
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers,
+        device=trainer.strategy.root_device,
+        precision=str(trainer.precision),
+        strategy=trainer.strategy,
+    )
+    results = {}
+    for split in EVAL_SPLITS:
+        head_only = cached and split == "val_select"  # its features are cached already
+        results[split] = run_on_device(
+            net.head if head_only else net, data.features[split] if head_only else data.images(split)
+        )
+    views = config.eval.challenge_views
+    challenged = {
+        split: run_on_device(net, data.challenge_views(split, views))
+        for split in (CHALLENGE_SPLITS if views else ())
+    }
+    return results, challenged
+
+
+def _write_scores(outputs, results, challenged, parts, data, views: int) -> dict[str, dict]:
+    """Write each split's logits, labels and ids (and its challenge views' logits and rows); return the
+    metrics at the selection threshold of what is not held out (val_test is evaluated once, by the export)."""
+    per_split = {}
+    for split, (logits, labels, idx) in results.items():
+        outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
+        outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
+        outputs.write_json(f"ids_{split}.json", [parts[split][i] for i in idx])
+        if split != "val_test":
+            per_split[split] = metrics_at(probabilities(logits), labels.astype(int), SELECTION_THRESHOLD)
+    for split, (logits, labels, idx) in challenged.items():
+        rows = data.challenge_views(split, views).rows()[idx]
+        outputs.write_npy(f"logits_{split}_challenge.npy", logits.astype(np.float32))
+        outputs.write_npy(f"views_{split}_challenge.npy", rows.astype(np.int64))
+        if split == "val_calib":
+            per_split["val_calib_challenge"] = metrics_at(
+                probabilities(logits), labels.astype(int), SELECTION_THRESHOLD
+            )
+    return per_split
+
+
 def _train(
     config: Config,
     *,
@@ -210,7 +270,6 @@ def _train(
     import lightning as L
 
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
-    from streetvision.models.data import infer
     from streetvision.models.datamodule import FeatureCache, RoadworkData
     from streetvision.models.lightning import BestWeights, RoadworkModule
     from streetvision.models.network import decode_side
@@ -220,7 +279,6 @@ def _train(
     manifests = start(STEP, config, {"dataset": dataset, "splits": splits, "explora": explora}, src)
     ds, splits_manifest, parts = split_dataset(dataset, splits, src)
     if explora is not None:
-        explora_manifest = manifests["explora"]
         check_explora(explora, config, src.get("explora", str(explora)))
     label_of = ds.label_of()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -253,20 +311,7 @@ def _train(
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         best = BestWeights()
-        # What a checkpoint must belong to before it is resumed: this config (wherever it is written) and
-        # these inputs.
-        identity = sha256_json(
-            {
-                "config": to_dict(
-                    dataclasses.replace(
-                        config, trainer=dataclasses.replace(config.trainer, checkpoint_uri="")
-                    )
-                ),
-                "dataset": ds.content_sha256,
-                "splits": splits_manifest.self_sha256,
-                **({"explora": explora_manifest.self_sha256} if explora is not None else {}),
-            }
-        )
+        identity = _identity(config, ds, splits_manifest, manifests.get("explora"))
         trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity)
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
@@ -275,25 +320,7 @@ def _train(
         # The best epoch's weights, not the last epoch's; logits on the trainer's device, each rank its share.
         net.load_state_dict(best.state)
         net.to(trainer.strategy.root_device).eval()
-        run_on_device = functools.partial(
-            infer,
-            batch_size=config.data.batch_size,
-            num_workers=config.data.num_workers,
-            device=trainer.strategy.root_device,
-            precision=str(trainer.precision),
-            strategy=trainer.strategy,
-        )
-        results = {}
-        for split in EVAL_SPLITS:
-            head_only = cached and split == "val_select"  # its features are cached already
-            results[split] = run_on_device(
-                net.head if head_only else net, data.features[split] if head_only else data.images(split)
-            )
-        views = config.eval.challenge_views
-        challenged = {
-            split: run_on_device(net, data.challenge_views(split, views))
-            for split in (CHALLENGE_SPLITS if views else ())
-        }
+        results, challenged = _score(net, data, trainer, config, cached)
         if not trainer.is_global_zero:
             return None
         precision, side = str(trainer.precision), decode_side(prep)
@@ -302,49 +329,21 @@ def _train(
                 "best_epoch": best.best_epoch,
                 "epochs_run": trainer.current_epoch,
             }
-            per_split = {}
-            for split, (logits, labels, idx) in results.items():
-                ids = [parts[split][i] for i in idx]
-                outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
-                outputs.write_npy(f"labels_{split}.npy", labels.astype(np.int64))
-                outputs.write_json(f"ids_{split}.json", ids)
-                if split != "val_test":  # held out: evaluated once, by export_bundle
-                    per_split[split] = metrics_at(
-                        probabilities(logits), labels.astype(int), SELECTION_THRESHOLD
-                    )
-                    metrics |= {
-                        f"{split}_{k}": v
-                        for k, v in per_split[split].items()
-                        if k in ("mcc", "accuracy", "fnr", "fpr")
-                    }
-
-            for split, (logits, labels, idx) in challenged.items():
-                rows = data.challenge_views(split, views).rows()[idx]
-                outputs.write_npy(f"logits_{split}_challenge.npy", logits.astype(np.float32))
-                outputs.write_npy(f"views_{split}_challenge.npy", rows.astype(np.int64))
-                if split == "val_calib":
-                    at = metrics_at(probabilities(logits), labels.astype(int), SELECTION_THRESHOLD)
-                    per_split["val_calib_challenge"] = at
-                    metrics |= {f"val_calib_challenge_{k}": at[k] for k in ("mcc", "accuracy")}
-
+            per_split = _write_scores(outputs, results, challenged, parts, data, config.eval.challenge_views)
+            for split, at in per_split.items():
+                keys = (
+                    ("mcc", "accuracy") if split.endswith("_challenge") else ("mcc", "accuracy", "fnr", "fpr")
+                )
+                metrics |= {f"{split}_{k}": at[k] for k in keys}
             state = {k: v.contiguous() for k, v in net.state_dict().items()}
             outputs.write_safetensors(
                 "model.safetensors", state, metadata={"backbone": config.model.backbone}
             )
-            outputs.write_json(
-                "model.json",
-                {
-                    "backbone": config.model.backbone,
-                    "architecture": arch,
-                    "num_classes": 2,
-                    "logit_columns": 1,
-                    "class_names": CLASS_NAMES,
-                    "dropout": config.model.dropout,
-                    "preprocessing": prep,
-                    "decode_min_side": side,
-                    "weights": "model.safetensors",
-                },
-            )
+            outputs.write_json("model.json", {
+                "backbone": config.model.backbone, "architecture": arch, "num_classes": 2, "logit_columns": 1,
+                "class_names": CLASS_NAMES, "dropout": config.model.dropout, "preprocessing": prep,
+                "decode_min_side": side, "weights": "model.safetensors",
+            })  # fmt: skip
             history = joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
             outputs.write_text("history.csv", history)  # the CSVLogger's rows, one per log call
             for event in sorted((log_dir / "tensorboard").glob("*")):
