@@ -98,3 +98,16 @@ def _hash_cache(tmp_path_factory):
     import os
 
     os.environ["STREETVISION_CACHE_DIR"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
+def run_cli(capsys, argv: list) -> tuple[int, str, str]:
+    """The CLI in this process (imports paid once); usage errors exit through SystemExit."""
+    from streetvision.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -71,6 +71,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_partial_file_or_a_lying_manifest(tmp_path):
     rng = random.Random(1234)
     trials = 25

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, run_cli
 from phase1_fake import reseal
 
 from streetvision.cli import main
@@ -45,17 +45,6 @@ EXPLORA = ["model.backbone=test_vit", "model.pretrained=false", "data.image_size
            "trainer.accelerator=cpu", "trainer.devices=1"]  # a quick phase 4  # fmt: skip
 ON_EXPLORA = ["model.backbone=test_vit", "model.pretrained=false", "data.image_size=32", "trainer.max_epochs=1",
               "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=0"]  # phase 1 on it  # fmt: skip
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
-    """The CLI in this process (imports paid once); usage errors exit through SystemExit."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> bool:
