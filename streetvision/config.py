@@ -51,6 +51,7 @@ _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 def _merge_override(base, override: str):
     """Merge one ``key=value``; an error names that key even where OmegaConf's message does not."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -63,8 +64,10 @@ def _merge_override(base, override: str):
     # `key=` means the empty string (as a KFP launcher renders an empty parameter), not null.
     try:
         return OmegaConf.merge(base, OmegaConf.from_dotlist([override + '""' if not value else override]))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError, TypeError, ValueError) as e:
+        # also a value YAML cannot read ([0.25,0.25) or a mapping where a list or number belongs ({a:1})
+        what = str(e).splitlines()[0] if not isinstance(e, TypeError) else f"{value!r} has the wrong shape"
+        raise ConfigError(f"config key {key!r}: {what}") from None
 
 
 def read_yaml(f: str | Path):
@@ -108,11 +111,24 @@ def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json(text: str) -> Any:
+    """Parse a JSON document as the standard says: NaN and Infinity are refused, and so is nesting deeper
+    than Python's stack (a ``ValueError`` saying so, never a ``RecursionError``)."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: Path, error: type[Exception] = ConfigError, kind: type = dict) -> Any:
     """A JSON object (or ``kind``: list) from ``path``, or ``error`` with one line naming the file."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = strict_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise error(f"{path}: not a readable JSON document ({e})") from None
     if not isinstance(data, kind):
         raise error(f"{path}: must hold a JSON {'object' if kind is dict else 'list'}")

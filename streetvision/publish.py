@@ -126,6 +126,7 @@ def export_hf(
     from timm.models import save_for_hf
 
     from streetvision.predict import Predictor
+    from streetvision.steps import check_out_path
 
     if not VERSION.fullmatch(version):
         raise PublishError(f"--version {version!r}: must be X.Y.Z (e.g. 1.0.0)")
@@ -133,6 +134,7 @@ def export_hf(
         raise PublishError("--submitted-by: your wallet's hotkey address (one word)")
     if store.is_s3(out):
         raise PublishError(f"--out {out}: export-hf writes a local folder, to push with huggingface-cli")
+    check_out_path(STEP, {"bundle": bundle_uri}, out)  # before anything is written: not inside the bundle
     with store.staged_step(bundle_uri, "export_bundle") as root:
         predictor = Predictor(root)  # verifies the bundle
         source = input_record(root, bundle_uri)

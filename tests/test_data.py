@@ -132,6 +132,20 @@ def test_a_nul_byte_in_an_image_path_is_a_bad_row(dataset_copy):
         load_index(dataset_copy)
 
 
+@pytest.mark.parametrize(
+    "content,says",
+    [
+        ("image,label\nimages/a.jpg\x00,1\n", "path escaping the dataset root: 1"),
+        ("image,label\n" + "a" * 200_000 + ",1\n", "not a CSV index (line 1: field larger than field limit"),
+    ],
+)
+def test_an_index_with_a_nul_byte_or_a_huge_field_is_one_clear_error(dataset_copy, content, says):
+    (dataset_copy / "labels.csv").write_text(content)
+    with pytest.raises(DataError) as err:
+        load_index(dataset_copy)
+    assert says in str(err.value)
+
+
 def test_make_splits_on_bad_input_exits_nonzero_and_writes_nothing(dataset_copy, tmp_path):
     rewrite_index(dataset_copy, rows_of(dataset_copy) + [("images/gone.jpg", "1")])
     r = cli("make-splits", "--dataset", str(dataset_copy), "--out", str(tmp_path / "out"))

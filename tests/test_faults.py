@@ -143,6 +143,7 @@ CONFIG_CASES = {
         "splits.ratios=[-0.1,0.5,0.3,0.3]", "splits.ratios=[1,0,0,0]", "splits.ratios=[a,b,c,d]",
         "splits.ratios=5", "splits.ratios=[inf,0,0,0]", "splits.seed=-1", "splits.seed=4294967296",
         "splits.seed=abc", "splits.seed=1.5", "splits.seed=nan", "splits.bogus=1", "splits=3",
+        "splits.ratios={a:1}", "splits.ratios=[0.25,0.25", "splits.seed=99999999999999999999",
     ],
     "train_baseline": [
         "model.lr=-1", "model.lr=0", "model.lr=nan", "model.lr=inf", "model.lr=abc", "model.lr=100",
@@ -150,6 +151,7 @@ CONFIG_CASES = {
         "model.weight_decay=-1", "model.weight_decay=nan", "model.warmup_epochs=-1", "model.warmup_epochs=nan",
         'model.backbone=""', "model.pretrained=maybe", "model.freeze_backbone=2", "data.batch_size=0",
         "data.batch_size=-1", "data.batch_size=abc", "data.batch_size=1.5", "data.num_workers=-1",
+        "data.batch_size=99999999999999999999", "data.num_workers=100000",
         "data.image_size=-1", "data.image_size=8", "data.image_size=5000", "data.image_size=abc",
         "data.augment=perhaps", "data.augment=true", "eval.challenge_views=-1", "eval.challenge_views=65",
         "eval.challenge_views=abc", "trainer.max_epochs=0", "trainer.max_epochs=-1", "trainer.max_epochs=abc",
@@ -195,6 +197,7 @@ CONFIG_CASES = {
 }  # fmt: skip
 RUNNER_CASES = [
     "pipeline.explora=maybe", "pipeline.phases=[bogus]", "pipeline.phases=[phase9]", "pipeline.phases=3",
+    "pipeline.phases={a:1}", "demo.n=1e20",
     "pipeline.phases=[phase0,phase1,phase3,phase5]",
     "demo.n=4", "demo.n=0", "demo.n=-1", "demo.n=abc", "demo.size=0", "demo.size=8", "demo.size=99999",
     "demo.seed=-1", "bogus.key=1", "noequals",
@@ -234,6 +237,14 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
             )
     for o in RUNNER_CASES:
         cases.append((f"run:{o}", ["run", "--out", "{out}", *TINY_TRAIN, o], _key(o)))
+    import torch
+
+    # Hardware that is not there and a strategy that is not installed: one line from the step, no traceback.
+    for o in [
+        "trainer.strategy=deepspeed",
+        *([] if torch.cuda.is_available() else ["trainer.accelerator=gpu"]),
+    ]:
+        cases.append((f"train_baseline:{o}", [*step_argv["train_baseline"], "--out", "{out}", o], o))
 
     # Inputs that are missing, a file, not committed, or another step's commit.
     a_file = base / "a-file.txt"

@@ -85,3 +85,36 @@ def test_manifest_listing_an_escaping_path_is_rejected(step):
 def test_input_record_hashes_the_upstream_manifest(step):
     rec = input_record(step, uri="s3://b/step")
     assert rec["uri"] == "s3://b/step" and len(rec["manifest_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    "edit,says",
+    [
+        (lambda text: text.replace('"mcc": 0.5', '"mcc": NaN'), "NaN is not a JSON number"),
+        (lambda text: text.replace('"mcc": 0.5', '"mcc": Infinity'), "Infinity is not a JSON number"),
+        (
+            lambda text: text.replace('"mcc": 0.5', '"mcc": ' + "[" * 100_000 + "]" * 100_000),
+            "nested too deeply",
+        ),
+    ],
+)
+def test_a_manifest_that_is_not_standard_json_is_refused_in_one_line(step, capsys, edit, says):
+    from conftest import run_cli
+
+    path = step / MANIFEST
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ManifestError, match=says):
+        load_manifest(step)
+    code, _, err = run_cli(capsys, ["verify", step])
+    assert code == 2 and says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_json_document_with_nan_or_deep_nesting_is_one_clear_error(tmp_path):
+    from streetvision.config import ConfigError, read_json
+
+    (tmp_path / "nan.json").write_text('{"threshold": NaN}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="NaN is not a JSON number"):
+        read_json(tmp_path / "nan.json")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        read_json(tmp_path / "deep.json", kind=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -90,6 +91,16 @@ def test_bad_options_get_one_line(vit_bundle, tmp_path, args, message):
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_inside_the_bundle_is_refused_and_leaves_the_bundle_as_it_was(vit_bundle, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(vit_bundle / "b", bundle)
+    r = subprocess.run([sys.executable, "-m", "streetvision", "export-hf", "--bundle", str(bundle), "--out",
+                        str(bundle / "hf"), "--submitted-by", HOTKEY], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "lies inside the input --bundle" in r.stderr, r.stderr
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in (vit_bundle / "b").iterdir())
+    assert subprocess.run([sys.executable, "-m", "streetvision", "verify", str(bundle)]).returncode == 0
 
 
 def test_an_scrc_bundle_is_exported_with_its_temperature_and_threshold_folded_in(

@@ -98,3 +98,18 @@ def test_download_file_commits_atomically_and_hashes_what_it_wrote(s3, tmp_path)
     assert (tmp_path / "dst" / "w.bin").read_bytes() == data
     assert written.size == len(data) and written.sha256 == hashlib.sha256(data).hexdigest()
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["w.bin"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("endpoint", ["not a url", "http://[::1"])
+def test_an_endpoint_that_is_not_a_url_is_one_line_naming_the_variable(monkeypatch, capsys, endpoint):
+    from conftest import run_cli
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    store.client.cache_clear()
+    try:
+        code, _, err = run_cli(capsys, ["verify", "s3://bucket/x"])
+    finally:
+        store.client.cache_clear()
+    assert code == 2 and "AWS_ENDPOINT_URL_S3" in err and err.count("\n") == 1 and "Traceback" not in err

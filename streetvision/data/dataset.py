@@ -68,9 +68,12 @@ def _rows(raw: bytes, where: str) -> list[dict[str, str]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not UTF-8 text (byte {e.start}); save the index as UTF-8 CSV") from None
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not {"image", "label"} <= set(reader.fieldnames):
-        raise DataError(f"{where}: header must contain image,label (found {reader.fieldnames})")
-    rows = list(reader)
+    try:
+        if reader.fieldnames is None or not {"image", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{where}: header must contain image,label (found {reader.fieldnames})")
+        rows = list(reader)
+    except csv.Error as e:  # a NUL byte, a field past the csv module's limit
+        raise DataError(f"{where}: not a CSV index (line {reader.line_num}: {e})") from None
     if not rows:
         raise DataError(f"{where}: empty index, no images listed")
     return rows

@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from streetvision.config import strict_json
 from streetvision.errors import StreetVisionError
 from streetvision.io import atomic
 from streetvision.io.paths import PathEscape, relative_name
@@ -88,8 +89,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 def parse_manifest(raw: bytes, where: str) -> Manifest:
     """A manifest from its bytes, checked for shape, its own hash and its config hash."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = strict_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: not a JSON object")

@@ -69,18 +69,22 @@ def client():
     import boto3
     from botocore.config import Config
 
-    return boto3.session.Session().client(
-        "s3",
-        config=Config(
-            retries={"mode": "standard", "max_attempts": 8},
-            max_pool_connections=32,
-            s3={"addressing_style": "path"},
-            # Integrity is end to end: every download is checked against the manifest's SHA-256, so the
-            # per-request CRC (CPU spent twice on every byte) is left to the operations that require it.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 8},
+        max_pool_connections=32,
+        s3={"addressing_style": "path"},
+        # Integrity is end to end: every download is checked against the manifest's SHA-256, so the
+        # per-request CRC (CPU spent twice on every byte) is left to the operations that require it.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
+    try:
+        return boto3.session.Session().client("s3", config=config)
+    except ValueError as e:  # botocore's "Invalid endpoint: <value>": the variables are named, not the value
+        raise StoreError(
+            f"the object store's endpoint is not a URL ({str(e).split(':')[0]}); check AWS_ENDPOINT_URL_S3 "
+            "and AWS_ENDPOINT_URL (e.g. http://host:8333)"
+        ) from None
 
 
 def _transfer_config():
@@ -130,12 +134,12 @@ def exists(uri: str) -> bool:
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
-    try:
-        client().head_object(Bucket=bucket, Key=key)
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-            return False
-        with _errors("stat", uri):
+    with _errors("stat", uri):  # an unreachable endpoint too: one line, not a traceback
+        try:
+            client().head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                return False
             raise
     return True
 

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from streetvision.errors import StreetVisionError
 from streetvision.models.checkpoint import EpochCheckpoint, SafetensorsCheckpointIO
 from streetvision.models.lightning import MONITOR, EpochLog
 
@@ -40,33 +41,41 @@ def build_trainer(
     (none when None); gradients clipped to norm ``clip_grad``; per-epoch metrics to a CSVLogger (and
     TensorBoard when installed) under ``log_dir``; a progress bar on a terminal, one line per epoch
     elsewhere."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
-    return L.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=devices(t.devices),
-        strategy=t.strategy,
-        precision=precision,
-        deterministic=not on_gpu,
-        gradient_clip_val=clip_grad,
-        callbacks=[
-            *([EarlyStopping(monitor, mode=mode, patience=t.patience)] if monitor else []),
-            *callbacks,
-            *([EpochCheckpoint(t.checkpoint_uri)] if t.checkpoint_uri else []),
-            *([] if sys.stderr.isatty() else [EpochLog()]),
-        ],
-        plugins=[SafetensorsCheckpointIO(identity)],
-        logger=[
-            CSVLogger(log_dir, name="", version=""),
-            *([TensorBoardLogger(log_dir, name="", version="tensorboard")] if _has_tensorboard() else []),
-        ],
-        enable_checkpointing=bool(t.checkpoint_uri),  # EpochCheckpoint, never a pickled .ckpt
-        enable_progress_bar=sys.stderr.isatty(),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,  # metrics are logged per epoch only; this keeps short epochs from warning
-    )
+    try:
+        return L.Trainer(
+            max_epochs=t.max_epochs,
+            accelerator=t.accelerator,
+            devices=devices(t.devices),
+            strategy=t.strategy,
+            precision=precision,
+            deterministic=not on_gpu,
+            gradient_clip_val=clip_grad,
+            callbacks=[
+                *([EarlyStopping(monitor, mode=mode, patience=t.patience)] if monitor else []),
+                *callbacks,
+                *([EpochCheckpoint(t.checkpoint_uri)] if t.checkpoint_uri else []),
+                *([] if sys.stderr.isatty() else [EpochLog()]),
+            ],
+            plugins=[SafetensorsCheckpointIO(identity)],
+            logger=[
+                CSVLogger(log_dir, name="", version=""),
+                *([TensorBoardLogger(log_dir, name="", version="tensorboard")] if _has_tensorboard() else []),
+            ],
+            enable_checkpointing=bool(t.checkpoint_uri),  # EpochCheckpoint, never a pickled .ckpt
+            enable_progress_bar=sys.stderr.isatty(),
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,  # metrics are logged per epoch only; this keeps short epochs from warning
+        )
+    except MisconfigurationException as e:  # hardware that is not there, a strategy not installed
+        raise StreetVisionError(
+            f"trainer.accelerator={t.accelerator} trainer.devices={t.devices} trainer.strategy={t.strategy}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
 
 
 def _has_tensorboard() -> bool:

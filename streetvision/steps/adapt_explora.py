@@ -30,7 +30,7 @@ from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps import start
 from streetvision.steps.make_splits import split_dataset
-from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, check_trainer
+from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, MAX_BATCH, MAX_WORKERS, check_trainer
 
 STEP = "adapt_explora"
 WEIGHTS = EXPLORA_WEIGHTS  # what phase 1 reads of this step's output
@@ -95,8 +95,8 @@ class Config:
     def check(self) -> None:
         m, d, e, t = self.model, self.data, self.explora, self.trainer
         require(bool(m.backbone.strip()), "model.backbone", m.backbone, "a timm ViT name")
-        require(d.batch_size >= 2, "data.batch_size", d.batch_size, "at least 2")
-        require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+        require(2 <= d.batch_size <= MAX_BATCH, "data.batch_size", d.batch_size, f"2..{MAX_BATCH}")
+        require(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"0..{MAX_WORKERS}")
         for key, v in (("data.image_size", d.image_size), ("data.local_size", d.local_size)):
             require(v == 0 or 16 <= v <= 4096, key, v, "0 or 16..4096")
         require(0 <= d.local_crops <= 32, "data.local_crops", d.local_crops, "0..32")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streetvision.config import require, to_dict, to_yaml
+from streetvision.config import read_json, require, to_dict, to_yaml
 from streetvision.data.dataset import DataError, dataset_input, load_index
 from streetvision.data.splits import SPLITS, SplitError, stratified_split
 from streetvision.io.manifests import Manifest, verify_dir
@@ -78,12 +77,7 @@ def run(
 def load_splits(step_dir: Path) -> dict[str, list[str]]:
     """The four id lists of a verified make_splits directory, checked: lists of unique ids, disjoint."""
     path = Path(step_dir) / SPLITS_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SplitError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise SplitError(f"{path}: not a JSON object")
+    data = read_json(path, SplitError)
     parts: dict[str, list[str]] = {}
     for name in SPLITS:
         ids = data.get(name)

@@ -51,6 +51,7 @@ EVAL_SPLITS = ("val_select", "val_calib", "val_test")
 CHALLENGE_SPLITS = ("val_calib", "val_test")  # what phase 2 calibrates on and phase 6 reports
 AUGMENTS = ("none", "timm", "challenge")
 EXPLORA_WEIGHTS = "backbone.safetensors"  # the adapted backbone phase 4 commits
+MAX_BATCH, MAX_WORKERS = 2**20, 256  # beyond these a value is a typo, found before any work
 
 
 def check_trainer(t) -> None:
@@ -129,12 +130,12 @@ class Config:
         require(0 <= m.weight_decay < 10, "model.weight_decay", m.weight_decay, "a number in [0, 10)")
         require(0 <= m.dropout < 1, "model.dropout", m.dropout, "a probability in [0, 1)")
         require(0 <= m.warmup_epochs < 1e6, "model.warmup_epochs", m.warmup_epochs, "a number >= 0")
-        require(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
+        require(1 <= d.batch_size <= MAX_BATCH, "data.batch_size", d.batch_size, f"1..{MAX_BATCH}")
         require(d.augment in AUGMENTS, "data.augment", d.augment, ", ".join(AUGMENTS))
         require(
             0 <= self.eval.challenge_views <= 64, "eval.challenge_views", self.eval.challenge_views, "0..64"
         )
-        require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+        require(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"0..{MAX_WORKERS}")
         require(
             d.image_size == 0 or 16 <= d.image_size <= 4096, "data.image_size", d.image_size, "0 or 16..4096"
         )

@@ -32,7 +32,13 @@ from streetvision.io.manifests import Manifest, input_record, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps import start
 from streetvision.steps.make_splits import split_dataset
-from streetvision.steps.train_baseline import CHALLENGE_SPLITS, EVAL_SPLITS, check_trainer
+from streetvision.steps.train_baseline import (
+    CHALLENGE_SPLITS,
+    EVAL_SPLITS,
+    MAX_BATCH,
+    MAX_WORKERS,
+    check_trainer,
+)
 
 STEP = "train_gate"
 FIT_SPLITS = ("train", "val_select")  # the only splits whose labels reach the gate's fit
@@ -80,11 +86,11 @@ class Config:
         require(0 <= g.dropout < 1, "gate.dropout", g.dropout, "a probability in [0, 1)")
         require(0 < g.lr < 10, "gate.lr", g.lr, "a learning rate in (0, 10)")
         require(0 <= g.weight_decay < 10, "gate.weight_decay", g.weight_decay, "a number in [0, 10)")
-        require(g.batch_size >= 1, "gate.batch_size", g.batch_size, "at least 1")
+        require(1 <= g.batch_size <= MAX_BATCH, "gate.batch_size", g.batch_size, f"1..{MAX_BATCH}")
         require(g.views in VIEWS, "gate.views", g.views, ", ".join(VIEWS))
         require(1 <= g.train_views <= 64, "gate.train_views", g.train_views, "1..64")
-        require(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
-        require(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+        require(1 <= d.batch_size <= MAX_BATCH, "data.batch_size", d.batch_size, f"1..{MAX_BATCH}")
+        require(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"0..{MAX_WORKERS}")
         check_trainer(t)
         require(t.patience >= 0, "trainer.patience", t.patience, "0 or more")
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
