@@ -132,3 +132,18 @@ def test_the_phase_table_is_the_declaration_in_run_order():
 
     rows = _table("| stem | optional |")
     assert [(r[0], r[1]) for r in rows] == [(p.stem, "yes" if p.optional else "") for p in PHASES]
+
+
+def test_the_commands_table_and_the_cli_are_the_makefile_and_the_declaration():
+    import re
+
+    from streetvision.phases import PHASES
+
+    makefile = (README.parent / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
+    rows = _table("| command | what it does |")
+    named = {re.match(r"make ([a-z-]+)", r[0]).group(1) for r in rows}
+    assert named <= targets and {"run", "test", "test-fast", "compile", "images"} <= named
+    text = README.read_text()
+    for p in PHASES:  # every phase's command is shown, as the CLI spells it
+        assert f"streetvision {p.command} " in text, p.command

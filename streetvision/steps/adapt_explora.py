@@ -221,25 +221,14 @@ def run(
     with StepOutputs(out, STEP) as outputs:
         state = {k: v.contiguous() for k, v in merged.state_dict().items()}
         outputs.write_safetensors(WEIGHTS, state, metadata={"backbone": config.model.backbone})
-        outputs.write_json(
-            "model.json",
-            {
-                "backbone": config.model.backbone,
-                "architecture": arch,
-                "preprocessing": prep,
-                "weights": WEIGHTS,
-                "method": "ExPLoRA (arXiv 2406.10973): DINO self-distillation, LoRA on Q,V, unfrozen last blocks",
-                "rank": rank,
-                "alpha": e.alpha or rank,
-                "unfrozen_blocks": e.unfrozen_blocks,
-                "trainable": counts,
-                "exported": "teacher (EMA), adapters merged",
-                "merge_max_abs_diff": gap,
-                "merge_tolerance": MERGE_TOLERANCE,
-                "crops": {"global": [2, side], "local": [d.local_crops, local]},
-                "images": {"train": len(parts["train"]), "extra": int(extra["images"]) if extra else 0},
-            },
-        )
+        outputs.write_json("model.json", {
+            "backbone": config.model.backbone, "architecture": arch, "preprocessing": prep, "weights": WEIGHTS,
+            "method": "ExPLoRA (arXiv 2406.10973): DINO self-distillation, LoRA on Q,V, unfrozen last blocks",
+            "rank": rank, "alpha": e.alpha or rank, "unfrozen_blocks": e.unfrozen_blocks, "trainable": counts,
+            "exported": "teacher (EMA), adapters merged", "merge_max_abs_diff": gap,
+            "merge_tolerance": MERGE_TOLERANCE, "crops": {"global": [2, side], "local": [d.local_crops, local]},
+            "images": {"train": len(parts["train"]), "extra": int(extra["images"]) if extra else 0},
+        })  # fmt: skip
         outputs.write_text("history.csv", history)
         outputs.write_text("config.yaml", to_yaml(config))
         return outputs.commit(
@@ -250,21 +239,15 @@ def run(
                 **({"extra_images": extra} if extra else {}),
             },
             metrics={
-                "trainable_parameters": counts["total"],
-                "lora_parameters": counts["lora"],
+                "trainable_parameters": counts["total"], "lora_parameters": counts["lora"],
                 "first_epoch_loss": losses[0] if losses else float("nan"),
                 "last_epoch_loss": losses[-1] if losses else float("nan"),
-                "epochs_run": trainer.current_epoch,
-                "merge_max_abs_diff": gap,
+                "epochs_run": trainer.current_epoch, "merge_max_abs_diff": gap,
             },
             run_id=run_id,
             task=task,
-            extra={
-                "precision": str(trainer.precision),
-                "world_size": trainer.world_size,
-                "resumed": resume is not None,
-            },
-        )
+            extra={"precision": str(trainer.precision), "world_size": trainer.world_size, "resumed": resume is not None},
+        )  # fmt: skip
 
 
 def load_eval(path: Path, prep: dict):

@@ -89,17 +89,8 @@ def run(
     calib = views.load(phase1, SPLIT, c.views)  # every image once below: a seeded view of it
     # phase 3's scores of val_calib's rows in the same view (scrc.confidence=gate)
     gate_scores = views.load_gate(gate, SPLIT, c.views, len(calib.logits)) if gate is not None else None
-    logits, labels, rows = calib.logits, calib.labels, calib.rows
-    rng = np.random.default_rng(c.seed)
-    images = np.unique(rows)
-    one_view = np.array([rng.choice(np.flatnonzero(rows == i)) for i in images])  # one unit per image
-    shuffled = rng.permutation(len(one_view))
-    n_fit = int(round(c.fit_fraction * len(one_view)))
-    fit, cal = one_view[shuffled[:n_fit]], one_view[shuffled[n_fit:]]
-    if min(len(fit), len(cal)) < 2 or len(np.unique(labels[fit])) < 2:
-        raise conformal.ConformalError(
-            f"val_calib has {len(images)} images: too few to fit on {len(fit)} and calibrate on {len(cal)}"
-        )
+    logits, labels = calib.logits, calib.labels
+    fit, cal = split_calib(calib.rows, labels, c.fit_fraction, c.seed)
 
     temperature = conformal.fit_temperature(logits[fit], labels[fit])
     raw, calibrated = calib.scores, sweep.sigmoid(logits / temperature)
@@ -183,6 +174,23 @@ def run(
             run_id=run_id,
             task=task,
         )
+
+
+def split_calib(rows: np.ndarray, labels: np.ndarray, fit_fraction: float, seed: int):
+    """(rows that fit the temperature and threshold, rows that calibrate lambda): one seeded view per
+    val_calib image, the images shuffled by ``seed`` and cut at ``fit_fraction``. Each image is one unit,
+    on one side only."""
+    rng = np.random.default_rng(seed)
+    images = np.unique(rows)
+    one_view = np.array([rng.choice(np.flatnonzero(rows == i)) for i in images])
+    shuffled = rng.permutation(len(one_view))
+    n_fit = int(round(fit_fraction * len(one_view)))
+    fit, cal = one_view[shuffled[:n_fit]], one_view[shuffled[n_fit:]]
+    if min(len(fit), len(cal)) < 2 or len(np.unique(labels[fit])) < 2:
+        raise conformal.ConformalError(
+            f"val_calib has {len(images)} images: too few to fit on {len(fit)} and calibrate on {len(cal)}"
+        )
+    return fit, cal
 
 
 def _coverage(selection, score: np.ndarray) -> float | None:

@@ -132,11 +132,8 @@ def run(
     src = {"phase1": str(phase1), "splits": str(splits), "dataset": str(dataset), **(sources or {})}
     p1 = start(STEP, config, {"phase1": phase1, "dataset": dataset, "splits": splits}, src)["phase1"]
     ds, _, parts = split_dataset(dataset, splits, src)
-    info = read_json(phase1 / "model.json", DataError)
-    p1_seed, p1_views = _phase1_config(p1, src["phase1"])
-    for split in EVAL_SPLITS:
-        if read_json(phase1 / f"ids_{split}.json", DataError, list) != parts[split]:
-            raise DataError(f"--phase1 {src['phase1']}: ids_{split}.json is not the {split} of --splits")
+    info, (p1_seed, p1_views) = read_json(phase1 / "model.json", DataError), _phase1_config(p1, src["phase1"])
+    _check_rows(phase1, parts, src["phase1"])
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
@@ -206,20 +203,13 @@ def run(
         outputs.write_safetensors(
             "gate.safetensors", {k: v.contiguous() for k, v in gate.state_dict().items()}
         )
-        outputs.write_json(
-            "model.json",
-            {
-                "num_features": int(sel.features.shape[1]),
-                "hidden": g.hidden,
-                "dropout": g.dropout,
-                "threshold": threshold,
-                "inputs": "[backbone features, logit, |2 * served - 1| at threshold], standardised",
-                "output": "logit of P(phase 1's decision at threshold is right)",
-                "weights": "gate.safetensors",
-                "phase1_weights_sha256": p1.outputs["model.safetensors"]["sha256"],
-                "views": g.views,
-            },
-        )
+        outputs.write_json("model.json", {
+            "num_features": int(sel.features.shape[1]), "hidden": g.hidden, "dropout": g.dropout,
+            "threshold": threshold, "weights": "gate.safetensors", "views": g.views,
+            "inputs": "[backbone features, logit, |2 * served - 1| at threshold], standardised",
+            "output": "logit of P(phase 1's decision at threshold is right)",
+            "phase1_weights_sha256": p1.outputs["model.safetensors"]["sha256"],
+        })  # fmt: skip
         outputs.write_text("history.csv", history)
         outputs.write_json("metrics.json", {"val_select": report, "threshold": threshold})
         outputs.write_text("report.md", _markdown(report, threshold, g.views, len(fit["train"].labels)))
@@ -236,6 +226,13 @@ def run(
             task=task,
             extra={"precision": precision},
         )
+
+
+def _check_rows(phase1: Path, parts: dict[str, list[str]], where: str) -> None:
+    """Phase 1's scored ids are the splits' own, in their order (the gate's rows align with them)."""
+    for split in EVAL_SPLITS:
+        if read_json(phase1 / f"ids_{split}.json", DataError, list) != parts[split]:
+            raise DataError(f"--phase1 {where}: ids_{split}.json is not the {split} of --splits")
 
 
 def _views(data, split: str, views: int, seed: int):
