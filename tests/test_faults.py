@@ -326,6 +326,21 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
                 )
             )
 
+    # Checkpoints and run ids that would write into a commit, the dataset, the output or outside the root.
+    train = [*step_argv["train_baseline"], "--out", "{out}"]
+    cases += [
+        ("train:checkpoint in the splits", [*train, f"trainer.checkpoint_uri={w['splits']}"], "trainer.checkpoint_uri"),
+        ("train:checkpoint in the dataset", [*train, f"trainer.checkpoint_uri={w['dataset']}/ck"], "trainer.checkpoint_uri"),
+        ("train:checkpoint in its output", [*train, "trainer.checkpoint_uri={out}/ck"], "trainer.checkpoint_uri"),
+        ("train:checkpoint holding an input", [*train, f"trainer.checkpoint_uri={Path(w['splits']).parent}"],
+         "trainer.checkpoint_uri"),
+        ("train:run id ../splits", [*train, "--run-id", "../s", "--checkpoint-root", str(base / "ck")], "--run-id"),
+        ("train:run id absolute", [*train, "--run-id", "/abs", "--checkpoint-root", str(base / "ck")], "--run-id"),
+        ("train:run id a URI", [*train, "--run-id", "s3://b/x"], "--run-id"),
+        ("explora:checkpoint in the splits", [*step_argv["adapt_explora"], "--out", "{out}",
+         f"trainer.checkpoint_uri={w['splits']}"], "trainer.checkpoint_uri"),
+    ]  # fmt: skip
+
     # Inputs that do not belong together.
     cases += [
         ("train:splits of another dataset", ["train-baseline", "--dataset", w["dataset"], "--splits", w["other_splits"],

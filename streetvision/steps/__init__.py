@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -77,6 +78,7 @@ def run_step(
 
         parse(executor_input)  # a malformed executor input fails now, not after the work
     check_out_path(stem, uris, out)
+    check_placement(uris, out, getattr(getattr(config, "trainer", None), "checkpoint_uri", ""))
     with ExitStack() as stack:
         inputs = {
             name: stack.enter_context(
@@ -131,8 +133,34 @@ def step_config(stem: str, files=(), overrides=()):
     return load_config(module.Config, files, overrides)
 
 
+# A run id names a folder under --checkpoint-root and is recorded in manifests: a Kubeflow run's UUID, the
+# local runner's hex, or a name of the same alphabet; never a path or a URI.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_placement(uris: dict[str, str], out: str, checkpoint_uri: str) -> None:
+    """Before any work: a checkpoint location is none of the inputs or the output, and lies in none of
+    them and holds none of them (it would write into a commit, or be removed with one)."""
+    if not checkpoint_uri:
+        return
+    target = _key(checkpoint_uri)
+    for name, uri in {**{f"--{n}": u for n, u in uris.items()}, "--out": out}.items():
+        if store.is_s3(uri) != store.is_s3(checkpoint_uri):
+            continue
+        other = _key(uri)
+        if target == other or target.startswith(other + "/") or other.startswith(target + "/"):
+            raise StreetVisionError(
+                f"trainer.checkpoint_uri {checkpoint_uri} is, contains or lies inside {name} {uri}; "
+                "checkpoints go to a place of their own"
+            )
+
+
 def run_from_cli(stem: str, args: dict[str, Any]):
     overrides = list(args.get("overrides") or [])
+    if (run_id := args.get("run_id")) is not None and not RUN_ID.fullmatch(run_id):
+        raise StreetVisionError(
+            f"--run-id {run_id!r}: 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     if root := args.get("checkpoint_root"):  # derived from the run, so every retry of it finds the same place
         if not args.get("run_id"):
             raise StreetVisionError("--checkpoint-root needs --run-id (checkpoints live under the run's id)")
