@@ -154,13 +154,19 @@ def reach(setting: str) -> set[tuple[str, str]]:
     return {(stem, entry.split("=", 1)[0]) for stem in ORDER for entry in routed[stem]}
 
 
+def _resolve(files: Sequence[str | Path], overrides: Sequence[str]):
+    """(the runner's config, each phase's config, the routed overrides), every value checked before any
+    work."""
+    routed = route(files, overrides)
+    runner = load_config(RunnerConfig, [], routed["runner"])
+    return runner, {stem: step_config(stem, [], routed[stem]) for stem in ORDER}, routed
+
+
 def plan(overrides: Sequence[str]) -> tuple[list[str], dict[str, Any], dict[str, list[str]]]:
     """(the phases a run with these settings executes, in run order; each phase's config; the routed
     overrides): what ``streetvision run`` does without ``pipeline.phases``, and what the Kubeflow compiler
     builds for a variant."""
-    routed = route([], overrides)
-    runner = load_config(RunnerConfig, [], routed["runner"])
-    configs = {stem: step_config(stem, [], routed[stem]) for stem in ORDER}
+    runner, configs, routed = _resolve([], overrides)
     return needed(configs, runner.pipeline.explora), configs, routed
 
 
@@ -291,9 +297,7 @@ def run_local(
     files = list(files)
     if dataset is None:
         files.insert(0, str(DEMO_PROFILE))
-    routed = route(files, overrides)
-    runner = load_config(RunnerConfig, [], routed["runner"])
-    configs = {stem: step_config(stem, [], routed[stem]) for stem in ORDER}  # all validated before any work
+    runner, configs, routed = _resolve(files, overrides)
     p = runner.pipeline
     selected = _phases(p.phases) if p.phases else needed(configs, p.explora)
     _check_optional_inputs(selected, configs)

@@ -30,15 +30,19 @@ def _key(uri: str) -> str:
     return uri.rstrip("/") if store.is_s3(uri) else str(Path(uri).resolve())
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether two folders or prefixes are one, or one lies inside the other."""
+    if store.is_s3(a) != store.is_s3(b):
+        return False
+    a, b = _key(a), _key(b)
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
 def check_out_path(stem: str, uris: dict[str, str], out: str) -> None:
     """Before any work: refuse an output that is, contains or lies inside an input, that holds another
     step's commit or foreign files, or that cannot be written."""
-    target = _key(out)
     for name, uri in uris.items():
-        source = _key(uri)
-        if store.is_s3(out) != store.is_s3(uri):
-            continue
-        if target == source or source.startswith(target + "/") or target.startswith(source + "/"):
+        if _overlap(out, uri):
             raise StreetVisionError(
                 f"--out {out} is, contains or lies inside the input --{name} {uri}; choose another --out"
             )
@@ -48,7 +52,8 @@ def check_out_path(stem: str, uris: dict[str, str], out: str) -> None:
     from streetvision.io.outputs import check_out
 
     check_out(Path(out), stem)
-    existing = next(p for p in [Path(target), *Path(target).parents] if p.exists())
+    target = Path(_key(out))
+    existing = next(p for p in [target, *target.parents] if p.exists())
     if not existing.is_dir():
         raise StreetVisionError(f"--out {out}: {existing} is a file, not a folder")
     try:
@@ -141,14 +146,8 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 def check_placement(uris: dict[str, str], out: str, checkpoint_uri: str) -> None:
     """Before any work: a checkpoint location is none of the inputs or the output, and lies in none of
     them and holds none of them (it would write into a commit, or be removed with one)."""
-    if not checkpoint_uri:
-        return
-    target = _key(checkpoint_uri)
     for name, uri in {**{f"--{n}": u for n, u in uris.items()}, "--out": out}.items():
-        if store.is_s3(uri) != store.is_s3(checkpoint_uri):
-            continue
-        other = _key(uri)
-        if target == other or target.startswith(other + "/") or other.startswith(target + "/"):
+        if checkpoint_uri and _overlap(checkpoint_uri, uri):
             raise StreetVisionError(
                 f"trainer.checkpoint_uri {checkpoint_uri} is, contains or lies inside {name} {uri}; "
                 "checkpoints go to a place of their own"
