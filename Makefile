@@ -25,11 +25,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist; 0: in this one), a test file to a worker, each
+# worker's torch on one thread, so the workers, not torch's threads, share the cores.
+PYTEST_WORKERS ?= 2
+XDIST = -n $(PYTEST_WORKERS) --dist loadfile
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -m "not slow and not docker" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs $(XDIST) -m "not slow and not docker" $(PYTEST_ARGS)
 
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -s -rs -m faults $(PYTEST_ARGS)

@@ -1,10 +1,10 @@
-"""Phase 4's benchmark: what ExPLoRA does to a linear probe across a domain gap, on this machine's data.
+"""adapt_explora's benchmark: what ExPLoRA does to a linear probe across a domain gap, on this machine's data.
 
 A small ViT (``test_vit``, DINOv2's block layout) is first pre-trained self-supervised on a *shifted*
 demo domain (other colours, larger objects, a striped texture: ``demo-data --domain shifted``), every
 block trained, from random weights: the stand-in for a hub backbone pre-trained elsewhere. Then, same
-seed, same data: a linear probe (phase 1 with a frozen backbone, cached features, the head alone) of those
-weights on the street demo data, ExPLoRA (phase 4) of those weights on the street data's train split, and
+seed, same data: a linear probe (train_baseline with a frozen backbone, cached features, the head alone) of those
+weights on the street demo data, ExPLoRA (adapt_explora) of those weights on the street data's train split, and
 the same linear probe of the adapted backbone. Not a speed target: it prints val_select MCC before and
 after, whatever they are. The paper's anchor (DINOv2 ViT-L on fMoW, 69.0 -> 77.5 linear-probe top-1) is a
 different scale of model and data.

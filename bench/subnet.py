@@ -1,5 +1,5 @@
 """Subnet benchmarks: serving latency against the validator's 9 s budget, what challenge training and
-calibration do to the held-out MCC and simulated reward on validator-style views, and how much phase 3's
+calibration do to the held-out MCC and simulated reward on validator-style views, and how much train_gate's
 learned gate answers beside the plain margin at the same guaranteed risk."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEMO = Path(__file__).resolve().parent.parent / "streetvision" / "configs" / "de
 
 
 def _chain(name: str, data: Path, splits: Path, train: list[str], views: str) -> dict:
-    """Phase 1 (reused when already trained with ``train``), phase 2 on ``views``, phase 6; bundle.json."""
+    """train_baseline (reused when already trained with ``train``), sweep_thresholds on ``views``, export_bundle; bundle.json."""
     from streetvision.bundle import verify_bundle
     from streetvision.config import load_config
     from streetvision.io.manifests import MANIFEST
@@ -34,10 +34,10 @@ def _chain(name: str, data: Path, splits: Path, train: list[str], views: str) ->
         train_baseline.run(load_config(train_baseline.Config, [], train), dataset=data, splits=splits, out=p1)
     shutil.rmtree(root, ignore_errors=True)
     sweep_thresholds.run(
-        load_config(sweep_thresholds.Config, [], [f"sweep.views={views}"]), phase1=p1, out=root / "p2"
+        load_config(sweep_thresholds.Config, [], [f"sweep.views={views}"]), baseline=p1, out=root / "p2"
     )
     export_bundle.run(
-        load_config(export_bundle.Config), phase1=p1, policy=root / "p2", splits=splits, out=root / "b"
+        load_config(export_bundle.Config), baseline=p1, policy=root / "p2", splits=splits, out=root / "b"
     )
     return verify_bundle(root / "b")
 
@@ -128,8 +128,8 @@ def bench_challenge_calibration() -> None:
 
 
 def bench_gate_vs_margin() -> None:
-    """Phase 5 on ``make run``'s demo model trained on challenge views, answering by the margin or by
-    phase 3's gate, at the same alpha (CRC, error risk, challenge views): coverage on val_calib's
+    """calibrate_scrc on ``make run``'s demo model trained on challenge views, answering by the margin or by
+    train_gate's gate, at the same alpha (CRC, error risk, challenge views): coverage on val_calib's
     calibration part and on held-out val_test, and the error rate among answered val_test views. Not a
     speed target: it prints what the gate buys on this data, whatever it is."""
     from streetvision.bundle import verify_bundle
@@ -146,7 +146,7 @@ def bench_gate_vs_margin() -> None:
         train_baseline.run(load_config(train_baseline.Config, [], train), dataset=data, splits=splits, out=p1)
     gate = root / "gate"
     shutil.rmtree(gate, ignore_errors=True)
-    m = train_gate.run(load_config(train_gate.Config), phase1=p1, dataset=data, splits=splits, out=gate)
+    m = train_gate.run(load_config(train_gate.Config), baseline=p1, dataset=data, splits=splits, out=gate)
     print(
         f"gate on val_select challenge views: AUROC for correctness {m.metrics['val_select_gate_auroc']:.3f} "
         f"(margin {m.metrics['val_select_margin_auroc']:.3f}), AURC {m.metrics['val_select_gate_aurc']:.4f} "
@@ -161,8 +161,8 @@ def bench_gate_vs_margin() -> None:
             cfg = load_config(
                 calibrate_scrc.Config, [], [f"scrc.alpha={alpha}", f"scrc.confidence={confidence}"]
             )
-            calibrate_scrc.run(cfg, phase1=p1, gate=gate if confidence == "gate" else None, out=out / "c")
-            export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), phase1=p1,
+            calibrate_scrc.run(cfg, baseline=p1, gate=gate if confidence == "gate" else None, out=out / "c")
+            export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), baseline=p1,
                               policy=out / "c", splits=splits, out=out / "b")  # fmt: skip
             b = verify_bundle(out / "b")
             sel = b["held_out"]["challenge"]["selective"]
@@ -175,7 +175,7 @@ def bench_gate_vs_margin() -> None:
                 flush=True,
             )
     report(
-        "phase 5 val_test coverage at alpha=0.05 answering by the gate vs by the margin (a report)",
+        "calibrate_scrc val_test coverage at alpha=0.05 answering by the gate vs by the margin (a report)",
         held["gate", 0.05]["coverage"],
         held["margin", 0.05]["coverage"],
         "a report, no target",

@@ -1,4 +1,4 @@
-"""Phase 2 benchmarks: exact sweep vs scikit-learn, and the whole sweep-thresholds process."""
+"""sweep_thresholds benchmarks: exact sweep vs scikit-learn, and the whole sweep-thresholds process."""
 
 from __future__ import annotations
 
@@ -42,18 +42,18 @@ def bench_exact_sweep() -> None:
 
 def bench_sweep_process() -> None:
     sys.path.insert(0, "tests")
-    from phase1_fake import fake_phase1, separable_logits
+    from baseline_fake import fake_baseline, separable_logits
 
     root = WORK / "sweep-proc"
     shutil.rmtree(root, ignore_errors=True)
     logits, labels = separable_logits(100_000, seed=1, noise=1.5)
-    p1 = fake_phase1(root / "p1", logits, labels)
+    p1 = fake_baseline(root / "p1", logits, labels)
     cmd = [
         sys.executable,
         "-m",
         "streetvision",
         "sweep-thresholds",
-        "--phase1",
+        "--baseline",
         str(p1),
         "--out",
         str(root / "out"),
@@ -76,7 +76,7 @@ def bench_sweep_process() -> None:
 
 
 def bench_conformal_guarantee() -> None:
-    """The guarantees of phase 5, simulated (tests/test_conformal.py's known world, 300 draws each): the mean
+    """The guarantees of calibrate_scrc, simulated (tests/test_conformal.py's known world, 300 draws each): the mean
     realised risk of CRC against alpha, and how often Learn then Test exceeds alpha against delta."""
     sys.path.insert(0, "tests")
     from test_conformal import DRAWS, simulate

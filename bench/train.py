@@ -1,4 +1,4 @@
-"""Phase 0-1 benchmarks: Lightning step throughput, reduced-size JPEG decoding, cached frozen features."""
+"""make_splits and train_baseline benchmarks: Lightning step throughput, reduced-size JPEG decoding, cached frozen features."""
 
 from __future__ import annotations
 
@@ -278,7 +278,7 @@ def bench_checkpoint_overhead() -> None:
 
 
 def _train_keys(profile: Path) -> list[str]:
-    """The phase-1 keys of a run profile as overrides."""
+    """The train_baseline keys of a run profile as overrides."""
     import yaml
 
     doc = yaml.safe_load(profile.read_text())

@@ -8,7 +8,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 def adapt_explora(
     dataset: dsl.Input[dsl.Dataset],
     splits: dsl.Input[dsl.Artifact],
-    adapted: dsl.Output[dsl.Model],
+    explora: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     backbone: str = EXPLORA.model.backbone,
     pretrained: bool = EXPLORA.model.pretrained,
@@ -22,7 +22,7 @@ def adapt_explora(
     seed: int = EXPLORA.seed,
     checkpoint_root: str = "",
 ):
-    """Phase 4: ExPLoRA, self-supervised adaptation of a ViT backbone to the train split's images.
+    """adapt_explora: ExPLoRA, self-supervised adaptation of a ViT backbone to the train split's images.
 
     DINO self-distillation (EMA teacher, centring, multi-crop) with the last blocks unfrozen and LoRA on
     Q and V elsewhere; the adapters are merged afterwards. Labels and the other splits are never read.
@@ -57,7 +57,7 @@ def adapt_explora(
             "--splits",
             splits.path,
             "--out",
-            adapted.path,
+            explora.path,
             *KFP_RUN,
             "--checkpoint-root",
             checkpoint_root,

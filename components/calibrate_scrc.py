@@ -7,7 +7,7 @@ from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
 
 @dsl.container_component
 def calibrate_scrc(
-    phase1: dsl.Input[dsl.Model],
+    baseline: dsl.Input[dsl.Model],
     scrc: dsl.Output[dsl.Artifact],
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.Markdown],
@@ -19,17 +19,17 @@ def calibrate_scrc(
     confidence: str = "margin",
     seed: int = 0,
 ):
-    """Phase 5: temperature scaling and selective conformal risk control on val_calib (answer or defer).
+    """calibrate_scrc: temperature scaling and selective conformal risk control on val_calib (answer or defer).
 
     Args:
-        phase1: train_baseline output (only its val_calib logits and labels are read).
+        baseline: train_baseline output (only its val_calib logits and labels are read).
         alpha: The risk level the answered images are held to.
         delta: 0.0: the risk is controlled in expectation (Conformal Risk Control); otherwise it holds
             with probability 1 - delta (Learn then Test).
         risk: error (wrong answers) or fnr (missed roadwork among answered roadwork images).
         views: Calibrate on val_calib's challenge views (one per image) or its clean images.
         gate: train_gate output, with confidence=gate.
-        confidence: What decides answering: margin (from the decision threshold) or gate (phase 3's scores).
+        confidence: What decides answering: margin (from the decision threshold) or gate (train_gate's scores).
         seed: Seed of val_calib's split into the temperature's part and lambda's.
 
     Returns:
@@ -42,8 +42,8 @@ def calibrate_scrc(
         image=BASE_IMAGE,
         command=[*ENTRYPOINT, "calibrate-scrc"],
         args=[
-            "--phase1",
-            phase1.path,
+            "--baseline",
+            baseline.path,
             dsl.IfPresentPlaceholder(input_name="gate", then=["--gate", gate.path]),
             "--out",
             scrc.path,

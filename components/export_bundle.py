@@ -5,7 +5,7 @@ from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
 
 @dsl.container_component
 def export_bundle(
-    phase1: dsl.Input[dsl.Model],
+    baseline: dsl.Input[dsl.Model],
     policy: dsl.Input[dsl.Artifact],
     splits: dsl.Input[dsl.Artifact],
     bundle: dsl.Output[dsl.Model],
@@ -14,10 +14,10 @@ def export_bundle(
     policy_type: str = "threshold",
     min_test_mcc: float = -1.0,
 ):
-    """Phase 6: export model, policy and splits as a portable bundle, with held-out val_test metrics.
+    """export_bundle: export model, policy and splits as a portable bundle, with held-out val_test metrics.
 
     Args:
-        phase1: train_baseline output.
+        baseline: train_baseline output.
         policy: The one policy step output to bundle: sweep_thresholds, or calibrate_scrc.
         policy_type: Which it is: threshold or scrc.
         splits: make_splits output.
@@ -33,8 +33,8 @@ def export_bundle(
         image=BASE_IMAGE,
         command=[*ENTRYPOINT, "export-bundle"],
         args=[
-            "--phase1",
-            phase1.path,
+            "--baseline",
+            baseline.path,
             "--policy",
             policy.path,
             "--splits",

@@ -12,7 +12,7 @@ def make_splits(
     ratios: str = SPLIT_RATIOS,
     dataset_fingerprint: str = "",
 ):
-    """Phase 0: stratified, seeded split of a dataset into train / val_select / val_calib / val_test.
+    """make_splits: stratified, seeded split of a dataset into train / val_select / val_calib / val_test.
 
     Args:
         dataset: Folder with labels.csv (image,label; 1 = roadwork) and the images it lists.

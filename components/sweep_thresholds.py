@@ -5,7 +5,7 @@ from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
 
 @dsl.container_component
 def sweep_thresholds(
-    phase1: dsl.Input[dsl.Model],
+    baseline: dsl.Input[dsl.Model],
     thresholds: dsl.Output[dsl.Artifact],
     metrics: dsl.Output[dsl.Metrics],
     classification: dsl.Output[dsl.ClassificationMetrics],
@@ -15,10 +15,10 @@ def sweep_thresholds(
     min_precision: float = 0.0,
     views: str = "challenge",
 ):
-    """Phase 2: exact threshold sweep on val_calib; the max-MCC threshold policy, its curves and report.
+    """sweep_thresholds: exact threshold sweep on val_calib; the max-MCC threshold policy, its curves and report.
 
     Args:
-        phase1: train_baseline output (only its val_calib logits and labels are read).
+        baseline: train_baseline output (only its val_calib logits and labels are read).
         views: Fit on val_calib as it is (clean) or on its validator-style views (challenge).
         max_fnr: Largest false-negative rate the policy may have (1.0: no constraint).
         max_fpr: Largest false-positive rate the policy may have (1.0: no constraint).
@@ -34,8 +34,8 @@ def sweep_thresholds(
         image=BASE_IMAGE,
         command=[*ENTRYPOINT, "sweep-thresholds"],
         args=[
-            "--phase1",
-            phase1.path,
+            "--baseline",
+            baseline.path,
             "--out",
             thresholds.path,
             *KFP_RUN,

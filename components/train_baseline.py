@@ -10,7 +10,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 def train_baseline(
     dataset: dsl.Input[dsl.Dataset],
     splits: dsl.Input[dsl.Artifact],
-    model: dsl.Output[dsl.Model],
+    baseline: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     backbone: str = TRAIN.model.backbone,
     pretrained: bool = TRAIN.model.pretrained,
@@ -26,7 +26,7 @@ def train_baseline(
     checkpoint_root: str = "",
     explora: Optional[dsl.Input[dsl.Model]] = None,  # noqa: UP045 - the KFP SDK reads Optional
 ):
-    """Phase 1: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
+    """train_baseline: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
 
     Args:
         dataset: The dataset folder (labels.csv + images).
@@ -41,11 +41,11 @@ def train_baseline(
         image_size: Input side in pixels; 0 keeps the backbone's own.
         seed: Seed for initialisation and shuffling.
         augment: Training augmentation: none, timm, or challenge (the subnet validator's views).
-        challenge_views: Validator-style views per val_calib and val_test image, scored for phase 2 and
+        challenge_views: Validator-style views per val_calib and val_test image, scored for sweep_thresholds and
             the bundle's report (0: none).
         checkpoint_root: Folder or s3:// prefix for per-epoch checkpoints (empty: none); the step writes
             under <checkpoint_root>/<run id>/train-baseline, so a retried task resumes where it stopped.
-        explora: adapt_explora output: the adapted backbone phase 1 starts from (instead of the hub's).
+        explora: adapt_explora output: the adapted backbone train_baseline starts from (instead of the hub's).
 
     Returns:
         model: Step directory: model.safetensors, model.json, logits/labels/ids for val_select, val_calib
@@ -62,7 +62,7 @@ def train_baseline(
             splits.path,
             dsl.IfPresentPlaceholder(input_name="explora", then=["--explora", explora.path]),
             "--out",
-            model.path,
+            baseline.path,
             *KFP_RUN,
             "--checkpoint-root",
             checkpoint_root,

@@ -6,7 +6,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 
 @dsl.container_component
 def train_gate(
-    phase1: dsl.Input[dsl.Model],
+    baseline: dsl.Input[dsl.Model],
     dataset: dsl.Input[dsl.Dataset],
     splits: dsl.Input[dsl.Artifact],
     gate: dsl.Output[dsl.Model],
@@ -19,21 +19,21 @@ def train_gate(
     seed: int = GATE.seed,
     batch_size: int = GATE.data.batch_size,
 ):
-    """Phase 3: a learned gate that scores whether phase 1's decision on an image is right (answer or defer).
+    """train_gate: a learned gate that scores whether train_baseline's decision on an image is right (answer or defer).
 
-    An MLP over the frozen phase-1 backbone's features and logit, fitted on train and early-stopped on
-    val_select only; phase 1's weights are never changed.
+    An MLP over the frozen train_baseline backbone's features and logit, fitted on train and early-stopped on
+    val_select only; train_baseline's weights are never changed.
 
     Args:
-        phase1: train_baseline output.
-        dataset: The dataset folder phase 1 was trained on.
-        splits: The make_splits output phase 1 was trained on.
+        baseline: train_baseline output.
+        dataset: The dataset folder train_baseline was trained on.
+        splits: The make_splits output train_baseline was trained on.
         views: What the gate learns on: challenge (validator-style views of train and val_select) or clean.
         train_views: Challenge views per train and val_select image.
         hidden: Hidden units of the MLP.
         epochs: Maximum epochs; early stopping on the val_select loss may end sooner.
         seed: Seed for the views, initialisation and shuffling.
-        batch_size: Images per batch through the phase-1 backbone.
+        batch_size: Images per batch through the train_baseline backbone.
 
     Returns:
         gate: Step directory: gate.safetensors, model.json, gate scores for val_select, val_calib and
@@ -45,8 +45,8 @@ def train_gate(
         image=TRAIN_IMAGE,
         command=[*ENTRYPOINT, "train-gate"],
         args=[
-            "--phase1",
-            phase1.path,
+            "--baseline",
+            baseline.path,
             "--dataset",
             dataset.path,
             "--splits",

@@ -57,11 +57,11 @@ class PlatformOptions:
 
 @dataclass(frozen=True)
 class Variant:
-    """The compile-time switches: phase 4 first, the policy shipped, what phase 5 answers by."""
+    """The compile-time switches: adapt_explora first, the policy shipped, what calibrate_scrc answers by."""
 
     explora: bool = False
-    policy: str = "threshold"  # threshold (phase 2) or scrc (phase 5)
-    confidence: str = "margin"  # scrc: margin, or gate (phase 3 first)
+    policy: str = "threshold"  # threshold (sweep_thresholds) or scrc (calibrate_scrc)
+    confidence: str = "margin"  # scrc: margin, or gate (train_gate first)
 
     def settings(self) -> list[str]:
         values = {"explora": str(self.explora).lower(), "policy": self.policy, "confidence": self.confidence}
@@ -77,7 +77,7 @@ class Variant:
         return "-".join(["streetvision", *parts])
 
 
-# The variants compiled into pipelines/<name>.yaml (phase 3 only answers for phase 5: gate implies scrc).
+# The variants compiled into pipelines/<name>.yaml (train_gate only answers for calibrate_scrc: gate implies scrc).
 VARIANTS = {
     v.name: v
     for v in (
@@ -123,7 +123,7 @@ class Plan:
 def compile_plan(variant: Variant) -> Plan:
     phases, configs, routed = plan(variant.settings())
     if variant.confidence == "gate" and variant.policy != "scrc":
-        raise ValueError("confidence=gate answers for phase 5: it needs policy=scrc")
+        raise ValueError("confidence=gate answers for calibrate_scrc: it needs policy=scrc")
     given = {"explora"} if variant.explora else set()
     inputs = {stem: producers(stem, configs[stem], given) for stem in phases}
     constants: dict[str, dict[str, str]] = {}

@@ -6,6 +6,7 @@ is absolute, has a ``..`` component, or is a symlink leading outside the bundle.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ REQUIRED = (
     "created_at",
     "code_version",
 )
+KNOWN = frozenset({*REQUIRED, "decode_min_side", "test_metrics", "held_out", "lineage"})
 
 
 class BundleError(StreetVisionError):
@@ -151,7 +153,7 @@ GATE_INFO = {"num_features": int, "hidden": int, "dropout": float, "threshold": 
 
 
 def read_gate_info(path: Path) -> dict[str, Any]:
-    """A gate's description (phase 3's ``model.json``, a bundle's ``gate.json``), checked for shape."""
+    """A gate's description (train_gate's ``model.json``, a bundle's ``gate.json``), checked for shape."""
     info = read_json(path, BundleError)
     for key, kind in GATE_INFO.items():
         value = info.get(key)
@@ -169,6 +171,8 @@ def _shape(bundle: Any, where: str) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in bundle]
     if missing:
         raise BundleError(f"{where}: missing field(s) {', '.join(missing)}")
+    if unknown := sorted(set(bundle) - KNOWN):
+        raise BundleError(f"{where}: unknown field(s) {', '.join(map(str, unknown[:5]))}")
     if bundle["schema_version"] != BUNDLE_SCHEMA:
         raise BundleError(f"{where}: unsupported schema_version {bundle['schema_version']!r}")
     files, model, policy = bundle["files"], bundle["model"], bundle["policy"]
@@ -177,10 +181,13 @@ def _shape(bundle: Any, where: str) -> dict[str, Any]:
     if not (isinstance(model, dict) and isinstance(policy, dict) and isinstance(policy.get("params"), dict)):
         raise BundleError(f"{where}: 'model' and 'policy' (with 'params') must be JSON objects")
     arch = model.get("architecture")
-    if not (isinstance(arch, dict) and set(arch) <= ARCH_KEYS and all(type(v) is int for v in arch.values())):
+    if not (
+        isinstance(arch, dict) and set(arch) <= ARCH_KEYS and all(_int(v, 1, MAX_SIDE) for v in arch.values())
+    ):
         raise BundleError(
-            f"{where}: model.architecture may only set {', '.join(sorted(ARCH_KEYS))} (integers)"
+            f"{where}: model.architecture may only set {', '.join(sorted(ARCH_KEYS))} (integers 1 to {MAX_SIDE})"
         )
+    check_preprocessing(bundle["preprocessing"], f"{where}: preprocessing")
     if policy.get("type") not in POLICY_TYPES:
         raise BundleError(f"{where}: unknown policy type {policy.get('type')!r}")
     check_policy_params(policy["type"], policy["params"], f"{where}: policy")
@@ -196,6 +203,44 @@ def _shape(bundle: Any, where: str) -> dict[str, Any]:
     if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise BundleError(f"{where}: class_names must be two names")
     return bundle
+
+
+MAX_SIDE = 4096  # the largest input side (and architecture value) a bundle may ask for
+
+
+def _int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _numbers(value: Any, n: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == n
+        and all(type(v) in (int, float) and math.isfinite(v) for v in value)
+    )
+
+
+def check_preprocessing(prep: Any, where: str) -> None:
+    """What the serving transform is built from: an RGB input of a sane size, three finite means and
+    positive standard deviations, a crop fraction in (0, 1]."""
+    ok = (
+        isinstance(prep, dict)
+        and isinstance(size := prep.get("input_size"), list)
+        and len(size) == 3
+        and size[0] == 3
+        and all(_int(v, 1, MAX_SIDE) for v in size[1:])
+        and _numbers(prep.get("mean"), 3)
+        and _numbers(std := prep.get("std"), 3)
+        and all(v > 0 for v in std)
+        and type(prep.get("crop_pct")) in (int, float)
+        and 0 < prep["crop_pct"] <= 1
+        and isinstance(prep.get("interpolation"), str)
+    )
+    if not ok:
+        raise BundleError(
+            f"{where} must have input_size [3, H, W] (1 to {MAX_SIDE} px), three finite mean and positive std "
+            "values, crop_pct in (0, 1] and an interpolation"
+        )
 
 
 def load_bundle_json(root: str | Path) -> dict[str, Any]:

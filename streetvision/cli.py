@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _common(p)
 
+    p = sub.add_parser("clean", help="remove what killed steps left: temporary folders, partial outputs")
+    p.add_argument("outputs", nargs="*", metavar="OUT", help="also these outputs (folders or s3:// prefixes)")
+    p.add_argument("--tmp", default=None, help="the temporary folder the steps used (default: the system's)")
+
     p = sub.add_parser("verify", help="verify a step directory or bundle (local or s3://) by its checksums")
     p.add_argument("path")
 
@@ -107,12 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOCATIONS = ("out", "dataset", "path", "bundle", "checkpoint_root", *{n for p in PHASES for n in p.inputs})
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
+    from streetvision.io.store import check_location
+
+    for name in LOCATIONS:
+        if isinstance(value := getattr(args, name, None), str):
+            check_location(value, "the path" if name == "path" else f"--{name.replace('_', '-')}")
     if cmd == "verify":
         from streetvision.verify import verify_path
 
         print(json.dumps(verify_path(args.path)))
+        return 0
+    if cmd == "clean":
+        from streetvision.io import scratch, store
+
+        removed = [str(p) for p in scratch.clean(args.tmp)]
+        outputs = {out: store.clean_output(out) for out in args.outputs}
+        print(json.dumps({"temporary_roots_removed": removed, "outputs": outputs}))
         return 0
     if cmd == "demo-data":
         from streetvision.data.demo import write_demo

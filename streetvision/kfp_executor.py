@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,14 @@ def local_path(uri: str) -> str:
 def parse(executor_input: str) -> dict[str, Any]:
     try:
         data = json.loads(executor_input)
-        data["outputs"]["outputFile"]
+        output_file = Path(data["outputs"]["outputFile"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise StreetVisionError(
             f"--executor-input is not a KFP executor input ({type(e).__name__}: {e})"
         ) from None
+    folder = next((p for p in [output_file.parent, *output_file.parent.parents] if p.exists()), Path("/"))
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):  # found now, not after the work
+        raise StreetVisionError(f"--executor-input: its outputFile {output_file} cannot be written ({folder})")
     return data
 
 

@@ -2,7 +2,8 @@
 
 A phase has one canonical name, its stem: the module ``streetvision.steps.<stem>``, the CLI command
 ``streetvision <stem with dashes>``, the Kubeflow component and task, the folder ``streetvision run``
-writes, and the ``step`` in its manifest. ``phaseN`` is a documented alias for ``pipeline.phases``.
+writes, and the ``step`` in its manifest. Its output (the component's
+artifact, and the input name that reads it) is the stem's noun: ``baseline``, ``splits``, ``gate``.
 
 The CLI's step commands, ``streetvision run`` (order, inputs, up-to-date checks) and the step glue are
 derived from :data:`PHASES`; a test checks the compiled Kubeflow pipeline's wiring against it, so a new
@@ -36,13 +37,11 @@ class Choice:
 @dataclass(frozen=True)
 class Phase:
     stem: str
-    number: int
     help: str
     # Input name (the CLI flag --<name>, run()'s keyword, the component's input) -> the producing phase's
     # stem, or DATASET, or a Choice of stems by a setting of this phase's config.
     inputs: dict[str, str | Choice | None]
     image: str  # "base" (no torch) or "train"
-    artifact: str  # the component output holding the step directory
     # The component's other outputs for the Kubeflow UI: output name -> KFP schema title.
     ui: dict[str, str] = field(default_factory=dict)
     input_help: dict[str, str] = field(default_factory=dict)
@@ -52,7 +51,7 @@ class Phase:
     optional_inputs: dict[str, str] = field(default_factory=dict)
     checkpoints: bool = False  # takes --checkpoint-root (per-epoch checkpoints a retried task resumes from)
     # Inputs that must belong together, checked before any work: (a, b) means input a's manifest records
-    # input b as its own b (the policy was swept on this phase 1). A dataset and splits are checked by
+    # input b as its own b (the policy was swept on this train_baseline). A dataset and splits are checked by
     # content (``make_splits.split_dataset``).
     belongs: tuple[tuple[str, str], ...] = ()
 
@@ -61,27 +60,25 @@ class Phase:
         return self.stem.replace("_", "-")
 
     @property
-    def alias(self) -> str:
-        return f"phase{self.number}"
+    def artifact(self) -> str:
+        """The component output holding the step folder, and the input name that reads it: the stem's
+        noun (train_baseline -> baseline, calibrate_scrc -> scrc)."""
+        return self.stem.partition("_")[2]
 
 
 PHASES: tuple[Phase, ...] = (
     Phase(
         "make_splits",
-        0,
-        "phase 0: stratified train/val_select/val_calib/val_test splits",
+        "stratified train/val_select/val_calib/val_test splits",
         {"dataset": DATASET},
         "base",
-        "splits",
         input_help={"dataset": "dataset folder or s3:// prefix holding labels.csv"},
     ),
     Phase(
         "adapt_explora",
-        4,
-        "phase 4: ExPLoRA, self-supervised adaptation of a ViT backbone to the train split's images",
+        "ExPLoRA, self-supervised adaptation of a ViT backbone to the train split's images",
         {"dataset": DATASET, "splits": "make_splits"},
         "train",
-        "adapted",
         {"metrics": "system.Metrics"},
         input_help={"splits": "make_splits output: only its train split's images are read"},
         optional=True,
@@ -89,11 +86,9 @@ PHASES: tuple[Phase, ...] = (
     ),
     Phase(
         "train_baseline",
-        1,
-        "phase 1: train the timm + Lightning classifier",
+        "train the timm + Lightning classifier",
         {"dataset": DATASET, "splits": "make_splits", "explora": "adapt_explora"},
         "train",
-        "model",
         {"metrics": "system.Metrics"},
         input_help={
             "splits": "make_splits output directory or URI",
@@ -105,79 +100,70 @@ PHASES: tuple[Phase, ...] = (
     ),
     Phase(
         "sweep_thresholds",
-        2,
-        "phase 2: exact threshold sweep, max-MCC policy, report",
-        {"phase1": "train_baseline"},
+        "exact threshold sweep, max-MCC policy, report",
+        {"baseline": "train_baseline"},
         "base",
-        "thresholds",
         {
             "metrics": "system.Metrics",
             "classification": "system.ClassificationMetrics",
             "report": "system.Markdown",
         },
-        input_help={"phase1": "train_baseline output directory or URI"},
+        input_help={"baseline": "train_baseline output directory or URI"},
     ),
     Phase(
         "train_gate",
-        3,
-        "phase 3: a learned gate that scores whether phase 1's decision is right (answer or defer)",
-        {"phase1": "train_baseline", "dataset": DATASET, "splits": "make_splits"},
+        "a learned gate that scores whether train_baseline's decision is right (answer or defer)",
+        {"baseline": "train_baseline", "dataset": DATASET, "splits": "make_splits"},
         "train",
-        "gate",
         {"metrics": "system.Metrics", "report": "system.Markdown"},
         input_help={
-            "phase1": "train_baseline output directory or URI",
-            "splits": "the make_splits output phase 1 was trained on",
+            "baseline": "train_baseline output directory or URI",
+            "splits": "the make_splits output train_baseline was trained on",
         },
         optional=True,
-        belongs=(("phase1", "splits"),),
+        belongs=(("baseline", "splits"),),
     ),
     Phase(
         "calibrate_scrc",
-        5,
-        "phase 5: temperature scaling and selective conformal risk control (answer or defer)",
+        "temperature scaling and selective conformal risk control (answer or defer)",
         {
-            "phase1": "train_baseline",
+            "baseline": "train_baseline",
             "gate": Choice("scrc.confidence", {"gate": "train_gate", "margin": UNUSED}),
         },
         "base",
-        "scrc",
         {"metrics": "system.Metrics", "report": "system.Markdown"},
         input_help={
-            "phase1": "train_baseline output directory or URI",
+            "baseline": "train_baseline output directory or URI",
             "gate": "train_gate output (with scrc.confidence=gate): its scores are the confidence",
         },
         optional=True,
         optional_inputs={"gate": "scrc.confidence=gate"},
-        belongs=(("gate", "phase1"),),
+        belongs=(("gate", "baseline"),),
     ),
     Phase(
         "export_bundle",
-        6,
-        "phase 6: export a verified, portable bundle",
+        "export a verified, portable bundle",
         {
-            "phase1": "train_baseline",
+            "baseline": "train_baseline",
             "policy": Choice("export.policy", {"threshold": "sweep_thresholds", "scrc": "calibrate_scrc"}),
             "splits": "make_splits",
         },
         "base",
-        "bundle",
         {"test_metrics": "system.Metrics", "report": "system.Markdown"},
-        belongs=(("policy", "phase1"), ("phase1", "splits")),
+        belongs=(("policy", "baseline"), ("baseline", "splits")),
         input_help={
             "policy": "the policy step's output: sweep_thresholds, or calibrate_scrc with export.policy=scrc"
         },
     ),
 )
 BY_STEM = {p.stem: p for p in PHASES}
-ALIASES = {p.alias: p.stem for p in PHASES}
 
 
 @dataclass(frozen=True)
 class Shared:
     """A setting of the whole run: set once (``seed=4``), it reaches every phase listed, each under its
     own key. A phase's own spelling (``splits.seed=2``, ``train_gate.seed=3``) sets that phase alone and
-    wins there, except where phases must agree (``agree``: phase 1 trains the backbone phase 4 adapted)."""
+    wins there, except where phases must agree (``agree``: train_baseline trains the backbone adapt_explora adapted)."""
 
     name: str
     keys: dict[str, str]  # stem -> the key this setting is in that phase's config
@@ -198,8 +184,8 @@ SHARED: tuple[Shared, ...] = (
 SHARED_BY_NAME = {s.name: s for s in SHARED}
 
 # What switches the optional phases on, the same on both sides: the last phase reads the policy that
-# export.policy names, calibrate_scrc reads the gate under scrc.confidence=gate, and phase 1 reads phase
-# 4's backbone under pipeline.explora=true. See :func:`needed`. On Kubeflow they are compile-time
+# export.policy names, calibrate_scrc reads the gate under scrc.confidence=gate, and train_baseline reads
+# adapt_explora's backbone under pipeline.explora=true. See :func:`needed`. On Kubeflow they are compile-time
 # choices (one pipeline file per shipped variant), so that each compiled task appears once.
 EXPLORA_SWITCH = "pipeline.explora"
 SWITCHES: dict[str, str] = {
@@ -223,26 +209,26 @@ class Parameter:
 # its phases; a test compiles each variant and checks every one reaches the same phases and keys as its
 # local setting.
 PARAMETERS: dict[str, Parameter] = {
-    "backbone": Parameter("model.backbone", "timm model name of the backbone (phases 4 and 1)."),
+    "backbone": Parameter("model.backbone", "timm model name of the backbone (adapt_explora and train_baseline)."),
     "pretrained": Parameter("model.pretrained", "Load the hub's pretrained backbone weights."),
     "weights_uri": Parameter("model.weights", "Backbone weights file (s3:// URI) used instead of the hub; empty for the hub."),
     "freeze_backbone": Parameter("model.freeze_backbone", "Train the head only."),
-    "epochs": Parameter("trainer.max_epochs", "Maximum training epochs of phase 1 (early stopping on val_select MCC may end sooner)."),
-    "lr": Parameter("model.lr", "Learning rate of phase 1."),
-    "batch_size": Parameter("data.batch_size", "Images per batch (phases 4, 1 and 3)."),
+    "epochs": Parameter("trainer.max_epochs", "Maximum training epochs of train_baseline (early stopping on val_select MCC may end sooner)."),
+    "lr": Parameter("model.lr", "Learning rate of train_baseline."),
+    "batch_size": Parameter("data.batch_size", "Images per batch (adapt_explora, train_baseline and train_gate)."),
     "image_size": Parameter("data.image_size", "Input side in pixels (0: the backbone's own)."),
-    "seed": Parameter("seed", "Seed for the splits, the training phases and phase 5's split of val_calib."),
+    "seed": Parameter("seed", "Seed for the splits, the training phases and calibrate_scrc's split of val_calib."),
     "augment": Parameter("data.augment", "Training augmentation: challenge (the subnet validator's views), timm, or none."),
     "challenge_views": Parameter("eval.challenge_views", "Validator-style views per val_calib and val_test image (0: none)."),
-    "explora_epochs": Parameter("adapt_explora.trainer.max_epochs", "phase 4: epochs of self-distillation."),
-    "explora_rank": Parameter("explora.rank", "phase 4: LoRA rank on Q and V (0: the preset for the backbone's width)."),
-    "explora_unfrozen_blocks": Parameter("explora.unfrozen_blocks", "phase 4: the last blocks trained fully."),
-    "explora_extra_images": Parameter("explora.extra_images", "phase 4: an s3:// prefix of unlabelled street images added to the train split's (empty: none)."),
-    "calibrate_on": Parameter("views", "What phases 2, 3 and 5 fit on: challenge (validator-style views) or clean."),
-    "max_fnr": Parameter("sweep.max_fnr", "phase 2: largest false-negative rate on val_calib (1.0: none)."),
-    "scrc_alpha": Parameter("scrc.alpha", "phase 5: the risk level of the answered images."),
-    "scrc_delta": Parameter("scrc.delta", "phase 5: 0.0 controls the risk in expectation; otherwise with probability 1 - delta."),
-    "scrc_risk": Parameter("scrc.risk", "phase 5: error (wrong answers) or fnr (missed roadwork among answered roadwork)."),
+    "explora_epochs": Parameter("adapt_explora.trainer.max_epochs", "adapt_explora: epochs of self-distillation."),
+    "explora_rank": Parameter("explora.rank", "adapt_explora: LoRA rank on Q and V (0: the preset for the backbone's width)."),
+    "explora_unfrozen_blocks": Parameter("explora.unfrozen_blocks", "adapt_explora: the last blocks trained fully."),
+    "explora_extra_images": Parameter("explora.extra_images", "adapt_explora: an s3:// prefix of unlabelled street images added to the train split's (empty: none)."),
+    "calibrate_on": Parameter("views", "What sweep_thresholds, train_gate and calibrate_scrc fit on: challenge (validator-style views) or clean."),
+    "max_fnr": Parameter("sweep.max_fnr", "sweep_thresholds: largest false-negative rate on val_calib (1.0: none)."),
+    "scrc_alpha": Parameter("scrc.alpha", "calibrate_scrc: the risk level of the answered images."),
+    "scrc_delta": Parameter("scrc.delta", "calibrate_scrc: 0.0 controls the risk in expectation; otherwise with probability 1 - delta."),
+    "scrc_risk": Parameter("scrc.risk", "calibrate_scrc: error (wrong answers) or fnr (missed roadwork among answered roadwork)."),
     "min_test_mcc": Parameter("export.min_test_mcc", "Release gate on held-out val_test MCC (-1.0: none)."),
     "checkpoint_root": Parameter("--checkpoint-root", "s3:// prefix for training checkpoints (one per epoch, under the run's id): a preempted and retried training resumes from its last epoch. Empty: none."),
 }  # fmt: skip
@@ -254,7 +240,7 @@ def phase(stem: str) -> Phase:
 
 def needed(configs: dict, explora: bool) -> list[str]:
     """The phases a run executes, in run order: the last phase and, transitively, what each reads under
-    these configs (stem -> its config); phase 4 only with ``explora``."""
+    these configs (stem -> its config); adapt_explora only with ``explora``."""
     want: set[str] = set()
     todo = [PHASES[-1].stem]
     while todo:

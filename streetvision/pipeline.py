@@ -6,7 +6,7 @@ the same config hash and the same input checksums is skipped, so a re-run after 
 up where it stopped, and a changed parameter re-runs that phase and everything downstream.
 
 Which phases run follows from the settings, as on Kubeflow (:func:`streetvision.phases.needed`): the
-export, the policy ``export.policy`` names, the gate under ``scrc.confidence=gate``, and phase 4 under
+export, the policy ``export.policy`` names, the gate under ``scrc.confidence=gate``, and adapt_explora under
 ``pipeline.explora=true``; ``pipeline.phases=[make_splits,train_baseline]`` runs a subset instead.
 
 Overrides are the steps' own keys (``model.lr=0.001 sweep.max_fnr=0.1``), routed to the step that owns
@@ -34,7 +34,6 @@ from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
 from streetvision.phases import (
-    ALIASES,
     BY_STEM,
     PHASES,
     SHARED,
@@ -47,7 +46,6 @@ from streetvision.phases import (
 from streetvision.steps import step_config
 
 ORDER = [p.stem for p in PHASES]  # the phases in dependency order
-ALIASES_OF = {stem: alias for alias, stem in ALIASES.items()}
 DEMO_PROFILE = Path(__file__).parent / "configs" / "demo.yaml"
 
 
@@ -66,7 +64,7 @@ class DemoConfig:
 @dataclass
 class PipelineConfig:
     phases: list[str] = field(default_factory=list)  # empty: the phases the settings need
-    explora: bool = False  # phase 4 first, phase 1 starting from its adapted backbone
+    explora: bool = False  # adapt_explora first, train_baseline starting from its adapted backbone
 
 
 @dataclass
@@ -88,7 +86,7 @@ def _flatten(prefix: str, value: Any) -> list[str]:
 
 def _owners() -> dict[str, str]:
     """Top-level config key -> the owner that reads it (a step stem, or the runner): the default
-    pipeline's phases first (``model.lr`` is phase 1's), then the optional ones."""
+    pipeline's phases first (``model.lr`` is train_baseline's), then the optional ones."""
     owners = {f.name: "runner" for f in dataclasses.fields(RunnerConfig)}
     for stem in sorted(ORDER, key=lambda s: BY_STEM[s].optional):
         for f in dataclasses.fields(step_config(stem)):
@@ -134,7 +132,7 @@ def route(files: Sequence[str | Path], overrides: Sequence[str]) -> dict[str, li
             own[head].append(f"{rest}={value}")
         elif head in owners:
             owner = owners[head]
-            if owner != "runner" and not _has(owner, key):  # data.local_crops: a key only phase 4 has
+            if owner != "runner" and not _has(owner, key):  # data.local_crops: a key only adapt_explora has
                 owner = next((stem for stem in ORDER if _has(stem, key)), owner)
             own[owner].append(entry)
         else:
@@ -175,17 +173,14 @@ def _phases(requested: list[str]) -> list[str]:
         raise ConfigError("config key 'pipeline.phases': empty; name at least one phase")
     stems = []
     for name in requested:
-        stem = ALIASES.get(name, name)
-        if stem not in ORDER:
-            raise ConfigError(
-                f"pipeline.phases: unknown phase {name!r} (use {', '.join(ALIASES)} or step names)"
-            )
-        stems.append(stem)
+        if name not in ORDER:
+            raise ConfigError(f"pipeline.phases: unknown phase {name!r} (one of {', '.join(ORDER)})")
+        stems.append(name)
     return [s for s in ORDER if s in stems]
 
 
 def _check_optional_inputs(selected: list[str], configs: dict[str, Any]) -> None:
-    """Refuse to run a phase whose output no selected phase would read (phase 3 with phase 5 answering
+    """Refuse to run a phase whose output no selected phase would read (train_gate with calibrate_scrc answering
     by the margin): an optional input is read only under its setting."""
     for stem in selected:
         for name, setting in BY_STEM[stem].optional_inputs.items():
@@ -195,7 +190,7 @@ def _check_optional_inputs(selected: list[str], configs: dict[str, Any]) -> None
             if wanted and name not in producers(stem, configs[stem]):
                 raise ConfigError(
                     f"pipeline.phases runs {wanted[0]} and {stem}, which reads it only with {setting}; "
-                    f"add {setting}, or leave {ALIASES_OF[wanted[0]]} out"
+                    f"add {setting}, or leave {wanted[0]} out"
                 )
 
 

@@ -44,9 +44,10 @@ class Predictor:
             dropout=b["model"]["dropout"],
             arch=b["model"]["architecture"],
             weights=root / b["model"]["weights"],
+            described_by=f"{root / 'bundle.json'}",
         ).to(self.device)
         self.gate = None
-        if gate := b["policy"].get("gate"):  # an scrc policy that answers by phase 3's gate
+        if gate := b["policy"].get("gate"):  # an scrc policy that answers by train_gate's gate
             from safetensors.torch import load_file
 
             from streetvision.models.gate import build_gate

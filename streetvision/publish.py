@@ -107,7 +107,7 @@ def readme(bundle: dict[str, Any], card: dict[str, Any], manifest_sha: str, shif
             f"- bundle manifest sha256: `{manifest_sha}`",
             f"- code version: `{bundle['code_version']}`",
             f"- dataset content sha256: `{lineage.get('dataset', {}).get('content_sha256', 'unknown')}`",
-            f"- phase 1 manifest sha256: `{lineage['phase1']['manifest_sha256']}`",
+            f"- train_baseline manifest sha256: `{(lineage.get('baseline') or lineage['phase1'])['manifest_sha256']}`",
             f"- policy manifest sha256: `{lineage['policy']['manifest_sha256']}`",
             "",
         ]

@@ -16,11 +16,12 @@ def verify_path(path: str) -> dict[str, Any]:
     checks it.
     """
     from streetvision.bundle import BUNDLE_FILE, verify_bundle
+    from streetvision.publish import STEP as EXPORT_HF
     from streetvision.steps import STEPS
 
     with store.local_step(path) as root:
         manifest = load_manifest(root)
-        if manifest.step not in STEPS:
+        if manifest.step not in {*STEPS, EXPORT_HF}:
             raise ManifestError(f"{path}: names step {manifest.step!r}, which this version does not know")
         report: dict[str, Any] = {
             "ok": True,

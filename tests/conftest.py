@@ -70,7 +70,7 @@ TINY_TRAIN = [
 
 @pytest.fixture(scope="session")
 def trained(demo_dataset, demo_splits, tmp_path_factory):
-    """A real phase-1 and phase-2 output from a tiny model: {'phase1', 'policy', 'splits', 'dataset'}."""
+    """A real train_baseline and sweep_thresholds output from a tiny model: {'baseline', 'policy', 'splits', 'dataset'}."""
     from streetvision.config import load_config
     from streetvision.steps import sweep_thresholds, train_baseline
 
@@ -82,10 +82,10 @@ def trained(demo_dataset, demo_splits, tmp_path_factory):
         out=root / "train_baseline",
     )
     sweep_thresholds.run(
-        load_config(sweep_thresholds.Config), phase1=root / "train_baseline", out=root / "sweep_thresholds"
+        load_config(sweep_thresholds.Config), baseline=root / "train_baseline", out=root / "sweep_thresholds"
     )
     return {
-        "phase1": root / "train_baseline",
+        "baseline": root / "train_baseline",
         "policy": root / "sweep_thresholds",
         "splits": demo_splits,
         "dataset": demo_dataset,
@@ -111,3 +111,75 @@ def run_cli(capsys, argv: list) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# The fault suites' committed fixtures (tests/test_faults*.py): quick settings of the training steps.
+GATE = ["trainer.max_epochs=2", "gate.train_views=1"]  # a quick train_gate
+EXPLORA = ["model.backbone=test_vit", "model.pretrained=false", "data.image_size=32", "data.local_crops=1",
+           "explora.prototypes=64", "explora.head_hidden=32", "explora.bottleneck=16", "trainer.max_epochs=1",
+           "trainer.accelerator=cpu", "trainer.devices=1"]  # a quick adapt_explora  # fmt: skip
+ON_EXPLORA = ["model.backbone=test_vit", "model.pretrained=false", "data.image_size=32", "trainer.max_epochs=1",
+              "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=0"]  # train_baseline on it  # fmt: skip
+
+
+def one_line(err: str) -> bool:
+    return err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err
+
+
+@pytest.fixture(scope="session")
+def world(trained, tmp_path_factory):
+    """A committed pipeline (splits, train_baseline, policy, bundle) plus a second, unrelated lineage."""
+    from streetvision.data.demo import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("faults")
+    bundle = root / "export_bundle"
+    from streetvision.cli import main
+
+    code = main(["export-bundle", "--baseline", str(trained["baseline"]), "--policy", str(trained["policy"]),
+                 "--splits", str(trained["splits"]), "--out", str(bundle)])  # fmt: skip
+    assert code == 0
+    other = write_demo_dataset(root / "other_data", n=40, seed=11, size=48)
+    assert main(["make-splits", "--dataset", str(other), "--out", str(root / "other_splits")]) == 0
+    from baseline_fake import fake_baseline, separable_logits
+
+    logits, labels = separable_logits(60, seed=3)
+    fake_baseline(root / "other_baseline", logits, labels)
+    assert (
+        main(
+            [
+                "sweep-thresholds",
+                "--baseline",
+                str(root / "other_baseline"),
+                "--out",
+                str(root / "other_policy"),
+            ]
+        )
+        == 0
+    )
+    image = sorted((trained["dataset"] / "images").iterdir())[0]
+    gate = root / "train_gate"
+    code = main(["train-gate", "--baseline", str(trained["baseline"]), "--dataset", str(trained["dataset"]),
+                 "--splits", str(trained["splits"]), "--out", str(gate), *GATE])  # fmt: skip
+    assert code == 0
+    explora = root / "adapt_explora"
+    code = main(["adapt-explora", "--dataset", str(trained["dataset"]), "--splits", str(trained["splits"]),
+                 "--out", str(explora), *EXPLORA])  # fmt: skip
+    assert code == 0
+    return {**trained, "bundle": bundle, "root": root, "image": image, "other_data": other, "gate": gate,
+            "explora": explora,
+            "other_splits": root / "other_splits", "other_policy": root / "other_policy",
+            "other_baseline": root / "other_baseline"}  # fmt: skip
+
+
+def step_commands(world) -> dict[str, list]:
+    """Each step's command line on the committed fixtures, without ``--out``."""
+    w = {k: str(v) for k, v in world.items()}
+    return {
+        "make_splits": ["make-splits", "--dataset", w["dataset"]],
+        "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
+        "sweep_thresholds": ["sweep-thresholds", "--baseline", w["baseline"]],
+        "train_gate": ["train-gate", "--baseline", w["baseline"], "--dataset", w["dataset"], "--splits", w["splits"], *GATE],
+        "adapt_explora": ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"], *EXPLORA],
+        "calibrate_scrc": ["calibrate-scrc", "--baseline", w["baseline"], "scrc.alpha=0.9"],  # a tiny val_calib
+        "export_bundle": ["export-bundle", "--baseline", w["baseline"], "--policy", w["policy"], "--splits", w["splits"]],
+    }  # fmt: skip

@@ -1,5 +1,5 @@
-"""Phase 4, ``adapt_explora``: ExPLoRA's parameter budget, DINO's teacher, merge parity, the step and its
-lineage into phase 1, on ``test_vit`` (the block layout of DINOv2's ViTs) and the demo data."""
+"""adapt_explora, ``adapt_explora``: ExPLoRA's parameter budget, DINO's teacher, merge parity, the step and its
+lineage into train_baseline, on ``test_vit`` (the block layout of DINOv2's ViTs) and the demo data."""
 
 from __future__ import annotations
 
@@ -196,14 +196,14 @@ def test_phase_1_trains_on_the_adapted_backbone_to_a_verified_bundle_with_the_li
     assert r.returncode == 0, r.stderr[-2000:]
     m1 = verify_dir(p1, "train_baseline")
     assert m1.inputs["explora"]["manifest_sha256"] == input_record(out)["manifest_sha256"]
-    for step, args in (("sweep-thresholds", ["--phase1", p1]),
-                       ("export-bundle", ["--phase1", p1, "--policy", tmp_path / "p2", "--splits", demo_splits])):  # fmt: skip
+    for step, args in (("sweep-thresholds", ["--baseline", p1]),
+                       ("export-bundle", ["--baseline", p1, "--policy", tmp_path / "p2", "--splits", demo_splits])):  # fmt: skip
         r = cli(step, *args, "--out", tmp_path / ("p2" if step == "sweep-thresholds" else "b"))
         assert r.returncode == 0, r.stderr
     bundle = json.loads((tmp_path / "b" / "bundle.json").read_text())
-    assert bundle["lineage"]["phase1"]["manifest_sha256"] == input_record(p1)["manifest_sha256"]
+    assert bundle["lineage"]["baseline"]["manifest_sha256"] == input_record(p1)["manifest_sha256"]
     assert cli("verify", tmp_path / "b").returncode == 0
-    # model.weights naming the phase-4 folder is the same input; another backbone is refused in one line.
+    # model.weights naming the adapt_explora folder is the same input; another backbone is refused in one line.
     r = cli("train-baseline", "--dataset", demo_dataset, "--splits", demo_splits, "--out", tmp_path / "p1b",
             "model.backbone=test_vit", f"model.weights={out}", "data.image_size=96", "trainer.max_epochs=1",
             "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=0")  # fmt: skip
@@ -332,7 +332,7 @@ def test_streetvision_run_runs_phase_4_before_phase_1_when_named(tmp_path):
                 "data.image_size=64", "data.batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                 "trainer.devices=1", "data.local_crops=2", "explora.prototypes=256", "eval.challenge_views=1",
                 "adapt_explora.trainer.max_epochs=2"]  # fmt: skip
-    phases = "pipeline.phases=[phase0,phase4,phase1,phase2,phase6]"
+    phases = "pipeline.phases=[make_splits,adapt_explora,train_baseline,sweep_thresholds,export_bundle]"
     summary = run_local(str(tmp_path / "run"), overrides=[*settings, phases])
     assert all(
         summary["steps"][s].startswith("ran") for s in ("adapt_explora", "train_baseline", "export_bundle")
@@ -346,9 +346,10 @@ def test_streetvision_run_runs_phase_4_before_phase_1_when_named(tmp_path):
     )
     again = run_local(str(tmp_path / "run"), overrides=[*settings, phases])
     assert again["steps"]["train_baseline"] == "up to date, skipped"
-    # Without phase 4, phase 1 no longer reads it: it trains again, from the hub's (here random) weights.
+    # Without adapt_explora, train_baseline no longer reads it: it trains again, from the hub's (here random) weights.
     without = run_local(
-        str(tmp_path / "run"), overrides=[*settings, "pipeline.phases=[phase0,phase1,phase2,phase6]"]
+        str(tmp_path / "run"),
+        overrides=[*settings, "pipeline.phases=[make_splits,train_baseline,sweep_thresholds,export_bundle]"],
     )
     assert without["steps"]["train_baseline"].startswith("ran")
     assert "explora" not in verify_dir(tmp_path / "run" / "train_baseline").inputs

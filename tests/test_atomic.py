@@ -108,6 +108,51 @@ def test_a_rerun_leaves_the_previous_commit_whole_until_it_commits_and_then_repl
     assert sorted(p.name for p in tmp_path.iterdir()) == [".step.lock", "step"]  # no staging left
 
 
+class Killed(BaseException):
+    """Stands for a SIGKILL at one point of a commit: nothing after it runs, no cleanup either."""
+
+
+@pytest.mark.parametrize("exchange_works", [True, False])
+def test_a_kill_at_any_point_of_a_replacing_commit_loses_neither_commit(
+    tmp_path, monkeypatch, exchange_works
+):
+    """Replacing a commit swaps two folders. Where the system has an atomic exchange there is no moment
+    without a commit; with two renames, a kill between them leaves the output folder gone and the earlier
+    commit aside, and the next writer (or ``streetvision clean``) puts it back before anything else."""
+    import streetvision.io.outputs as outputs_module
+
+    root = tmp_path / "step"
+    first = StepOutputs(root, "s")
+    first.write_text("a.txt", "1")
+    first.commit(config={})
+    if not exchange_works:
+        monkeypatch.setattr(outputs_module, "exchange", lambda a, b: False)
+    real_rename, renames = os.rename, []
+
+    def rename_then_die(src, dst):  # the first rename happens; the process dies before the second
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise Killed
+        real_rename(src, dst)
+
+    monkeypatch.setattr(outputs_module.os, "rename", rename_then_die)
+    monkeypatch.setattr(outputs_module.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    rerun = StepOutputs.__new__(StepOutputs)  # a writer whose cleanup never runs, as under SIGKILL
+    rerun.__init__(root, "s")
+    rerun.write_text("a.txt", "2")
+    with pytest.raises(Killed):
+        StepOutputs.commit(rerun, config={})
+    rerun._lock.release()  # the kernel drops a killed process's flock
+    monkeypatch.undo()
+    if exchange_works:
+        assert (root / "a.txt").read_text() == "2" and verify_dir(root, "s")  # swapped in one step
+    else:
+        assert not root.exists() and len(renames) == 2  # the moment the old code lost both
+        StepOutputs(root, "s").abort()  # the next writer puts the earlier commit back first
+        assert (root / "a.txt").read_text() == "1" and verify_dir(root, "s")
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+
+
 def test_names_outside_the_directory_are_refused(tmp_path):
     out = StepOutputs(tmp_path / "o", "s")
     for bad in ("../x", "/etc/passwd", "a/../../b", ""):

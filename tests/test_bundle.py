@@ -1,4 +1,4 @@
-"""Phase 6: export, verification (tampering, escaping paths, portability) and prediction."""
+"""export_bundle: export, verification (tampering, escaping paths, portability) and prediction."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from phase1_fake import reseal
+from baseline_fake import reseal
 
 from streetvision.bundle import BundleError, served_probability, verify_bundle
 from streetvision.config import load_config
@@ -28,7 +28,11 @@ def cli(*args):
 def export(trained, out, *overrides, policy=None):
     cfg = load_config(export_bundle.Config, [], list(overrides))
     return export_bundle.run(
-        cfg, phase1=trained["phase1"], policy=policy or trained["policy"], splits=trained["splits"], out=out
+        cfg,
+        baseline=trained["baseline"],
+        policy=policy or trained["policy"],
+        splits=trained["splits"],
+        out=out,
     )
 
 
@@ -45,9 +49,9 @@ def test_bundle_carries_relative_paths_checksums_lineage_and_held_out_metrics(bu
     assert all(not n.startswith("/") and ".." not in n for n in b["files"])
     assert b["policy"]["type"] == "threshold" and 0 < b["policy"]["params"]["threshold"] < 1
     assert b["backbone"] == "test_efficientnet" and b["class_names"] == ["no_roadwork", "roadwork"]
-    assert b["lineage"]["dataset"]["index_sha256"] and b["lineage"]["phase1"]["manifest_sha256"]
-    labels = np.load(trained["phase1"] / "labels_val_test.npy")
-    views = np.load(trained["phase1"] / "views_val_test_challenge.npy")
+    assert b["lineage"]["dataset"]["index_sha256"] and b["lineage"]["baseline"]["manifest_sha256"]
+    labels = np.load(trained["baseline"] / "labels_val_test.npy")
+    views = np.load(trained["baseline"] / "views_val_test_challenge.npy")
     assert b["test_metrics"]["split"] == "val_test" and b["test_metrics"]["views"] == "challenge"
     assert b["test_metrics"]["n"] == len(views) == 4 * len(labels) and b["test_metrics"]["images"] == len(
         labels
@@ -68,8 +72,8 @@ def test_bundle_carries_relative_paths_checksums_lineage_and_held_out_metrics(bu
 
 
 def test_predictions_from_the_bundle_equal_the_models_own_logits_through_the_policy(bundle, trained):
-    ids = json.loads((trained["phase1"] / "ids_val_test.json").read_text())
-    expected = probabilities(np.load(trained["phase1"] / "logits_val_test.npy"))
+    ids = json.loads((trained["baseline"] / "ids_val_test.json").read_text())
+    expected = probabilities(np.load(trained["baseline"] / "logits_val_test.npy"))
     threshold = verify_bundle(bundle)["policy"]["params"]["threshold"]
     paths = [str(trained["dataset"] / i) for i in ids]
     r = cli("predict", "--bundle", str(bundle), "--served-probability", *paths)
@@ -190,7 +194,7 @@ def policy_dir(tmp_path, trained, files, step="sweep_thresholds"):
     out = StepOutputs(tmp_path / "policy", step)
     for name, content in files.items():
         out.write_json(name, content)
-    out.commit(config={}, inputs={"phase1": input_record(trained["phase1"])})
+    out.commit(config={}, inputs={"baseline": input_record(trained["baseline"])})
     return tmp_path / "policy"
 
 
@@ -231,8 +235,8 @@ def test_an_scrc_bundle_defers_below_lambda_and_reports_selective_metrics(traine
         and sel["alpha"] == 0.1
         and {"selective_risk", "fnr_answered", "realised_risk"} <= set(sel)
     )
-    ids = json.loads((trained["phase1"] / "ids_val_test.json").read_text())
-    raw = probabilities(np.load(trained["phase1"] / "logits_val_test.npy"))
+    ids = json.loads((trained["baseline"] / "ids_val_test.json").read_text())
+    raw = probabilities(np.load(trained["baseline"] / "logits_val_test.npy"))
     calibrated = 1 / (1 + np.exp(-np.log(raw / (1 - raw)) / 2.0))
     r = cli("predict", "--bundle", str(tmp_path / "b"), *(str(trained["dataset"] / i) for i in ids))
     assert r.returncode == 0, r.stderr
@@ -253,8 +257,8 @@ def test_an_scrc_bundle_defers_below_lambda_and_reports_selective_metrics(traine
 def test_release_gate_refuses_a_weak_model_with_the_numbers(trained, tmp_path):
     r = cli(
         "export-bundle",
-        "--phase1",
-        str(trained["phase1"]),
+        "--baseline",
+        str(trained["baseline"]),
         "--policy",
         str(trained["policy"]),
         "--splits",
@@ -271,7 +275,7 @@ def test_export_and_verify_do_not_import_torch(trained, tmp_path):
     out = tmp_path / "out"
     code = (
         "import sys; from streetvision.cli import main;"
-        f"assert main(['export-bundle', '--phase1', {str(trained['phase1'])!r}, '--policy', "
+        f"assert main(['export-bundle', '--baseline', {str(trained['baseline'])!r}, '--policy', "
         f"{str(trained['policy'])!r}, '--splits', {str(trained['splits'])!r}, '--out', {str(out)!r}]) == 0;"
         f"assert main(['verify', {str(out)!r}]) == 0;"
         "assert 'torch' not in sys.modules, 'torch was imported'"

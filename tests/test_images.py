@@ -251,6 +251,6 @@ def test_the_explora_variant_of_the_compiled_pipeline_runs_in_containers(images,
     assert verify_dir(made["adapt_explora"]).config["model"]["backbone"] == "test_vit"
     b = json.loads((made["export_bundle"] / "bundle.json").read_text())
     assert (
-        b["lineage"]["phase1"]["manifest_sha256"] == input_record(made["train_baseline"])["manifest_sha256"]
+        b["lineage"]["baseline"]["manifest_sha256"] == input_record(made["train_baseline"])["manifest_sha256"]
     )
     verify_path(str(made["export_bundle"]))

@@ -155,7 +155,7 @@ def test_the_variants_ship_the_policy_their_name_says(specs):
     assert producer(gate["calibrate-scrc"], "gate") == ("train-gate", "gate")
     assert constant(gate["calibrate-scrc"], "confidence") == "gate"
     explora = tasks_by_phase(specs["streetvision-explora"][0])
-    assert producer(explora["train-baseline"], "explora") == ("adapt-explora", "adapted")
+    assert producer(explora["train-baseline"], "explora") == ("adapt-explora", "explora")
     params = explora["adapt-explora"].inputs.parameters
     for key, source in (("epochs", "explora_epochs"), ("rank", "explora_rank"), ("backbone", "backbone"),
                         ("image_size", "image_size"), ("seed", "seed")):  # fmt: skip
@@ -289,7 +289,7 @@ def test_train_baseline_component_runs_its_compiled_command(demo_dataset, demo_s
     out, root = run_component(
         "train_baseline", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path, params
     )
-    m = verify_dir(root / "model")
+    m = verify_dir(root / "baseline")
     assert m.config["model"]["backbone"] == "test_vit" and m.config["trainer"]["max_epochs"] == 1
     # Checkpoints go under the run's id, which a retried task shares: it resumes there.
     ckpt = tmp_path / "checkpoints" / JOB_ID / "train-baseline"
@@ -306,28 +306,28 @@ def test_adapt_explora_component_runs_its_compiled_command_and_train_baseline_ta
               "rank": 2, "checkpoint_root": str(tmp_path / "checkpoints")}  # fmt: skip
     out, root = run_component("adapt_explora", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path / "a",
                               params)  # fmt: skip
-    m = verify_dir(root / "adapted", "adapt_explora")
+    m = verify_dir(root / "explora", "adapt_explora")
     assert m.config["explora"]["rank"] == 2 and m.config["trainer"]["max_epochs"] == 1
     assert (tmp_path / "checkpoints" / JOB_ID / "adapt-explora" / "last.safetensors").is_file()
     assert "trainable_parameters" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     train = {"backbone": "test_vit", "pretrained": False, "freeze_backbone": False, "epochs": 1, "image_size": 32,
              "challenge_views": 0}  # fmt: skip
-    inputs = {"dataset": demo_dataset, "splits": demo_splits, "explora": root / "adapted"}
+    inputs = {"dataset": demo_dataset, "splits": demo_splits, "explora": root / "explora"}
     _, troot = run_component("train_baseline", inputs, tmp_path / "t", train)
     assert (
-        verify_dir(troot / "model").inputs["explora"]["manifest_sha256"]
-        == input_record(root / "adapted")["manifest_sha256"]
+        verify_dir(troot / "baseline").inputs["explora"]["manifest_sha256"]
+        == input_record(root / "explora")["manifest_sha256"]
     )
 
 
 @pytest.mark.slow
 def test_train_gate_component_runs_its_compiled_command_and_phase_5_answers_by_it(trained, tmp_path):
-    inputs = {"phase1": trained["phase1"], "dataset": trained["dataset"], "splits": trained["splits"]}
+    inputs = {"baseline": trained["baseline"], "dataset": trained["dataset"], "splits": trained["splits"]}
     out, root = run_component("train_gate", inputs, tmp_path / "g", {"epochs": 2, "train_views": 1})
     verify_dir(root / "gate", "train_gate")
     assert "val_select_gate_auroc" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert (root / "report").read_text().startswith("# Learned gate")
-    scrc_inputs = {"phase1": trained["phase1"], "gate": root / "gate"}
+    scrc_inputs = {"baseline": trained["baseline"], "gate": root / "gate"}
     _, sroot = run_component(
         "calibrate_scrc", scrc_inputs, tmp_path / "c", {"alpha": 0.9, "confidence": "gate"}
     )
@@ -337,7 +337,9 @@ def test_train_gate_component_runs_its_compiled_command_and_phase_5_answers_by_i
 
 @pytest.mark.slow
 def test_sweep_thresholds_component_runs_its_compiled_command(trained, tmp_path):
-    out, root = run_component("sweep_thresholds", {"phase1": trained["phase1"]}, tmp_path, {"max_fnr": 0.5})
+    out, root = run_component(
+        "sweep_thresholds", {"baseline": trained["baseline"]}, tmp_path, {"max_fnr": 0.5}
+    )
     m = verify_dir(root / "thresholds")
     assert m.config["sweep"]["max_fnr"] == 0.5
     assert "mcc" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
@@ -347,19 +349,21 @@ def test_sweep_thresholds_component_runs_its_compiled_command(trained, tmp_path)
 
 @pytest.mark.slow
 def test_calibrate_scrc_component_runs_its_compiled_command_and_export_ships_it(trained, tmp_path):
-    out, root = run_component("calibrate_scrc", {"phase1": trained["phase1"]}, tmp_path / "c", {"alpha": 0.9})
+    out, root = run_component(
+        "calibrate_scrc", {"baseline": trained["baseline"]}, tmp_path / "c", {"alpha": 0.9}
+    )
     m = verify_dir(root / "scrc", "calibrate_scrc")
     assert m.config["scrc"]["alpha"] == 0.9 and m.config["scrc"]["delta"] == 0.0
     assert "coverage" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert (root / "report").read_text().startswith("# Selective conformal risk control")
-    inputs = {"phase1": trained["phase1"], "policy": root / "scrc", "splits": trained["splits"]}
+    inputs = {"baseline": trained["baseline"], "policy": root / "scrc", "splits": trained["splits"]}
     _, broot = run_component("export_bundle", inputs, tmp_path / "e", {"policy_type": "scrc"})
     assert verify_dir(broot / "bundle", "export_bundle").extra["policy_type"] == "scrc"
 
 
 @pytest.mark.slow
 def test_export_bundle_component_runs_its_compiled_command(trained, tmp_path):
-    inputs = {"phase1": trained["phase1"], "policy": trained["policy"], "splits": trained["splits"]}
+    inputs = {"baseline": trained["baseline"], "policy": trained["policy"], "splits": trained["splits"]}
     out, root = run_component("export_bundle", inputs, tmp_path)
     verify_dir(root / "bundle")
     assert "test_mcc" in out["artifacts"]["test_metrics"]["artifacts"][0]["metadata"]

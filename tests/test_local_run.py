@@ -80,15 +80,19 @@ def test_a_subset_of_phases_runs_when_its_inputs_exist(first_run, demo_dataset):
     summary = run_local(
         str(out),
         dataset=str(demo_dataset),
-        overrides=[*TINY_TRAIN, "sweep.max_fnr=0.3", "pipeline.phases=[phase2,phase6]"],
+        overrides=[*TINY_TRAIN, "sweep.max_fnr=0.3", "pipeline.phases=[sweep_thresholds,export_bundle]"],
     )
     assert summary["steps"]["train_baseline"] == "not selected"
     assert summary["steps"]["sweep_thresholds"].startswith("ran")
 
 
 def test_a_subset_without_its_inputs_fails_clearly(demo_dataset, tmp_path):
-    with pytest.raises(Exception, match="needs a committed phase1"):
-        run_local(str(tmp_path / "empty"), dataset=str(demo_dataset), overrides=["pipeline.phases=[phase2]"])
+    with pytest.raises(Exception, match="needs a committed baseline"):
+        run_local(
+            str(tmp_path / "empty"),
+            dataset=str(demo_dataset),
+            overrides=["pipeline.phases=[sweep_thresholds]"],
+        )
 
 
 def test_overrides_are_routed_to_the_step_that_owns_them_and_shared_settings_to_every_phase():
@@ -113,7 +117,7 @@ def test_overrides_are_routed_to_the_step_that_owns_them_and_shared_settings_to_
     assert routed["adapt_explora"] == ["seed=4"] and routed["train_gate"] == ["seed=4", "gate.views=clean"]
     with pytest.raises(ConfigError, match="modle"):
         route([], ["modle.lr=0.1"])
-    # Phase 1 trains the backbone phase 4 adapted: one backbone for both, never one phase's own.
+    # train_baseline trains the backbone adapt_explora adapted: one backbone for both, never one phase's own.
     with pytest.raises(
         ConfigError, match="model.backbone is one setting for adapt_explora and train_baseline"
     ):
@@ -123,8 +127,8 @@ def test_overrides_are_routed_to_the_step_that_owns_them_and_shared_settings_to_
 def test_the_settings_choose_the_phases_as_kubeflow_does(tmp_path, demo_dataset):
     from streetvision.pipeline import run_local
 
-    # export.policy=scrc runs phase 5, not the sweep, and refuses before any work when its input is missing.
-    with pytest.raises(Exception, match="needs a committed phase1"):
+    # export.policy=scrc runs calibrate_scrc, not the sweep, and refuses before any work when its input is missing.
+    with pytest.raises(Exception, match="needs a committed baseline"):
         run_local(str(tmp_path / "r"), dataset=str(demo_dataset),
                   overrides=["export.policy=scrc", "pipeline.phases=[calibrate_scrc,export_bundle]"])  # fmt: skip
     assert not (tmp_path / "r").exists()
@@ -141,11 +145,22 @@ def test_whole_run_against_the_s3_server(s3, demo_dataset, tmp_path):
     assert r.returncode == 0 and "labels.csv" in store.list_files(f"{s3}/demo"), r.stderr
     store.upload_tree(demo_dataset, f"{s3}/data")
     run = ["run", "--out", f"{s3}/run", "--dataset", f"{s3}/data", *TINY_TRAIN]
-    r = streetvision_cli(*run, cwd=tmp_path)
+    # Two runs of the same pipeline to one place at once: each step's prefix is taken by one writer; the
+    # other run stops at the first step it finds held, in one line naming the holder.
+    both = [
+        subprocess.Popen([sys.executable, "-m", "streetvision", *run], cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]  # fmt: skip
+    results = [(p.wait(timeout=600), *p.communicate()) for p in both]
     assert list(tmp_path.iterdir()) == [], "an s3:// path must never become a local folder"
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(code for code, _, _ in results) == [0, 2], [err[-2000:] for _, _, err in results]
+    (_, _, err), *_ = [r for r in results if r[0] == 2]
+    assert err.count("\n") == 1 and "being written by run" in err and "Traceback" not in err
     for stem in ("make_splits", "train_baseline", "sweep_thresholds", "export_bundle"):
-        store.verified(f"{s3}/run/{stem}", stem)
+        manifest, _ = store.verified(f"{s3}/run/{stem}", stem)
+        assert store.LOCK not in store.list_files(f"{s3}/run/{stem}")
+        assert set(store.list_files(f"{s3}/run/{stem}")) == {*manifest.outputs, MANIFEST}
     assert json.loads(streetvision_cli("verify", f"{s3}/run/export_bundle").stdout)["ok"]
     again = streetvision_cli(*run)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4

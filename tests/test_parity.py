@@ -139,3 +139,26 @@ def test_a_variant_runs_the_phases_a_local_run_with_its_switches_runs(compiled, 
     # and each phase once: no task of a variant is copied by the compiler
     stems = [stem for stem, _ in _tasks(compiled[variant])]
     assert len(stems) == len(set(stems))
+
+
+def test_each_phase_has_one_name_its_output_and_the_inputs_reading_it_share():
+    """A phase's stem is its module, CLI command and task; its output (the component artifact) is the
+    stem's noun, and an input made by one phase is named by that noun (--baseline reads train_baseline's
+    output, whose artifact is baseline). Only an input that several phases can make has a role name."""
+    import importlib
+
+    from streetvision.cli import build_parser
+    from streetvision.phases import BY_STEM, PHASES, Choice
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for p in PHASES:
+        assert importlib.import_module(f"streetvision.steps.{p.stem}").STEP == p.stem
+        assert p.command in commands, p.stem
+        for name, made_by in p.inputs.items():
+            if made_by is not None and not isinstance(made_by, Choice):
+                assert name == BY_STEM[made_by].artifact, (p.stem, name, made_by)
+            flags = {o for a in commands[p.command]._actions for o in a.option_strings}
+            assert f"--{name}" in flags, (p.stem, name)
+    assert [p.artifact for p in PHASES] == [
+        "splits", "explora", "baseline", "thresholds", "gate", "scrc", "bundle"
+    ]  # fmt: skip

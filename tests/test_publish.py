@@ -42,8 +42,8 @@ def vit_bundle(demo_dataset, demo_splits, tmp_path_factory):
                  "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=1"]  # fmt: skip
     train_baseline.run(load_config(train_baseline.Config, [], overrides), dataset=demo_dataset,
                        splits=demo_splits, out=root / "p1")  # fmt: skip
-    sweep_thresholds.run(load_config(sweep_thresholds.Config), phase1=root / "p1", out=root / "p2")
-    export_bundle.run(load_config(export_bundle.Config), phase1=root / "p1", policy=root / "p2",
+    sweep_thresholds.run(load_config(sweep_thresholds.Config), baseline=root / "p1", out=root / "p2")
+    export_bundle.run(load_config(export_bundle.Config), baseline=root / "p1", policy=root / "p2",
                       splits=demo_splits, out=root / "b")  # fmt: skip
     return root
 
@@ -58,6 +58,8 @@ def test_timm_alone_reloads_the_folder_and_reproduces_the_bundle(vit_bundle, dem
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     verify_dir(out, "export_hf")
+    verified = subprocess.run([sys.executable, "-m", "streetvision", "verify", str(out)], capture_output=True, text=True)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["step"] == "export_hf", verified.stderr
     card = json.loads((out / "model_card.json").read_text())
     assert set(card) == {"model_name", "description", "version", "submitted_by", "submission_time"}
     assert card["version"] == "1.2.3" and card["submitted_by"] == HOTKEY and card["submission_time"] > 1.7e9
@@ -110,9 +112,9 @@ def test_an_scrc_bundle_is_exported_with_its_temperature_and_threshold_folded_in
     from streetvision.config import load_config
     from streetvision.steps import calibrate_scrc, export_bundle
 
-    calibrate_scrc.run(load_config(calibrate_scrc.Config, [], ["scrc.alpha=0.9"]), phase1=vit_bundle / "p1",
+    calibrate_scrc.run(load_config(calibrate_scrc.Config, [], ["scrc.alpha=0.9"]), baseline=vit_bundle / "p1",
                        out=tmp_path / "c")  # fmt: skip
-    export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), phase1=vit_bundle / "p1",
+    export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), baseline=vit_bundle / "p1",
                       policy=tmp_path / "c", splits=demo_splits, out=tmp_path / "b")  # fmt: skip
     params = verify_bundle(tmp_path / "b")["policy"]["params"]
     r = subprocess.run([sys.executable, "-m", "streetvision", "export-hf", "--bundle", str(tmp_path / "b"),

@@ -1,4 +1,4 @@
-"""Phase 5, ``calibrate_scrc``: the step on phase-1 outputs, its refusals, and that it never imports torch."""
+"""calibrate_scrc, ``calibrate_scrc``: the step on train_baseline outputs, its refusals, and that it never imports torch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from phase1_fake import fake_phase1, separable_logits
+from baseline_fake import fake_baseline, separable_logits
 
 from streetvision.config import load_config
 from streetvision.eval import conformal
@@ -20,15 +20,15 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "streetvision", *args], capture_output=True, text=True)
 
 
-def step(tmp_path, phase1, *overrides):
+def step(tmp_path, baseline, *overrides):
     cfg = load_config(calibrate_scrc.Config, [], list(overrides))
-    return calibrate_scrc.run(cfg, phase1=phase1, out=tmp_path / "scrc")
+    return calibrate_scrc.run(cfg, baseline=baseline, out=tmp_path / "scrc")
 
 
 @pytest.mark.parametrize("view", ["clean", "challenge"])
 def test_commits_a_policy_whose_guarantee_holds_on_its_calibration_part(tmp_path, view):
     logits, labels = separable_logits(n=1200, seed=2, noise=1.2)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     m = step(tmp_path, p1, "scrc.alpha=0.08", f"scrc.views={view}")
     verify_dir(tmp_path / "scrc", "calibrate_scrc")
     policy = json.loads((tmp_path / "scrc" / "scrc.json").read_text())
@@ -36,13 +36,13 @@ def test_commits_a_policy_whose_guarantee_holds_on_its_calibration_part(tmp_path
     assert policy["n"] + policy["n_fit"] == 1200 and 0 < policy["coverage"] < 1
     assert (policy["risk_on_calibration"] * policy["n"] + 1) / (policy["n"] + 1) <= 0.08  # the CRC condition
     assert set(policy["calibration"]["after"]) == {"ece", "mce", "nll", "brier"}
-    assert m.metrics["coverage"] == policy["coverage"] and m.inputs["phase1"]["manifest_sha256"]
+    assert m.metrics["coverage"] == policy["coverage"] and m.inputs["baseline"]["manifest_sha256"]
     assert (tmp_path / "scrc" / "risk_coverage.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_high_probability_version_and_fnr(tmp_path):
     logits, labels = separable_logits(n=4000, seed=3, noise=0.8)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     step(tmp_path, p1, "scrc.alpha=0.1", "scrc.delta=0.1", "scrc.risk=fnr")
     policy = json.loads((tmp_path / "scrc" / "scrc.json").read_text())
     assert policy["delta"] == 0.1 and policy["risk"] == "fnr" and "Learn then Test" in policy["guarantee"]
@@ -51,8 +51,8 @@ def test_high_probability_version_and_fnr(tmp_path):
 
 def test_an_alpha_the_data_cannot_support_is_one_line_and_commits_nothing(tmp_path):
     logits, labels = separable_logits(n=100, seed=4)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
-    r = cli("calibrate-scrc", "--phase1", str(p1), "--out", str(tmp_path / "o"), "scrc.alpha=0.01")
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
+    r = cli("calibrate-scrc", "--baseline", str(p1), "--out", str(tmp_path / "o"), "scrc.alpha=0.01")
     assert r.returncode == 2 and "needs at least 99 calibration images" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
     with pytest.raises(conformal.ConformalError):
@@ -61,10 +61,10 @@ def test_an_alpha_the_data_cannot_support_is_one_line_and_commits_nothing(tmp_pa
 
 def test_calibrate_scrc_does_not_import_torch(tmp_path):
     logits, labels = separable_logits(n=400, seed=5)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     code = (
         "import sys; from streetvision.cli import main; "
-        f"rc = main(['calibrate-scrc', '--phase1', {str(p1)!r}, '--out', {str(tmp_path / 'o')!r}, 'scrc.alpha=0.2']); "
+        f"rc = main(['calibrate-scrc', '--baseline', {str(p1)!r}, '--out', {str(tmp_path / 'o')!r}, 'scrc.alpha=0.2']); "
         "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -81,7 +81,7 @@ def test_streetvision_run_runs_phase_5_when_named(tmp_path):
         overrides=[
             "demo.n=240",
             "trainer.max_epochs=1",
-            "pipeline.phases=[phase0,phase1,phase5]",
+            "pipeline.phases=[make_splits,train_baseline,calibrate_scrc]",
             "scrc.alpha=0.3",
         ],
     )
@@ -90,7 +90,7 @@ def test_streetvision_run_runs_phase_5_when_named(tmp_path):
     )
     verify_dir(tmp_path / "run" / "calibrate_scrc", "calibrate_scrc")
     again = run_local(str(tmp_path / "run"), overrides=["demo.n=240", "trainer.max_epochs=1",
-                                                        "pipeline.phases=[phase0,phase1,phase5]", "scrc.alpha=0.3"])  # fmt: skip
+                                                        "pipeline.phases=[make_splits,train_baseline,calibrate_scrc]", "scrc.alpha=0.3"])  # fmt: skip
     assert again["steps"]["calibrate_scrc"] == "up to date, skipped"
 
 
@@ -98,8 +98,8 @@ def test_runs_on_the_object_store(s3, tmp_path):
     from streetvision.io import store
 
     logits, labels = separable_logits(n=400, seed=6)
-    store.upload_dir(fake_phase1(tmp_path / "p1", logits, labels), f"{s3}/p1")
-    r = cli("calibrate-scrc", "--phase1", f"{s3}/p1", "--out", f"{s3}/scrc", "scrc.alpha=0.2")
+    store.upload_dir(fake_baseline(tmp_path / "p1", logits, labels), f"{s3}/p1")
+    r = cli("calibrate-scrc", "--baseline", f"{s3}/p1", "--out", f"{s3}/scrc", "scrc.alpha=0.2")
     assert r.returncode == 0, r.stderr
     manifest, _ = store.verified(f"{s3}/scrc", "calibrate_scrc")
-    assert manifest.inputs["phase1"]["uri"] == f"{s3}/p1" and 0 < manifest.metrics["coverage"] <= 1
+    assert manifest.inputs["baseline"]["uri"] == f"{s3}/p1" and 0 < manifest.metrics["coverage"] <= 1

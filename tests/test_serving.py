@@ -62,7 +62,7 @@ def bundle(trained, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("serving") / "export_bundle"
     export_bundle.run(
-        load_config(export_bundle.Config), phase1=trained["phase1"], policy=trained["policy"],
+        load_config(export_bundle.Config), baseline=trained["baseline"], policy=trained["policy"],
         splits=trained["splits"], out=out,
     )  # fmt: skip
     return out
@@ -74,8 +74,8 @@ def test_predictor_reproduces_the_bundles_decisions_one_image_at_a_time(bundle, 
 
     predictor = Predictor.from_bundle(bundle)
     t = verify_bundle(bundle)["policy"]["params"]["threshold"]
-    ids = json.loads((trained["phase1"] / "ids_val_test.json").read_text())
-    p = probabilities(np.load(trained["phase1"] / "logits_val_test.npy"))
+    ids = json.loads((trained["baseline"] / "ids_val_test.json").read_text())
+    p = probabilities(np.load(trained["baseline"] / "logits_val_test.npy"))
     served = np.array([predictor(Image.open(trained["dataset"] / i)) for i in ids])
     assert served.min() >= 0 and served.max() <= 1
     np.testing.assert_array_equal(np.round(served) == 1, p >= t)  # every decision, as the validator cuts

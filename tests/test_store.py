@@ -77,7 +77,7 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3, tmp_path, m
 
 
 def test_local_and_s3_step_contexts_share_one_api(s3, tmp_path):
-    with store.output_step(s3) as local:
+    with store.output_step(s3, "train_baseline") as local:
         make_step(local)
     with store.local_step(s3) as back:
         assert (back / MANIFEST).is_file()
@@ -113,3 +113,134 @@ def test_an_endpoint_that_is_not_a_url_is_one_line_naming_the_variable(monkeypat
     finally:
         store.client.cache_clear()
     assert code == 2 and "AWS_ENDPOINT_URL_S3" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_second_writer_of_a_held_prefix_is_refused_in_one_line_naming_the_holder(s3, tmp_path, monkeypatch):
+    from streetvision.io import lease
+
+    monkeypatch.setenv("STREETVISION_LEASE_S", "2")
+    earlier = make_step(tmp_path / "earlier")
+    store.upload_dir(earlier, s3)
+    with store.output_step(s3, "train_baseline", "run-a") as local:
+        with pytest.raises(lease.LockHeld, match="being written by run run-a .train_baseline on") as err:
+            store.output_step(s3, "train_baseline", "run-b").__enter__()
+        assert "\n" not in str(err.value)
+        with pytest.raises(ManifestError, match="being written by run run-a"):
+            store.verified(s3)  # while held, what is there is no commit, even an intact earlier one
+        import time
+
+        time.sleep(3)  # longer than the lease: the writer's thread renews it
+        assert lease.holder(s3) is not None
+        out = StepOutputs(local, "train_baseline")
+        out.write_json("metrics.json", {"mcc": 0.9})
+        out.commit(config={"x": 2})
+    assert lease.holder(s3) is None and lease.LOCK not in store.list_files(s3)
+    manifest, _ = store.verified(s3)
+    assert manifest.config == {"x": 2} and set(store.list_files(s3)) == {"metrics.json", MANIFEST}
+
+
+def test_a_killed_writers_lock_runs_out_is_taken_over_and_its_leftovers_removed(s3, tmp_path, monkeypatch):
+    from streetvision.io import lease
+
+    monkeypatch.setenv("STREETVISION_LEASE_S", "2")
+    store.upload_dir(make_step(tmp_path / "earlier"), s3)
+    dead = lease.take(s3, "train_baseline", "killed")
+    dead._stop.set()  # a SIGKILLed writer: nobody renews, nobody releases
+    bucket, prefix = store.split_s3(s3)
+    with pytest.raises(ManifestError, match="being written by run killed"):
+        store.verified(s3)
+    import time
+
+    time.sleep(3)
+    assert store.verified(s3)[0].config == {"x": 1}  # it died before uploading: the earlier commit stands
+    # A killed upload: the manifest gone, a partial object there, the lock run out.
+    store.client().delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+    store.client().put_object(Bucket=bucket, Key=f"{prefix}/partial.bin", Body=b"half")
+    with pytest.raises(ManifestError, match="no manifest"):
+        store.verified(s3)
+    with store.output_step(s3, "train_baseline", "next") as local:
+        assert set(store.list_files(s3)) == {lease.LOCK}  # taken over, leftovers removed before any work
+        make_step(local)
+    assert store.verified(s3)[0].config == {"x": 1} and "partial.bin" not in store.list_files(s3)
+
+
+def test_a_writer_that_lost_its_lease_commits_nothing(s3, tmp_path, monkeypatch):
+    from streetvision.io import lease
+
+    monkeypatch.setenv("STREETVISION_LEASE_S", "2")
+    slow = lease.take(s3, "train_baseline", "paused")
+    slow._stop.set()  # paused (a stopped container): its lease runs out
+    import time
+
+    time.sleep(3)
+    with store.writing(s3, "train_baseline", "other"):
+        with pytest.raises(
+            store.StreetVisionError, match="lease ran out and the prefix is now held by run other"
+        ):
+            store.upload_dir(make_step(tmp_path / "late"), s3, slow)
+    assert MANIFEST not in store.list_files(s3)
+
+
+def test_an_output_inside_a_committed_prefix_is_refused(s3, tmp_path):
+    store.upload_dir(make_step(tmp_path / "c1"), f"{s3}/c1")
+    with pytest.raises(ManifestError, match="lies inside the committed step output"):
+        store.check_out(f"{s3}/c1/sub", "make_splits")
+    with pytest.raises(ManifestError, match="lies inside the committed step output"):
+        store.check_out(f"{s3}/c1/a/b", "make_splits")
+    store.check_out(f"{s3}/c2", "make_splits")
+
+
+def test_a_failed_upload_leaves_its_lock_as_the_mark_of_leftovers_that_the_next_writer_removes(
+    s3, tmp_path, monkeypatch
+):
+    from streetvision.io import lease
+
+    store.upload_dir(make_step(tmp_path / "earlier"), s3)
+    real = store._manager
+
+    def broken():
+        raise store.StoreError("upload to s3://...: the network went away")
+
+    monkeypatch.setattr(store, "_manager", broken)
+    with pytest.raises(store.StoreError, match="network went away"):
+        store.upload_dir(make_step(tmp_path / "new"), s3)
+    monkeypatch.setattr(store, "_manager", real)
+    assert lease.holder(s3) is None and lease.LOCK in store.list_files(s3)  # given up, kept as a mark
+    store.check_out(s3, "train_baseline")  # leftovers of a StreetVision writer: may be replaced
+    store.upload_dir(make_step(tmp_path / "again"), s3)
+    assert committed(s3) and lease.LOCK not in store.list_files(s3)
+
+
+def test_clean_removes_what_killed_steps_left_and_puts_back_an_earlier_commit(s3, tmp_path, capsys):
+    import json
+    import socket
+
+    from conftest import run_cli
+
+    from streetvision.io import lease, scratch
+
+    # A killed step's temporary root (its owner, pid 2**22 + 1, is no process), and a live one (ours).
+    host = socket.gethostname().replace(".", "_")[:48]
+    dead = scratch.base(tmp_path) / f"train_baseline.{host}.{2**22 + 1}.123.abc"
+    (dead / "sv-in-x").mkdir(parents=True)
+    live = scratch.base(tmp_path) / f"make_splits.{host}.{os.getpid()}.{scratch._started(os.getpid())}.def"
+    live.mkdir()
+    # A local output whose writer died between its two renames: the commit aside, a staging folder.
+    first = make_step(tmp_path / "out")
+    aside = tmp_path / ".out.old-killed"
+    first.rename(aside)
+    (tmp_path / ".out.staging-killed").mkdir()
+    # An s3:// output whose upload failed: its lock given up over partial objects.
+    bucket, prefix = store.split_s3(s3)
+    store.client().put_object(Bucket=bucket, Key=f"{prefix}/partial.bin", Body=b"half")
+    store.client().put_object(
+        Bucket=bucket, Key=f"{prefix}/{lease.LOCK}", Body=json.dumps({"run_id": "x", "abandoned": True}).encode()
+    )
+    code, out, err = run_cli(capsys, ["clean", "--tmp", tmp_path, tmp_path / "out", s3])
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["temporary_roots_removed"] == [str(dead)] and not dead.exists() and live.exists()
+    assert report["outputs"] == {str(tmp_path / "out"): "committed", s3: "leftovers removed"}
+    assert store.verify_dir(tmp_path / "out").config == {"x": 1}
+    assert not aside.exists() and not (tmp_path / ".out.staging-killed").exists()
+    assert store.list_files(s3) == []

@@ -1,4 +1,4 @@
-"""Phase 2: exact sweep, max-MCC policy, selective prediction, report and KFP executor output."""
+"""sweep_thresholds: exact sweep, max-MCC policy, selective prediction, report and KFP executor output."""
 
 import json
 import subprocess
@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
+from baseline_fake import fake_baseline, separable_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from phase1_fake import fake_phase1, separable_logits
 from sklearn import metrics as skm
 
 from streetvision.config import load_config
@@ -106,14 +106,14 @@ def test_two_logit_columns_use_softmax_class_one():
     assert sweep.probabilities(two) == pytest.approx(1 / (1 + np.exp(-(two[:, 1] - two[:, 0]))))
 
 
-def run_step(tmp_path, phase1, *overrides):
+def run_step(tmp_path, baseline, *overrides):
     cfg = load_config(sweep_thresholds.Config, [], list(overrides))
-    return sweep_thresholds.run(cfg, phase1=phase1, out=tmp_path / "sweep")
+    return sweep_thresholds.run(cfg, baseline=baseline, out=tmp_path / "sweep")
 
 
 def test_step_on_synthetic_logits_commits_policy_report_and_plots(tmp_path):
     logits, labels = separable_logits()
-    m = run_step(tmp_path, fake_phase1(tmp_path / "p1", logits, labels))
+    m = run_step(tmp_path, fake_baseline(tmp_path / "p1", logits, labels))
     out = tmp_path / "sweep"
     verify_dir(out)
     assert {
@@ -133,7 +133,7 @@ def test_step_on_synthetic_logits_commits_policy_report_and_plots(tmp_path):
     )
     assert (out / "mcc_vs_threshold.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mcc_vs_threshold.png" in (out / "report.md").read_text()
-    assert m.inputs["phase1"]["manifest_sha256"]
+    assert m.inputs["baseline"]["manifest_sha256"]
     table = json.loads((out / "selective_table.json").read_text())
     assert [r["threshold"] for r in table][:2] == [0.5, 0.55] and table[0]["coverage"] == 1.0
 
@@ -154,27 +154,27 @@ def cli(*args):
     ],
 )
 def test_bad_inputs_exit_nonzero_with_one_line_and_no_manifest(tmp_path, logits, labels, message):
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
-    r = cli("sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "out"))
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
+    r = cli("sweep-thresholds", "--baseline", str(p1), "--out", str(tmp_path / "out"))
     assert r.returncode != 0 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out" / MANIFEST).exists()
 
 
-def test_phase1_whose_manifest_does_not_verify_is_refused(tmp_path):
+def test_baseline_whose_manifest_does_not_verify_is_refused(tmp_path):
     logits, labels = separable_logits(50)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     (p1 / "labels_val_calib.npy").write_bytes((p1 / "labels_val_calib.npy").read_bytes()[:-1] + b"\x01")
-    r = cli("sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "out"))
+    r = cli("sweep-thresholds", "--baseline", str(p1), "--out", str(tmp_path / "out"))
     assert r.returncode != 0 and "labels_val_calib.npy" in r.stderr
     assert not (tmp_path / "out" / MANIFEST).exists()
 
 
 def test_unsatisfiable_constraint_fails_with_the_numbers(tmp_path):
     logits, labels = separable_logits(100, noise=2.0)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     r = cli(
         "sweep-thresholds",
-        "--phase1",
+        "--baseline",
         str(p1),
         "--out",
         str(tmp_path / "out"),
@@ -187,10 +187,10 @@ def test_unsatisfiable_constraint_fails_with_the_numbers(tmp_path):
 
 def test_step_never_imports_torch(tmp_path):
     logits, labels = separable_logits(100)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     code = (
         "import sys; from streetvision.cli import main;"
-        f"rc = main(['sweep-thresholds', '--phase1', {str(p1)!r}, '--out', {str(tmp_path / 'o')!r}]);"
+        f"rc = main(['sweep-thresholds', '--baseline', {str(p1)!r}, '--out', {str(tmp_path / 'o')!r}]);"
         "assert 'torch' not in sys.modules, 'torch was imported'; raise SystemExit(rc)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -220,7 +220,7 @@ def test_executor_output_validates_against_the_kfp_sdk(tmp_path):
     from kfp.pipeline_spec import pipeline_spec_pb2
 
     logits, labels = separable_logits(300)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     ei = executor_input(
         tmp_path,
         {
@@ -232,7 +232,7 @@ def test_executor_output_validates_against_the_kfp_sdk(tmp_path):
     )
     r = cli(
         "sweep-thresholds",
-        "--phase1",
+        "--baseline",
         str(p1),
         "--out",
         str(tmp_path / "thresholds"),
@@ -260,7 +260,7 @@ def test_executor_output_validates_against_the_kfp_sdk(tmp_path):
 
 def test_challenge_views_are_what_the_threshold_is_fitted_on(tmp_path):
     logits, labels = separable_logits(n=200, seed=3)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     # Replace the fake's challenge views by shifted logits: two views per image, levels 0-3.
     shifted = np.repeat(logits, 2, axis=0) - 1.5
     rows = np.repeat(np.arange(len(labels)), 2)
@@ -287,12 +287,12 @@ def test_challenge_views_are_what_the_threshold_is_fitted_on(tmp_path):
 
 def test_missing_or_malformed_challenge_views_get_one_line(tmp_path):
     logits, labels = separable_logits(n=100)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels, challenge=False)
-    r = cli("sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "out"))
+    p1 = fake_baseline(tmp_path / "p1", logits, labels, challenge=False)
+    r = cli("sweep-thresholds", "--baseline", str(p1), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "eval.challenge_views" in r.stderr and len(r.stderr.splitlines()) == 1
     assert (
         cli(
-            "sweep-thresholds", "--phase1", str(p1), "--out", str(tmp_path / "o2"), "sweep.views=clean"
+            "sweep-thresholds", "--baseline", str(p1), "--out", str(tmp_path / "o2"), "sweep.views=clean"
         ).returncode
         == 0
     )
@@ -304,7 +304,7 @@ def test_missing_or_malformed_challenge_views_get_one_line(tmp_path):
     out.write_npy("logits_val_calib_challenge.npy", logits)
     out.write_npy("views_val_calib_challenge.npy", np.stack([np.arange(100) + 5, np.zeros(100, int)], axis=1))
     out.commit(config={})
-    r = cli("sweep-thresholds", "--phase1", str(tmp_path / "bad"), "--out", str(tmp_path / "o3"))
+    r = cli("sweep-thresholds", "--baseline", str(tmp_path / "bad"), "--out", str(tmp_path / "o3"))
     assert r.returncode == 2 and "out of range" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
@@ -313,7 +313,7 @@ def test_selective_confidence_is_the_margin_from_the_decision_threshold(tmp_path
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)
     logits = np.where(labels == 1, rng.normal(-1.0, 0.5, 400), rng.normal(-3.5, 0.5, 400))[:, None]
-    run_step(tmp_path, fake_phase1(tmp_path / "p1", logits, labels))
+    run_step(tmp_path, fake_baseline(tmp_path / "p1", logits, labels))
     t = json.loads((tmp_path / "sweep" / "thresholds.json").read_text())["threshold"]
     assert t < 0.3
     table = json.loads((tmp_path / "sweep" / "selective_table.json").read_text())

@@ -267,8 +267,8 @@ def test_a_strict_size_vit_trains_exports_and_predicts_at_the_size_it_is_given(
         size,
     ]
     for argv in (
-        ["sweep-thresholds", "--phase1", p1, "--out", tmp_path / "sweep"],
-        ["export-bundle", "--phase1", p1, "--policy", tmp_path / "sweep", "--splits", demo_splits,
+        ["sweep-thresholds", "--baseline", p1, "--out", tmp_path / "sweep"],
+        ["export-bundle", "--baseline", p1, "--policy", tmp_path / "sweep", "--splits", demo_splits,
          "--out", tmp_path / "bundle"],
     ):  # fmt: skip
         r = cli(*map(str, argv))
@@ -299,10 +299,10 @@ def test_training_reports_its_splits_with_the_policies_own_decision_rule(trained
     """One rule everywhere: P(roadwork) >= threshold, at 0.5 for selection and training's metrics."""
     from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 
-    reported = json.loads((trained["phase1"] / "metrics.json").read_text())
+    reported = json.loads((trained["baseline"] / "metrics.json").read_text())
     for split in ("val_select", "val_calib"):
-        logits = np.load(trained["phase1"] / f"logits_{split}.npy")
-        labels = np.load(trained["phase1"] / f"labels_{split}.npy")
+        logits = np.load(trained["baseline"] / f"logits_{split}.npy")
+        labels = np.load(trained["baseline"] / f"labels_{split}.npy")
         assert reported[split] == metrics_at(probabilities(logits), labels, SELECTION_THRESHOLD)
     edge = metrics_at(probabilities(np.zeros((2, 1))), np.array([1, 0]), SELECTION_THRESHOLD)
     assert edge["tp"] == 1 and edge["fp"] == 1  # a logit of exactly 0 is P=0.5: roadwork, as the policy says
@@ -489,8 +489,8 @@ def test_any_timm_backbone_at_any_size_trains_exports_and_predicts(
     settings = [f"model.backbone={backbone}", "model.pretrained=false", f"data.image_size={size}"]
     assert main(["train-baseline", "--dataset", str(demo_dataset), "--splits", str(demo_splits), "--out", str(p1),
                  *settings, "trainer.max_epochs=1", "trainer.devices=1", "trainer.accelerator=cpu"]) == 0  # fmt: skip
-    assert main(["sweep-thresholds", "--phase1", str(p1), "--out", str(sweep)]) == 0
-    assert main(["export-bundle", "--phase1", str(p1), "--policy", str(sweep), "--splits", str(demo_splits),
+    assert main(["sweep-thresholds", "--baseline", str(p1), "--out", str(sweep)]) == 0
+    assert main(["export-bundle", "--baseline", str(p1), "--policy", str(sweep), "--splits", str(demo_splits),
                  "--out", str(bundle)]) == 0  # fmt: skip
     from streetvision.eval.sweep import probabilities
 

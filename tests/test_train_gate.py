@@ -1,4 +1,4 @@
-"""Phase 3, ``train_gate``: a learned gate over phase 1, and phase 5 and the bundle answering by it."""
+"""train_gate, ``train_gate``: a learned gate over train_baseline, and calibrate_scrc and the bundle answering by it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from baseline_fake import fake_baseline, fake_gate, reseal, separable_logits
 from conftest import TINY_TRAIN
-from phase1_fake import fake_gate, fake_phase1, reseal, separable_logits
 from poison import poisoned_copy
 
 from streetvision.config import load_config
@@ -26,15 +26,15 @@ def cli(*args):
     )
 
 
-def gate_step(phase1, dataset, splits, out, *overrides):
+def gate_step(baseline, dataset, splits, out, *overrides):
     cfg = load_config(train_gate.Config, [], [*GATE, *overrides])
-    return train_gate.run(cfg, phase1=phase1, dataset=dataset, splits=splits, out=out)
+    return train_gate.run(cfg, baseline=baseline, dataset=dataset, splits=splits, out=out)
 
 
 @pytest.fixture(scope="module")
 def gated(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "train_gate"
-    gate_step(trained["phase1"], trained["dataset"], trained["splits"], out)
+    gate_step(trained["baseline"], trained["dataset"], trained["splits"], out)
     return out
 
 
@@ -58,7 +58,7 @@ def test_the_gate_starts_as_a_monotone_function_of_the_margin():
 @pytest.mark.slow
 def test_commits_scores_aligned_with_phase_1s_rows_weights_and_a_report(gated, trained):
     m = verify_dir(gated, "train_gate")
-    p1 = trained["phase1"]
+    p1 = trained["baseline"]
     assert {
         "gate.safetensors",
         "model.json",
@@ -75,11 +75,11 @@ def test_commits_scores_aligned_with_phase_1s_rows_weights_and_a_report(gated, t
         assert np.load(gated / f"gate_{split}_challenge.npy").shape == (
             len(np.load(p1 / f"views_{split}_challenge.npy")),
         )
-    assert m.inputs["phase1"]["manifest_sha256"] == input_record(p1)["manifest_sha256"]
+    assert m.inputs["baseline"]["manifest_sha256"] == input_record(p1)["manifest_sha256"]
     assert m.inputs["splits"]["manifest_sha256"] == input_record(trained["splits"])["manifest_sha256"]
     assert m.inputs["dataset"]["content_sha256"]
     info = json.loads((gated / "model.json").read_text())
-    assert info["phase1_weights_sha256"] == verify_dir(p1).outputs["model.safetensors"]["sha256"]
+    assert info["baseline_weights_sha256"] == verify_dir(p1).outputs["model.safetensors"]["sha256"]
     assert 0 <= info["threshold"] <= 1 and info["num_features"] > 0
     for key in (
         "val_select_gate_auroc",
@@ -116,11 +116,11 @@ def test_val_calib_and_val_test_never_reach_the_gates_fit(demo_dataset, demo_spl
 @pytest.mark.slow
 def test_phase_1_logits_that_its_weights_do_not_reproduce_are_refused_in_one_line(trained, tmp_path):
     edited = tmp_path / "p1"
-    shutil.copytree(trained["phase1"], edited)
+    shutil.copytree(trained["baseline"], edited)
     logits = np.load(edited / "logits_val_calib.npy")
     np.save(edited / "logits_val_calib.npy", logits + 1.0)
     reseal(edited)
-    r = cli("train-gate", "--phase1", edited, "--dataset", trained["dataset"], "--splits", trained["splits"],
+    r = cli("train-gate", "--baseline", edited, "--dataset", trained["dataset"], "--splits", trained["splits"],
             "--out", tmp_path / "g", *GATE)  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "logits_val_calib.npy differs from what its weights compute" in r.stderr
@@ -131,31 +131,31 @@ def test_phase_1_logits_that_its_weights_do_not_reproduce_are_refused_in_one_lin
 def test_runs_on_the_object_store(s3, trained, tmp_path):
     from streetvision.io import store
 
-    for name in ("phase1", "splits"):
+    for name in ("baseline", "splits"):
         store.upload_dir(trained[name], f"{s3}/{name}")
     store.upload_tree(trained["dataset"], f"{s3}/data")
-    r = cli("train-gate", "--phase1", f"{s3}/phase1", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits",
+    r = cli("train-gate", "--baseline", f"{s3}/baseline", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits",
             "--out", f"{s3}/gate", *GATE)  # fmt: skip
     assert r.returncode == 0, r.stderr
     manifest, _ = store.verified(f"{s3}/gate", "train_gate")
     assert (
-        manifest.inputs["phase1"]["uri"] == f"{s3}/phase1"
+        manifest.inputs["baseline"]["uri"] == f"{s3}/baseline"
         and manifest.inputs["dataset"]["uri"] == f"{s3}/data"
     )
-    r = cli("calibrate-scrc", "--phase1", f"{s3}/phase1", "--gate", f"{s3}/gate", "--out", f"{s3}/scrc",
+    r = cli("calibrate-scrc", "--baseline", f"{s3}/baseline", "--gate", f"{s3}/gate", "--out", f"{s3}/scrc",
             "scrc.confidence=gate", "scrc.alpha=0.9")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert store.verified(f"{s3}/scrc", "calibrate_scrc")[0].inputs["gate"]["uri"] == f"{s3}/gate"
 
 
 def test_phase_5_answers_by_the_gates_scores_when_told_to(tmp_path):
-    """A gate that knows which decisions are wrong lets phase 5 answer every right one and no wrong one."""
+    """A gate that knows which decisions are wrong lets calibrate_scrc answer every right one and no wrong one."""
     logits, labels = separable_logits(n=2000, seed=8, noise=1.5)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     wrong = (logits[:, 0] >= 0).astype(int) != labels  # the fit part's threshold is near 0.5 here
     oracle = fake_gate(tmp_path / "gate", p1, np.where(wrong, 0.01, 0.99))
     cfg = load_config(calibrate_scrc.Config, [], ["scrc.confidence=gate", "scrc.alpha=0.05"])
-    m = calibrate_scrc.run(cfg, phase1=p1, gate=oracle, out=tmp_path / "scrc")
+    m = calibrate_scrc.run(cfg, baseline=p1, gate=oracle, out=tmp_path / "scrc")
     policy = json.loads((tmp_path / "scrc" / "scrc.json").read_text())
     assert policy["confidence"] == "gate" and policy["lambda"] == pytest.approx(0.99, abs=1e-6)
     assert policy["answered_metrics"]["accuracy"] > 0.95 > 1 - wrong.mean() + 0.1  # wrong ones deferred
@@ -165,8 +165,8 @@ def test_phase_5_answers_by_the_gates_scores_when_told_to(tmp_path):
 
 def test_gate_and_confidence_must_agree_and_belong_to_the_same_phase_1(tmp_path):
     logits, labels = separable_logits(n=400, seed=9)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
-    other = fake_phase1(tmp_path / "other", logits[::-1].copy(), labels[::-1].copy())
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
+    other = fake_baseline(tmp_path / "other", logits[::-1].copy(), labels[::-1].copy())
     gate = fake_gate(tmp_path / "gate", other, np.full(400, 0.5))
     cases = [
         (["--gate", gate], "--gate is read only with scrc.confidence=gate"),
@@ -177,7 +177,7 @@ def test_gate_and_confidence_must_agree_and_belong_to_the_same_phase_1(tmp_path)
     for extra, expect in cases:
         flags, overrides = [a for a in extra if "=" not in str(a)], [a for a in extra if "=" in str(a)]
         r = cli(
-            "calibrate-scrc", "--phase1", p1, *flags, "--out", tmp_path / "o", "scrc.alpha=0.3", *overrides
+            "calibrate-scrc", "--baseline", p1, *flags, "--out", tmp_path / "o", "scrc.alpha=0.3", *overrides
         )
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr, (
             extra,
@@ -188,11 +188,11 @@ def test_gate_and_confidence_must_agree_and_belong_to_the_same_phase_1(tmp_path)
 
 def test_calibrate_scrc_with_a_gate_does_not_import_torch(tmp_path):
     logits, labels = separable_logits(n=400, seed=5)
-    p1 = fake_phase1(tmp_path / "p1", logits, labels)
+    p1 = fake_baseline(tmp_path / "p1", logits, labels)
     gate = fake_gate(tmp_path / "gate", p1, np.abs(logits[:, 0]) / np.abs(logits).max())
     code = (
         "import sys; from streetvision.cli import main; "
-        f"rc = main(['calibrate-scrc', '--phase1', {str(p1)!r}, '--gate', {str(gate)!r}, '--out', "
+        f"rc = main(['calibrate-scrc', '--baseline', {str(p1)!r}, '--gate', {str(gate)!r}, '--out', "
         f"{str(tmp_path / 'o')!r}, 'scrc.alpha=0.2', 'scrc.confidence=gate']); "
         "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'"
     )
@@ -203,7 +203,7 @@ def test_calibrate_scrc_with_a_gate_does_not_import_torch(tmp_path):
 @pytest.mark.slow
 def test_a_gate_bundle_serves_what_its_held_out_report_says(gated, trained, tmp_path):
     """export ships the gate with checksums; Predictor recomputes the gate on each image and defers
-    exactly where the bundle's policy, applied to phase 3's scores, defers."""
+    exactly where the bundle's policy, applied to train_gate's scores, defers."""
     from PIL import Image
 
     from streetvision.bundle import policy_outputs, verify_bundle
@@ -213,17 +213,17 @@ def test_a_gate_bundle_serves_what_its_held_out_report_says(gated, trained, tmp_
     cfg = load_config(
         calibrate_scrc.Config, [], ["scrc.confidence=gate", "scrc.alpha=0.9", "scrc.views=clean"]
     )
-    calibrate_scrc.run(cfg, phase1=trained["phase1"], gate=gated, out=tmp_path / "scrc")
-    export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), phase1=trained["phase1"],
+    calibrate_scrc.run(cfg, baseline=trained["baseline"], gate=gated, out=tmp_path / "scrc")
+    export_bundle.run(load_config(export_bundle.Config, [], ["export.policy=scrc"]), baseline=trained["baseline"],
                       policy=tmp_path / "scrc", splits=trained["splits"], out=tmp_path / "b")  # fmt: skip
     b = verify_bundle(tmp_path / "b")
     assert b["policy"]["gate"] == {"weights": "gate.safetensors", "config": "gate.json"}
     assert {"gate.safetensors", "gate.json"} <= set(b["files"]) and "selective" in b["test_metrics"]
     predictor = Predictor(tmp_path / "b")
-    ids = json.loads((trained["phase1"] / "ids_val_test.json").read_text())
+    ids = json.loads((trained["baseline"] / "ids_val_test.json").read_text())
     images = [Image.open(trained["dataset"] / i).convert("RGB") for i in ids]
     served = predictor.decide(images)
-    s = views.load(trained["phase1"], "val_test", "clean")
+    s = views.load(trained["baseline"], "val_test", "clean")
     expected = policy_outputs("scrc", b["policy"]["params"], s.scores, np.load(gated / "gate_val_test.npy"))
     assert np.array_equal(served["decision"], expected["decision"])
     assert np.array_equal(served["answered"], expected["answered"])
@@ -237,7 +237,7 @@ def test_a_gate_bundle_serves_what_its_held_out_report_says(gated, trained, tmp_
 @pytest.mark.slow
 def test_a_gate_can_learn_on_clean_images_too(trained, tmp_path):
     m = gate_step(
-        trained["phase1"], trained["dataset"], trained["splits"], tmp_path / "g", "gate.views=clean"
+        trained["baseline"], trained["dataset"], trained["splits"], tmp_path / "g", "gate.views=clean"
     )
     rows = len(json.loads((trained["splits"] / "splits.json").read_text())["val_select"])
     assert m.metrics["val_select_rows"] == rows  # one row per image, not per view

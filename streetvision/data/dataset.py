@@ -202,7 +202,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 def unlabelled_images(root: str | Path, where: str) -> tuple[list[Path], str]:
     """(every image file under a folder, sorted; their content identity): images without an index, such
-    as phase 4's extra images. Each is decoded at reduced size first; ``where`` names the folder."""
+    as adapt_explora's extra images. Each is decoded at reduced size first; ``where`` names the folder."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{where}: not a folder")

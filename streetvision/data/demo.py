@@ -4,7 +4,7 @@ Positives carry cones, striped barriers or a roadwork sign on the road; negative
 share a colour or a shape with them (orange cars, zebra crossings, other warning signs), and both vary in
 light, noise and clutter. Same seed, same bytes: the embedded default dataset of ``make run``.
 ``domain="shifted"`` draws the same kind of scenes in another domain (colour channels rotated, objects
-larger, a striped texture over everything): what phase 4's benchmark pre-trains on, away from the target.
+larger, a striped texture over everything): what adapt_explora's benchmark pre-trains on, away from the target.
 """
 
 from __future__ import annotations

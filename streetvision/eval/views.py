@@ -1,4 +1,4 @@
-"""Phase 1's scores on a split, as the images were (``clean``) or as the validator sends them (``challenge``).
+"""train_baseline's scores on a split, as the images were (``clean``) or as the validator sends them (``challenge``).
 
 ``challenge``: ``eval.challenge_views`` validator-style views of every image (``data.challenge``), their
 logits in ``logits_<split>_challenge.npy`` and, per row, the image's row in the split and the view's level
@@ -20,7 +20,7 @@ LEVELS = 4
 
 
 class ViewError(StreetVisionError):
-    """A phase-1 output lacks a view's scores, or they do not fit together."""
+    """A train_baseline output lacks a view's scores, or they do not fit together."""
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,13 @@ class Scores:
 
 
 def gate_file(split: str, view: str) -> str:
-    """Where phase 3 writes its scores of a split's rows in ``view`` (aligned with phase 1's rows)."""
+    """Where train_gate writes its scores of a split's rows in ``view`` (aligned with train_baseline's rows)."""
     return f"gate_{split}{'_challenge' if view == 'challenge' else ''}.npy"
 
 
 def load_gate(root: Path, split: str, view: str, rows: int) -> np.ndarray:
-    """Phase 3's scores of ``split`` in ``view`` from a verified folder holding them (phase 3's output,
-    or a gate policy's): one probability per row of phase 1's scores, ``rows`` of them."""
+    """train_gate's scores of ``split`` in ``view`` from a verified folder holding them (train_gate's output,
+    or a gate policy's): one probability per row of train_baseline's scores, ``rows`` of them."""
     name = gate_file(split, view)
     scores = _npy(Path(root) / name).astype(np.float64).reshape(-1)
     if scores.shape != (rows,) or not (np.isfinite(scores).all() and 0 <= scores.min() <= scores.max() <= 1):
@@ -61,25 +61,25 @@ def _npy(path: Path) -> np.ndarray:
         raise ViewError(f"{path}: cannot be read as a .npy array ({e})") from None
 
 
-def load(phase1: Path, split: str, view: str) -> Scores:
-    """The scores and labels of ``split`` in ``view`` from a verified phase-1 directory."""
+def load(baseline: Path, split: str, view: str) -> Scores:
+    """The scores and labels of ``split`` in ``view`` from a verified train_baseline directory."""
     if view not in VIEWS:
         raise ViewError(f"view {view!r}: one of {', '.join(VIEWS)}")
-    logits = margins(_npy(phase1 / f"logits_{split}.npy"))
-    labels = check_labels(logits, _npy(phase1 / f"labels_{split}.npy"))
+    logits = margins(_npy(baseline / f"logits_{split}.npy"))
+    labels = check_labels(logits, _npy(baseline / f"labels_{split}.npy"))
     if view == "clean":
         return Scores(sigmoid(logits), labels, None, len(labels), logits, np.arange(len(labels)))
-    logits_file = phase1 / f"logits_{split}_challenge.npy"
+    logits_file = baseline / f"logits_{split}_challenge.npy"
     if not logits_file.is_file():
         raise ViewError(
-            f"{phase1}: no challenge views of {split} (phase 1 ran with eval.challenge_views=0); "
-            "re-run phase 1 with eval.challenge_views=4, or use sweep.views=clean"
+            f"{baseline}: no challenge views of {split} (train_baseline ran with eval.challenge_views=0); "
+            "re-run train_baseline with eval.challenge_views=4, or use sweep.views=clean"
         )
-    views = _npy(phase1 / f"views_{split}_challenge.npy")
+    views = _npy(baseline / f"views_{split}_challenge.npy")
     challenged = margins(_npy(logits_file))
     if views.ndim != 2 or views.shape != (len(challenged), 2) or views.dtype.kind not in "iu":
         raise ViewError(
-            f"{phase1}: views_{split}_challenge.npy must be (rows, 2) integers matching its logits"
+            f"{baseline}: views_{split}_challenge.npy must be (rows, 2) integers matching its logits"
         )
     rows, levels = views[:, 0], views[:, 1]
     if (
@@ -89,7 +89,7 @@ def load(phase1: Path, split: str, view: str) -> Scores:
         or levels.min() < 0
         or levels.max() >= LEVELS
     ):
-        raise ViewError(f"{phase1}: views_{split}_challenge.npy names rows or levels out of range")
+        raise ViewError(f"{baseline}: views_{split}_challenge.npy names rows or levels out of range")
     return Scores(
         sigmoid(challenged), labels[rows], levels.astype(np.int64), len(np.unique(rows)), challenged, rows
     )

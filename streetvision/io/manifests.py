@@ -37,6 +37,10 @@ class ManifestError(StreetVisionError):
     """A step directory is not committed or does not match its manifest."""
 
 
+# Input names of manifests committed before a rename -> today's name (train_baseline's output was phase1).
+FORMER_INPUT_NAMES = {"phase1": "baseline"}
+
+
 @dataclass
 class Manifest:
     step: str
@@ -122,6 +126,9 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise ManifestError(f"{where}: edited (its fields no longer match its self_sha256)")
     if sha256_json(manifest.config) != manifest.config_sha256:
         raise ManifestError(f"{where}: config_sha256 does not match its config")
+    for old, new in FORMER_INPUT_NAMES.items():  # read under today's name, after the hash is checked
+        if old in manifest.inputs and new not in manifest.inputs:
+            manifest.inputs[new] = manifest.inputs.pop(old)
     return manifest
 
 

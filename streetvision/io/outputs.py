@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ class StepOutputs:
         self.step = step
         self._lock = _Lock(self.final)
         try:
+            recover(self.final)
             check_out(self.final, step)
             for kind in ("staging", "old"):  # what a killed writer left
                 for left in self.final.parent.glob(f".{self.final.name}.{kind}-*"):
@@ -194,6 +196,14 @@ class StepOutputs:
         return manifest
 
     def _swap(self) -> None:
+        """Put the staging folder in place. Replacing an earlier commit is one atomic exchange of the two
+        folders where the kernel and file system offer it (``renameat2(RENAME_EXCHANGE)``), so no kill
+        loses both; elsewhere two renames, and the next writer puts back an earlier commit that a kill
+        between them left aside (:func:`recover`)."""
+        if self.final.exists() and exchange(self.root, self.final):
+            atomic.fsync_dir(self.final.parent)
+            shutil.rmtree(self.root, ignore_errors=True)  # now the earlier commit
+            return
         old = None
         if self.final.exists():
             old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:12]}"
@@ -210,3 +220,57 @@ class StepOutputs:
         atomic.fsync_dir(self.final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+@cache
+def _renameat2():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically; False where the system cannot (then nothing has changed)."""
+    fn = _renameat2() if platform.system() == "Linux" else None
+    if fn is None:
+        return False
+    at_cwd = -100  # AT_FDCWD
+    return fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def clean_folder(final: Path) -> str:
+    """Under the output's lock: an earlier commit a killed writer left aside put back, its staging and
+    replaced copies removed. Returns what the folder holds now."""
+    lock = _Lock(final)
+    try:
+        recover(final)
+        for kind in ("staging", "old"):
+            for left in final.parent.glob(f".{final.name}.{kind}-*"):
+                shutil.rmtree(left, ignore_errors=True)
+    finally:
+        lock.release()
+    return "committed" if (final / MANIFEST).is_file() else "no commit"
+
+
+def recover(final: Path) -> None:
+    """Put back an earlier commit that a writer killed between its two renames left aside (the output
+    folder gone, the commit in ``.<name>.old-*``); called under the output's lock."""
+    if final.exists() or final.is_symlink():
+        return
+    for old in sorted(
+        final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True
+    ):
+        if (old / MANIFEST).is_file():
+            os.rename(old, final)
+            atomic.fsync_dir(final.parent)
+            return

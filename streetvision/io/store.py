@@ -10,14 +10,16 @@ last, and downloaded manifest first, then verified.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
 
 from streetvision.errors import StreetVisionError
-from streetvision.io import atomic
+from streetvision.io import atomic, lease
+from streetvision.io.lease import LOCK
 from streetvision.io.manifests import (
     MANIFEST,
     Manifest,
@@ -40,6 +42,18 @@ class StoreError(StreetVisionError):
 
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def check_location(value: str, what: str) -> None:
+    """Refuse a location that looks like a URI but is not ``s3://`` as spelt (``s3:/b``, ``S3://b``,
+    ``gs://b``): taken for a folder name, it would be written on local disk."""
+    if _SCHEME.match(value) and not value.startswith("s3://"):
+        raise StoreError(
+            f"{what} {value}: not a folder and not an s3:// URI (the scheme is s3://, lowercase)"
+        )
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -202,7 +216,9 @@ def write_bytes(uri: str, data: bytes) -> None:
         client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
-UPLOADING = ".streetvision-uploading"  # present while a step directory is being uploaded to a prefix
+UPLOADING = ".streetvision-uploading"  # the marker of versions before the lock: a killed writer's leftover
+# Objects of a prefix that no manifest lists and that are not leftovers: the lock, while it is held.
+BOOKKEEPING = frozenset({LOCK})
 
 
 def _read_manifest(uri: str) -> tuple[Manifest, bytes] | None:
@@ -215,41 +231,114 @@ def _read_manifest(uri: str) -> tuple[Manifest, bytes] | None:
     return parse_manifest(raw, join(uri, MANIFEST)), raw
 
 
+def _parents(uri: str) -> list[str]:
+    """The prefixes above ``uri`` in its bucket, nearest first (s3://b/a/b/c -> s3://b/a/b, s3://b/a)."""
+    bucket, key = split_s3(uri)
+    parts = key.split("/")
+    return [f"s3://{bucket}/{'/'.join(parts[:i])}" for i in range(len(parts) - 1, 0, -1)]
+
+
 def check_out(uri: str, step: str) -> None:
-    """Refuse an ``s3://`` output prefix that holds another step's commit or objects that are no commit."""
+    """Refuse an ``s3://`` output prefix that lies inside a commit, holds another step's commit, or holds
+    objects that are neither a commit nor a killed writer's leftovers."""
+    for parent in _parents(uri):
+        if exists(join(parent, MANIFEST)):
+            raise ManifestError(
+                f"--out {uri}: lies inside the committed step output {parent}; choose another"
+            )
     found = _read_manifest(uri)
     if found is not None:
         expected_step(f"--out {uri}", found[0], step)
         return
     names = list_files(uri)
-    if names and UPLOADING not in names:
+    if names and not ({LOCK, UPLOADING} & set(names)):
         raise ManifestError(
             f"--out {uri}: holds {len(names)} object(s) but no StreetVision commit; refusing to replace them"
         )
 
 
-def upload_dir(local: str | os.PathLike, uri: str) -> Manifest:
-    """Upload a committed step directory: every listed output first, ``manifest.json`` last.
+def _clean(uri: str) -> None:
+    """Under a freshly taken lock: remove what a killed writer left. A manifest that is there vouches for
+    an intact commit (a writer removes it before it uploads anything), which stays; without one, every
+    object but the lock goes."""
+    bucket, prefix = split_s3(uri)
+    names = set(list_files(uri)) - BOOKKEEPING
+    found = _read_manifest(uri) if MANIFEST in names else None
+    keep = {MANIFEST, *found[0].outputs} if found else set()
+    with _errors("clean", uri):
+        for name in sorted(names - keep):
+            client().delete_object(Bucket=bucket, Key=f"{prefix}/{name}" if prefix else name)
 
-    While it runs, a marker object says the prefix is being written and no manifest vouches for it;
-    objects of an earlier commit that the new one does not list are removed before the manifest lands.
+
+@contextmanager
+def writing(uri: str, step: str, run_id: str | None = None) -> Iterator[lease.Lease]:
+    """Hold ``uri`` for one writer (see :mod:`streetvision.io.lease`), its leftovers cleaned first."""
+    with lease.held(uri, step, run_id) as held:
+        _clean(uri)
+        yield held
+
+
+def upload_dir(local: str | os.PathLike, uri: str, held: lease.Lease | None = None) -> Manifest:
+    """Upload a committed step directory under the prefix's lock: the earlier manifest removed, every
+    listed output, objects the new commit does not list removed, and ``manifest.json`` last, created only
+    where none is (``IfNoneMatch``) and only while the lease is still this writer's.
+
     Sizes and listing are checked here; content hashes are checked by every download.
     """
     manifest = verify_dir(local, hashes=False)
+    if held is None:
+        with writing(uri, manifest.step) as held:
+            return upload_dir(local, uri, held)
     bucket, prefix = split_s3(uri)
     key = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
+    held.renew()
+    held.dirty = True  # from here until the manifest lands the prefix is no commit
     with _errors("upload to", uri):
-        client().put_object(Bucket=bucket, Key=key(UPLOADING), Body=manifest.step.encode())
         client().delete_object(Bucket=bucket, Key=key(MANIFEST))
         with _manager() as tm:
             futures = [tm.upload(str(Path(local, name)), bucket, key(name)) for name in manifest.outputs]
             for f in futures:
                 f.result()
-        for stale in set(list_files(uri)) - set(manifest.outputs) - {MANIFEST, UPLOADING}:
+        for stale in set(list_files(uri)) - set(manifest.outputs) - {MANIFEST} - BOOKKEEPING:
             client().delete_object(Bucket=bucket, Key=key(stale))
-        client().upload_file(str(Path(local, MANIFEST)), bucket, key(MANIFEST))
-        client().delete_object(Bucket=bucket, Key=key(UPLOADING))
+    held.renew()  # still this writer's, and for a whole lease more: the manifest lands within it
+    from botocore.exceptions import ClientError
+
+    with _errors("commit", uri):
+        try:
+            client().put_object(
+                Bucket=bucket, Key=key(MANIFEST), Body=Path(local, MANIFEST).read_bytes(), IfNoneMatch="*"
+            )
+        except ClientError as e:
+            if not lease.precondition_failed(e):
+                raise
+            raise ManifestError(
+                f"--out {uri}: another writer committed there meanwhile; nothing replaced"
+            ) from None
+    held.dirty = False
     return manifest
+
+
+def clean_output(uri: str) -> str:
+    """What :command:`streetvision clean` does to one output nobody writes now: an earlier commit a killed
+    writer left aside put back, and a killed writer's partial files or objects removed."""
+    if not is_s3(uri):
+        from streetvision.io.outputs import clean_folder
+
+        return clean_folder(Path(uri))
+    if lease.holder(uri) is not None:
+        raise lease.LockHeld(f"{uri}: being written by {lease.holder(uri)}; not cleaned")
+    if LOCK not in list_files(uri) and UPLOADING not in list_files(uri):
+        return "nothing to clean"
+    with writing(uri, "clean"):
+        pass  # taking the prefix removes a killed writer's leftovers; an intact commit stays
+    return "committed" if _read_manifest(uri) else "leftovers removed"
+
+
+def check_unlocked(uri: str) -> None:
+    """Refuse a prefix that a writer holds now: what is there is no commit until it finishes."""
+    if (who := lease.holder(uri)) is not None:
+        raise ManifestError(f"{uri}: being written by {who}; not a commit until it finishes")
 
 
 def download_dir(uri: str, local: str | os.PathLike, step: str | None = None) -> Manifest:
@@ -265,7 +354,10 @@ def download_dir(uri: str, local: str | os.PathLike, step: str | None = None) ->
         raise ManifestError(f"{uri}: no {MANIFEST}; the step is not committed there")
     manifest, raw = found
     expected_step(uri, manifest, step)
-    extra = sorted(set(list_files(uri)) - set(manifest.outputs) - {MANIFEST})
+    names = set(list_files(uri))
+    if LOCK in names:
+        check_unlocked(uri)
+    extra = sorted(names - set(manifest.outputs) - {MANIFEST, LOCK})
     if extra:
         raise ManifestError(f"{uri}: {len(extra)} object(s) not listed in manifest: {', '.join(extra[:3])}")
     local.mkdir(parents=True, exist_ok=True)
@@ -362,15 +454,25 @@ def verified(uri: str, step: str | None = None) -> tuple[Manifest, str]:
         return load_manifest(root, step), manifest_sha256(root)
 
 
+def _rank_zero() -> bool:
+    """Whether this process is the one that commits (rank 0 of a distributed run, or the only one)."""
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"] == "0"
+    return env.get("NODE_RANK", "0") == "0" and env.get("LOCAL_RANK", "0") == "0"
+
+
 @contextmanager
-def output_step(uri: str | os.PathLike) -> Iterator[Path]:
-    """A local directory to write a step into; for an s3 URI it is uploaded (manifest last) afterwards."""
+def output_step(uri: str | os.PathLike, step: str = "", run_id: str | None = None) -> Iterator[Path]:
+    """A local directory to write a step into. For an ``s3://`` output the prefix is held for this writer
+    from now (before any work: a second writer is refused in one line) until the upload, manifest last."""
     if not is_s3(uri):
         yield Path(uri)
         return
-    with tempfile.TemporaryDirectory(prefix="sv-out-") as tmp:
-        local = Path(tmp) / "out"  # the step's lock and staging stay inside the temporary folder
-        yield local
+    with ExitStack() as stack:
+        held = stack.enter_context(writing(str(uri), step, run_id)) if _rank_zero() else None
+        local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-out-"))) / "out"
+        yield local  # the step's local lock and staging stay inside the temporary folder
         # A step that committed nothing without failing is a non-zero DDP rank: rank 0 uploads.
         if (local / MANIFEST).exists():
-            upload_dir(local, str(uri))
+            upload_dir(local, str(uri), held)

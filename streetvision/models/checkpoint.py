@@ -174,6 +174,7 @@ def resume_from(uri: str, identity: str, local_dir: Path) -> tuple[Path, str] | 
         )
         return None
     epoch = json.loads(header[_META])["epoch"]
+    print(f"resuming from the checkpoint at {uri} (after epoch {epoch})", flush=True)
     history = store.join(uri, HISTORY)
     text = store.read_bytes(history).decode() if store.exists(history) else ""
     # The history is saved just before its checkpoint: keep the rows of the epochs the checkpoint holds.

@@ -1,4 +1,4 @@
-"""The data side of phase 1 as Lightning expects it: a ``LightningDataModule`` and the feature cache.
+"""The data side of train_baseline as Lightning expects it: a ``LightningDataModule`` and the feature cache.
 
 :class:`RoadworkData` owns the splits, the timm transforms and the choice between images and cached
 backbone features. :class:`FeatureCache` fills that cache when fitting is set up, on the trainer's

@@ -1,4 +1,4 @@
-"""DINO self-distillation, the self-supervised objective phase 4 continues (Caron et al. 2021; DINOv2).
+"""DINO self-distillation, the self-supervised objective adapt_explora continues (Caron et al. 2021; DINOv2).
 
 A student (the adapted backbone and a freshly initialised projection head) sees every crop of an image,
 global and local; a teacher, an exponential moving average of the student, sees the global crops only.

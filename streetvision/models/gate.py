@@ -1,10 +1,10 @@
-"""Phase 3's network: a small MLP that scores whether phase 1's decision on an image is right.
+"""train_gate's network: a small MLP that scores whether train_baseline's decision on an image is right.
 
-Its input is what phase 1 already computes for an image: the frozen backbone's pooled features, the
-roadwork logit, and the margin |2·served − 1| from the decision threshold (phase 5's plain
+Its input is what train_baseline already computes for an image: the frozen backbone's pooled features, the
+roadwork logit, and the margin |2·served − 1| from the decision threshold (calibrate_scrc's plain
 confidence), standardised with the training rows' mean and spread (buffers, saved with the weights). Its
-output is one logit of P(decision correct); phase 5 answers an image when the sigmoid of it reaches
-lambda. The phase-1 network is never changed.
+output is one logit of P(decision correct); calibrate_scrc answers an image when the sigmoid of it reaches
+lambda. The train_baseline network is never changed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from streetvision.eval.metrics import auroc
 from streetvision.eval.sweep import risk_coverage
 
 # What selects and early-stops the gate: the area under val_select's risk-coverage curve (lower is
-# better), the ranking phase 5's answering threshold acts on (the loss also rewards mere calibration).
+# better), the ranking calibrate_scrc's answering threshold acts on (the loss also rewards mere calibration).
 MONITOR = "val_select_gate_aurc"
 
 
@@ -64,7 +64,7 @@ class GateNet(nn.Module):
 
 
 def build_gate(info: dict) -> GateNet:
-    """The gate that ``model.json`` (phase 3's, or a bundle's ``gate.json``) describes."""
+    """The gate that ``model.json`` (train_gate's, or a bundle's ``gate.json``) describes."""
     return GateNet(int(info["num_features"]), int(info["hidden"]), float(info["dropout"]), info["threshold"])
 
 
@@ -101,7 +101,7 @@ class GateModule(L.LightningModule):
 
 @torch.no_grad()
 def gate_scores(gate: GateNet, features: np.ndarray, logits: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """P(phase 1's decision is right) per row, on the CPU."""
+    """P(train_baseline's decision is right) per row, on the CPU."""
     gate = gate.cpu().eval()
     f = torch.from_numpy(np.asarray(features, np.float32))
     z = torch.from_numpy(np.asarray(logits, np.float32))

@@ -64,7 +64,7 @@ def create_backbone(
         ) from None
 
 
-# The documented prefix mapping of a weights file: a StreetVision phase-1 ``model.safetensors`` holds the
+# The documented prefix mapping of a weights file: a StreetVision train_baseline ``model.safetensors`` holds the
 # backbone under ``backbone.`` beside its own ``head.``; DDP's ``module.`` is removed by timm itself.
 NETWORK_PREFIX, NETWORK_HEAD = "backbone.", "head."
 
@@ -197,11 +197,31 @@ def build_network(
     return RoadworkNet(backbone_net, dropout)
 
 
-def load_network(backbone: str, *, dropout: float, arch: dict[str, Any], weights: str | Path) -> RoadworkNet:
+def load_network(
+    backbone: str,
+    *,
+    dropout: float,
+    arch: dict[str, Any],
+    weights: str | Path,
+    described_by: str = "model.json",
+) -> RoadworkNet:
     """A trained network rebuilt from what ``model.json`` (or a bundle) records, its weights loaded from
-    safetensors (every tensor, nothing missing or extra), in eval mode."""
+    safetensors (every tensor, nothing missing or extra), in eval mode; weights that do not fit the
+    described network are refused in one line naming the first missing and unexpected keys."""
     from safetensors.torch import load_file
 
     net = build_network(backbone, pretrained=False, dropout=dropout, arch=arch)
-    net.load_state_dict(load_file(str(weights)), strict=True)
+    state = load_file(str(weights))
+    ours = net.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+    if missing or unexpected or shapes:
+        raise ModelError(
+            f"{weights} does not fit the {backbone} network {described_by} describes: {len(missing)} key(s) "
+            f"missing (first: {missing[0] if missing else '-'}), {len(unexpected)} unexpected (first: "
+            f"{unexpected[0] if unexpected else '-'}), {len(shapes)} of another shape (first: "
+            f"{shapes[0] if shapes else '-'})"
+        )
+    net.load_state_dict(state, strict=True)
     return net.eval()

@@ -1,10 +1,10 @@
-"""Phase 1's network run again on a split's images, checked against what phase 1 stored.
+"""train_baseline's network run again on a split's images, checked against what train_baseline stored.
 
-Phase 3 needs each image's backbone features, which phase 1 does not keep. It loads phase 1's verified
-weights and computes features and the head's logit on the device (phase 1's feature-cache path,
-``models.data.infer``), and for every split phase 1 scored it checks that the logits are the ones phase 1
+train_gate needs each image's backbone features, which train_baseline does not keep. It loads train_baseline's verified
+weights and computes features and the head's logit on the device (train_baseline's feature-cache path,
+``models.data.infer``), and for every split train_baseline scored it checks that the logits are the ones train_baseline
 wrote, image for image and challenge view for view: the proof that the dataset, the splits and the views
-are the ones phase 1 saw.
+are the ones train_baseline saw.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ def full_precision(precision: str) -> bool:
 
 
 class Rescorer:
-    """Features and logits of a phase-1 network on a ``RoadworkData``'s splits, on ``device``."""
+    """Features and logits of a train_baseline network on a ``RoadworkData``'s splits, on ``device``."""
 
-    def __init__(self, net, data, phase1: Path, *, device, precision: str, phase1_precision: str,
+    def __init__(self, net, data, baseline: Path, *, device, precision: str, baseline_precision: str,
                  batch_size: int, num_workers: int, where: str):  # fmt: skip
-        self.net, self.data, self.phase1, self.where = net, data, phase1, where
+        self.net, self.data, self.baseline, self.where = net, data, baseline, where
         self.device, self.precision = device, precision
         self.batch_size, self.num_workers = batch_size, num_workers
         # Under 16-bit autocast (either run's) logits agree to bf16's precision only.
-        self.tolerance = 1e-3 if full_precision(precision) and full_precision(phase1_precision) else 0.1
+        self.tolerance = 1e-3 if full_precision(precision) and full_precision(baseline_precision) else 0.1
 
     def rows(self, images) -> Rows:
         def features_and_logit(x):
@@ -60,24 +60,24 @@ class Rescorer:
         return rows
 
     def views(self, split: str, views: int) -> Rows:
-        """Phase 1's challenge views of a split (the same seeded views), checked like :meth:`split`."""
+        """train_baseline's challenge views of a split (the same seeded views), checked like :meth:`split`."""
         challenge = self.data.challenge_views(split, views)
-        stored = np.load(self.phase1 / f"views_{split}_challenge.npy", allow_pickle=False)
+        stored = np.load(self.baseline / f"views_{split}_challenge.npy", allow_pickle=False)
         if not np.array_equal(stored, challenge.rows()):
-            raise DataError(f"--phase1 {self.where}: views_{split}_challenge.npy are not its own views")
+            raise DataError(f"--baseline {self.where}: views_{split}_challenge.npy are not its own views")
         rows = self.rows(challenge)
         self._same(f"logits_{split}_challenge.npy", rows.logits)
         return rows
 
     def _same(self, name: str, ours: np.ndarray) -> None:
-        theirs = margins(np.load(self.phase1 / name, allow_pickle=False))
+        theirs = margins(np.load(self.baseline / name, allow_pickle=False))
         if ours.shape != theirs.shape:
             raise DataError(
-                f"--phase1 {self.where}: {name} has {len(theirs)} rows, these images give {len(ours)}"
+                f"--baseline {self.where}: {name} has {len(theirs)} rows, these images give {len(ours)}"
             )
         gap = float(np.max(np.abs(ours - theirs) / (1 + np.abs(theirs)))) if len(ours) else 0.0
         if gap > self.tolerance:
             raise DataError(
-                f"--phase1 {self.where}: {name} differs from what its weights compute on --dataset (relative "
-                f"gap {gap:.3g} > {self.tolerance}); the dataset or splits are not the ones phase 1 scored"
+                f"--baseline {self.where}: {name} differs from what its weights compute on --dataset (relative "
+                f"gap {gap:.3g} > {self.tolerance}); the dataset or splits are not the ones train_baseline scored"
             )

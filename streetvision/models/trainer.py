@@ -1,4 +1,4 @@
-"""The Lightning ``Trainer`` phase 1 runs: hardware, precision, logging, early stopping, checkpoints."""
+"""The Lightning ``Trainer`` train_baseline runs: hardware, precision, logging, early stopping, checkpoints."""
 
 from __future__ import annotations
 

@@ -13,12 +13,13 @@ import os
 import re
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streetvision.config import load_config
+from streetvision.config import load_config, to_dict
 from streetvision.errors import StreetVisionError
-from streetvision.io import store
+from streetvision.io import scratch, store
 from streetvision.phases import BY_STEM, PHASES, WHEN_GIVEN, producers
 
 # stem -> {input name: the phase(s) whose commit it must be, or None for a dataset}; from the registry.
@@ -85,13 +86,14 @@ def run_step(
     check_out_path(stem, uris, out)
     check_placement(uris, out, getattr(getattr(config, "trainer", None), "checkpoint_uri", ""))
     with ExitStack() as stack:
+        stack.enter_context(scratch.step_root(stem))  # every temporary file of the step, removed after it
         inputs = {
             name: stack.enter_context(
                 local_dataset(uris[name]) if producer is None else store.staged_step(uris[name], producer)
             )
             for name, producer in producers(stem, config, given=set(uris)).items()
         }
-        local_out = stack.enter_context(store.output_step(out))
+        local_out = stack.enter_context(store.output_step(out, stem, run_id))
         manifest = module.run(config, **inputs, out=local_out, sources=dict(uris), run_id=run_id, task=task)
         if executor_input:
             from streetvision.kfp_executor import write_executor_output
@@ -114,22 +116,57 @@ def read_inputs(stem: str, config, given: set[str]) -> dict[str, str | None]:
     return read
 
 
-def start(stem: str, config, paths: dict[str, Path | None], sources: dict[str, str] | None = None):
+@dataclass
+class Started:
+    """What :func:`start` checked: each commit input's verified manifest, and how the user named each
+    input (what the step's own manifest records)."""
+
+    paths: dict[str, Path]
+    src: dict[str, str]
+    manifests: dict[str, Any]
+
+    def records(self, **datasets) -> dict[str, dict[str, Any]]:
+        """The inputs as the step's manifest records them: each commit by its manifest's hash, and each
+        dataset given here (``dataset=ds``, as loaded) by its content."""
+        from streetvision.data.dataset import dataset_input
+        from streetvision.io.manifests import input_record
+
+        records = {name: input_record(self.paths[name], self.src[name]) for name in self.manifests}
+        return records | {name: dataset_input(ds, self.src.get(name)) for name, ds in datasets.items()}
+
+
+def start(stem: str, config, paths: dict[str, Path | None], sources: dict[str, str] | None = None) -> Started:
     """The start-up every step shares, from the declaration: each input that is a commit is verified as
     its producing phase's (manifest first, every file's checksum), and each pair the declaration says
-    belongs together is checked, before any work. Returns input name -> its verified manifest. ``paths``:
-    the step's input folders (None for one not given); ``sources``: how the user named them."""
+    belongs together is checked, before any work. ``paths``: the step's input folders (None for one not
+    given); ``sources``: how the user named them."""
     from streetvision.io.manifests import check_lineage, verify_dir
 
-    src = {name: str(path) for name, path in paths.items() if path is not None} | (sources or {})
-    made_by = read_inputs(stem, config, given={name for name, path in paths.items() if path is not None})
-    manifests = {
-        name: verify_dir(paths[name], producer) for name, producer in made_by.items() if producer is not None
+    given = {name: path for name, path in paths.items() if path is not None}
+    src = {name: str(path) for name, path in given.items()} | {
+        k: v for k, v in (sources or {}).items() if k in given
     }
+    made_by = read_inputs(stem, config, given=set(given))
+    manifests = {name: verify_dir(given[name], producer) for name, producer in made_by.items() if producer}
     for a, b in BY_STEM[stem].belongs:
         if a in manifests and b in manifests:
-            check_lineage(f"--{a} {src[a]}", manifests[a], b, paths[b], src[b], StreetVisionError)
-    return manifests
+            check_lineage(f"--{a} {src[a]}", manifests[a], b, given[b], src[b], StreetVisionError)
+    return Started(given, src, manifests)
+
+
+def commit(outputs, config, inputs: dict[str, Any], metrics: dict[str, Any], *, run_id, task, extra=None):
+    """The end every step shares: its resolved config beside the outputs (credentials masked, as in the
+    manifest), then the manifest, last."""
+    import yaml
+
+    from streetvision.io.manifests import redact
+
+    outputs.write_text(
+        "config.yaml", yaml.safe_dump(redact(to_dict(config)), sort_keys=False)
+    )  # as the manifest
+    return outputs.commit(
+        config=to_dict(config), inputs=inputs, metrics=metrics, run_id=run_id, task=task, extra=extra
+    )
 
 
 def step_config(stem: str, files=(), overrides=()):

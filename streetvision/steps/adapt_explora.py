@@ -1,4 +1,4 @@
-"""Phase 4, ``adapt_explora``: ExPLoRA, extended self-supervised pre-training of a ViT on street images.
+"""adapt_explora, ``adapt_explora``: ExPLoRA, extended self-supervised pre-training of a ViT on street images.
 
 Khanna et al., "ExPLoRA: Parameter-Efficient Extended Pre-Training to Adapt Vision Transformers under
 Domain Shifts" (arXiv 2406.10973, ICML 2025). Starting from the pretrained backbone (the hub, or
@@ -9,7 +9,7 @@ a fresh projection head (``models.dino``). Labels are never read, and only the *
 (plus ``explora.extra_images``, an unlabelled folder or ``s3://`` prefix) are: val_select, val_calib and
 val_test stay unseen. Afterwards the teacher's adapters are merged into its weights, the merged
 backbone is checked against the adapted one on real images, and written as a timm-loadable
-``backbone.safetensors`` that phase 1 trains on (``train-baseline --explora DIR``).
+``backbone.safetensors`` that train_baseline trains on (``train-baseline --explora DIR``).
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from streetvision.config import require, to_dict, to_yaml
-from streetvision.data.dataset import dataset_input, unlabelled_images
+from streetvision.config import require, to_dict
+from streetvision.data.dataset import unlabelled_images
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, input_record, sha256_json
+from streetvision.io.manifests import Manifest, sha256_json
 from streetvision.io.outputs import StepOutputs
-from streetvision.steps import start
+from streetvision.steps import commit, start
 from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, MAX_BATCH, MAX_WORKERS, check_trainer
 
 STEP = "adapt_explora"
-WEIGHTS = EXPLORA_WEIGHTS  # what phase 1 reads of this step's output
+WEIGHTS = EXPLORA_WEIGHTS  # what train_baseline reads of this step's output
 MERGE_TOLERANCE = 1e-4  # max |merged − adapted| / (1 + max |adapted|) on real images, in float32
 
 
@@ -81,7 +82,7 @@ class TrainerConfig:
     devices: str = "auto"
     strategy: str = "auto"
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    checkpoint_uri: str = ""  # a checkpoint after every epoch, resumed from on rerun (as phase 1)
+    checkpoint_uri: str = ""  # a checkpoint after every epoch, resumed from on rerun (as train_baseline)
 
 
 @dataclass
@@ -154,14 +155,10 @@ def run(
 
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
     from streetvision.models.data import MultiCrop, UnlabelledImages, loader
-    from streetvision.models.dino import ExploraModule
-    from streetvision.models.lora import apply_explora, check_vit, preset_rank
-    from streetvision.models.network import architecture, create_backbone, preprocessing
     from streetvision.models.trainer import build_trainer
 
-    src = {"dataset": str(dataset), "splits": str(splits), **(sources or {})}
-    start(STEP, config, {"dataset": dataset, "splits": splits}, src)
-    ds, splits_manifest, parts = split_dataset(dataset, splits, src)
+    inputs = start(STEP, config, {"dataset": dataset, "splits": splits}, sources)
+    ds, splits_manifest, parts = split_dataset(dataset, splits, inputs.src)
     e, d = config.explora, config.data
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
@@ -174,28 +171,10 @@ def run(
             extra_files, extra_sha = unlabelled_images(root, f"explora.extra_images {e.extra_images}")
             files += extra_files
             extra = {"uri": e.extra_images, "content_sha256": extra_sha, "images": str(len(extra_files))}
-        check_vit(config.model.backbone)
-        arch = architecture(config.model.backbone, d.image_size)
-        weights = stack.enter_context(store.local_file(config.model.weights))
-        backbone = create_backbone(config.model.backbone, pretrained=config.model.pretrained, weights_file=weights,
-                                   arch={**arch, "dynamic_img_size": True})  # fmt: skip
-        side, local, _ = _sizes(config, backbone)
-        prep = preprocessing(backbone, side)
-        rank = e.rank or preset_rank(backbone.num_features)
-        counts = apply_explora(backbone, rank=rank, alpha=e.alpha or rank, unfrozen=e.unfrozen_blocks)
-        print(f"adapt_explora: {counts['total']:,} trainable backbone parameters ({counts['unfrozen_blocks']:,} in "
-              f"{e.unfrozen_blocks} unfrozen block(s), {counts['lora']:,} LoRA r={rank} on Q,V, {counts['norms']:,} "
-              "LayerNorm)", flush=True)  # fmt: skip
-        if e.gradient_checkpointing:
-            backbone.set_grad_checkpointing(True)
-        module = ExploraModule(
-            backbone, prototypes=e.prototypes, head_hidden=e.head_hidden, bottleneck=e.bottleneck, lr=e.lr,
-            weight_decay=e.weight_decay, warmup_epochs=e.warmup_epochs, teacher_momentum=e.teacher_momentum,
-            student_temp=e.student_temp, teacher_temp=e.teacher_temp, center_momentum=e.center_momentum,
-            koleo_weight=e.koleo, global_crops=2,
-        )  # fmt: skip
-        crops = MultiCrop(side, local, d.local_crops, prep["mean"], prep["std"])
-        images = UnlabelledImages(files, crops, side)
+        a = _adapter(config, stack.enter_context(store.local_file(config.model.weights)))
+        images = UnlabelledImages(
+            files, MultiCrop(a.side, a.local, d.local_crops, a.prep["mean"], a.prep["std"]), a.side
+        )
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         identity = sha256_json({
             "config": to_dict(dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))),
@@ -206,7 +185,7 @@ def run(
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(
-            module,
+            a.module,
             train_dataloaders=loader(
                 images, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=config.seed
             ),
@@ -214,40 +193,72 @@ def run(
         )
         if not trainer.is_global_zero:
             return None
-        adapted = module.teacher.backbone.float().cpu().eval()  # DINO's teacher: the EMA, what is evaluated
-        merged, gap = merge_checked(adapted, [load_eval(f, prep) for f in files[:16]])
+        adapted = a.module.teacher.backbone.float().cpu().eval()  # DINO's teacher: the EMA, what is evaluated
+        merged, gap = merge_checked(adapted, [load_eval(f, a.prep) for f in files[:16]])
         history = joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
     losses = _epoch_losses(history)
     with StepOutputs(out, STEP) as outputs:
         state = {k: v.contiguous() for k, v in merged.state_dict().items()}
         outputs.write_safetensors(WEIGHTS, state, metadata={"backbone": config.model.backbone})
         outputs.write_json("model.json", {
-            "backbone": config.model.backbone, "architecture": arch, "preprocessing": prep, "weights": WEIGHTS,
+            "backbone": config.model.backbone, "architecture": a.arch, "preprocessing": a.prep, "weights": WEIGHTS,
             "method": "ExPLoRA (arXiv 2406.10973): DINO self-distillation, LoRA on Q,V, unfrozen last blocks",
-            "rank": rank, "alpha": e.alpha or rank, "unfrozen_blocks": e.unfrozen_blocks, "trainable": counts,
+            "rank": a.rank, "alpha": e.alpha or a.rank, "unfrozen_blocks": e.unfrozen_blocks, "trainable": a.counts,
             "exported": "teacher (EMA), adapters merged", "merge_max_abs_diff": gap,
-            "merge_tolerance": MERGE_TOLERANCE, "crops": {"global": [2, side], "local": [d.local_crops, local]},
+            "merge_tolerance": MERGE_TOLERANCE, "crops": {"global": [2, a.side], "local": [d.local_crops, a.local]},
             "images": {"train": len(parts["train"]), "extra": int(extra["images"]) if extra else 0},
         })  # fmt: skip
         outputs.write_text("history.csv", history)
-        outputs.write_text("config.yaml", to_yaml(config))
-        return outputs.commit(
-            config=to_dict(config),
-            inputs={
-                "dataset": dataset_input(ds, src["dataset"]),
-                "splits": input_record(splits, src["splits"]),
-                **({"extra_images": extra} if extra else {}),
-            },
-            metrics={
-                "trainable_parameters": counts["total"], "lora_parameters": counts["lora"],
-                "first_epoch_loss": losses[0] if losses else float("nan"),
-                "last_epoch_loss": losses[-1] if losses else float("nan"),
-                "epochs_run": trainer.current_epoch, "merge_max_abs_diff": gap,
-            },
-            run_id=run_id,
-            task=task,
-            extra={"precision": str(trainer.precision), "world_size": trainer.world_size, "resumed": resume is not None},
-        )  # fmt: skip
+        metrics = {
+            "trainable_parameters": a.counts["total"], "lora_parameters": a.counts["lora"],
+            "first_epoch_loss": losses[0] if losses else float("nan"),
+            "last_epoch_loss": losses[-1] if losses else float("nan"),
+            "epochs_run": trainer.current_epoch, "merge_max_abs_diff": gap,
+        }  # fmt: skip
+        return commit(outputs, config, inputs.records(dataset=ds) | ({"extra_images": extra} if extra else {}),
+                      metrics, run_id=run_id, task=task,
+                      extra={"precision": str(trainer.precision), "world_size": trainer.world_size,
+                             "resumed": resume is not None})  # fmt: skip
+
+
+class Adapter(NamedTuple):
+    """The backbone with ExPLoRA's adapters, in DINO's module, and what its outputs describe."""
+
+    module: Any
+    arch: dict
+    prep: dict
+    side: int
+    local: int
+    rank: int
+    counts: dict
+
+
+def _adapter(config: Config, weights: Path | None) -> Adapter:
+    from streetvision.models.dino import ExploraModule
+    from streetvision.models.lora import apply_explora, check_vit, preset_rank
+    from streetvision.models.network import architecture, create_backbone, preprocessing
+
+    e = config.explora
+    check_vit(config.model.backbone)
+    arch = architecture(config.model.backbone, config.data.image_size)
+    backbone = create_backbone(config.model.backbone, pretrained=config.model.pretrained, weights_file=weights,
+                               arch={**arch, "dynamic_img_size": True})  # fmt: skip
+    side, local, _ = _sizes(config, backbone)
+    prep = preprocessing(backbone, side)
+    rank = e.rank or preset_rank(backbone.num_features)
+    counts = apply_explora(backbone, rank=rank, alpha=e.alpha or rank, unfrozen=e.unfrozen_blocks)
+    print(f"adapt_explora: {counts['total']:,} trainable backbone parameters ({counts['unfrozen_blocks']:,} in "
+          f"{e.unfrozen_blocks} unfrozen block(s), {counts['lora']:,} LoRA r={rank} on Q,V, {counts['norms']:,} "
+          "LayerNorm)", flush=True)  # fmt: skip
+    if e.gradient_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    module = ExploraModule(
+        backbone, prototypes=e.prototypes, head_hidden=e.head_hidden, bottleneck=e.bottleneck, lr=e.lr,
+        weight_decay=e.weight_decay, warmup_epochs=e.warmup_epochs, teacher_momentum=e.teacher_momentum,
+        student_temp=e.student_temp, teacher_temp=e.teacher_temp, center_momentum=e.center_momentum,
+        koleo_weight=e.koleo, global_crops=2,
+    )  # fmt: skip
+    return Adapter(module, arch, prep, side, local, rank, counts)
 
 
 def load_eval(path: Path, prep: dict):

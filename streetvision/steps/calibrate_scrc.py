@@ -1,7 +1,7 @@
-"""Phase 5, ``calibrate_scrc``: temperature scaling and selective conformal risk control on val_calib.
+"""calibrate_scrc, ``calibrate_scrc``: temperature scaling and selective conformal risk control on val_calib.
 
-Reads only phase 1's val_calib logits and labels (clean, or one seeded challenge view per image, so the
-calibration units stay exchangeable) and, with ``scrc.confidence=gate``, phase 3's gate scores of the
+Reads only train_baseline's val_calib logits and labels (clean, or one seeded challenge view per image, so the
+calibration units stay exchangeable) and, with ``scrc.confidence=gate``, train_gate's gate scores of the
 same rows. val_calib's images are split in two by the seed: the first part fits the temperature and the
 max-MCC decision threshold on the calibrated probability, the second, untouched by those fits, chooses
 the answering threshold lambda on the confidence with the guarantee of ``eval.conformal``: expected risk
@@ -23,18 +23,18 @@ import numpy as np
 
 from streetvision.bundle import GATE_FILES as BUNDLED_GATE
 from streetvision.bundle import served_probability
-from streetvision.config import require, to_dict, to_yaml
+from streetvision.config import require
 from streetvision.eval import conformal, sweep, views
 from streetvision.eval.metrics import calibration_errors, compute_all_metrics
-from streetvision.io.manifests import Manifest, input_record
+from streetvision.io.manifests import Manifest
 from streetvision.io.outputs import StepOutputs
-from streetvision.steps import start
+from streetvision.steps import commit, start
 
 STEP = "calibrate_scrc"
 POLICY_FILE = "scrc.json"
 SPLIT = "val_calib"
 CONFIDENCES = ("margin", "gate")
-# What a gate policy carries from phase 3 (name here <- name in the train_gate output): what the bundle
+# What a gate policy carries from train_gate (name here <- name in the train_gate output): what the bundle
 # ships, and the val_test scores its held-out report reads.
 GATE_FILES = {
     BUNDLED_GATE["weights"]: "gate.safetensors",
@@ -50,7 +50,7 @@ class ScrcConfig:
     risk: str = "error"  # error (wrong answers) or fnr (missed roadwork among roadwork answered)
     views: str = "challenge"  # what val_calib is: clean images, or one challenge view per image
     fit_fraction: float = 0.5  # share of val_calib's images that fits the temperature and threshold
-    confidence: str = "margin"  # margin (|2·served − 1|) or gate (phase 3's scores; needs --gate)
+    confidence: str = "margin"  # margin (|2·served − 1|) or gate (train_gate's scores; needs --gate)
     seed: int = 0
 
 
@@ -76,7 +76,7 @@ def ui_outputs(out: Path) -> dict[str, Any]:
 def run(
     config: Config,
     *,
-    phase1: Path,
+    baseline: Path,
     out: Path,
     gate: Path | None = None,
     sources: dict[str, str] | None = None,
@@ -84,10 +84,9 @@ def run(
     task: str = "",
 ) -> Manifest:
     c = config.scrc
-    src = {"phase1": str(phase1), "gate": str(gate), **(sources or {})}
-    start(STEP, config, {"phase1": phase1, "gate": gate}, src)
-    calib = views.load(phase1, SPLIT, c.views)  # every image once below: a seeded view of it
-    # phase 3's scores of val_calib's rows in the same view (scrc.confidence=gate)
+    inputs = start(STEP, config, {"baseline": baseline, "gate": gate}, sources)
+    calib = views.load(baseline, SPLIT, c.views)  # every image once below: a seeded view of it
+    # train_gate's scores of val_calib's rows in the same view (scrc.confidence=gate)
     gate_scores = views.load_gate(gate, SPLIT, c.views, len(calib.logits)) if gate is not None else None
     logits, labels = calib.logits, calib.labels
     fit, cal = split_calib(calib.rows, labels, c.fit_fraction, c.seed)
@@ -108,35 +107,11 @@ def run(
 
     select = selection(confidence)
     answered = cal[confidence[cal] >= select.lam]
-    on_answered = compute_all_metrics(labels[answered], decisions[answered]) if len(answered) else {}
-    policy: dict[str, Any] = {
-        "policy_type": "scrc",
-        "temperature": temperature,
-        "threshold": threshold,
-        "score": "P(roadwork) = sigmoid(logit / temperature)",
-        "decision": "roadwork when score >= threshold",
-        "confidence": c.confidence,
-        "confidence_rule": (
-            "|2 * served - 1|, served: the score remapped so that the threshold is at 0.5"
-            if gate_scores is None
-            else "the gate's P(decision right) (gate.json, gate.safetensors)"
-        ),
-        "lambda": select.lam,
-        "answer": "answer when confidence >= lambda, else defer",
-        "alpha": c.alpha,
-        "delta": c.delta or None,
-        "risk": c.risk,
-        "guarantee": (
-            f"E[{c.risk} loss] <= alpha (Conformal Risk Control)"
-            if not c.delta
-            else f"P({c.risk} risk among answered > alpha) <= delta (Learn then Test)"
-        ),
-        "views": c.views,
+    policy = _policy(c, temperature, threshold, select, gated=gate_scores is not None) | {
         "n_fit": int(len(fit)),
-        "n": select.n,
-        "coverage": select.coverage,
-        "risk_on_calibration": select.risk,
-        "answered_metrics": on_answered,
+        "answered_metrics": compute_all_metrics(labels[answered], decisions[answered])
+        if len(answered)
+        else {},
         # What the margin would have answered at the same alpha on the same part (the gate's worth).
         "margin_coverage": _coverage(selection, margin) if gate_scores is not None else select.coverage,
         "calibration": {
@@ -152,28 +127,49 @@ def run(
         outputs.write_json(POLICY_FILE, policy)
         outputs.write_bytes("risk_coverage.png", _plot(rc, select))
         outputs.write_text("report.md", _report(policy))
-        outputs.write_text("config.yaml", to_yaml(config))
-        return outputs.commit(
-            config=to_dict(config),
-            inputs={
-                "phase1": input_record(phase1, src["phase1"]),
-                **({"gate": input_record(gate, src["gate"])} if gate is not None else {}),
-            },
-            metrics={
-                "temperature": temperature,
-                "threshold": threshold,
-                "lambda": select.lam,
-                "coverage": select.coverage,
-                "margin_coverage": policy["margin_coverage"],
-                "risk": select.risk,
-                "alpha": c.alpha,
-                "ece_before": policy["calibration"]["before"]["ece"],
-                "ece_after": policy["calibration"]["after"]["ece"],
-                "n": select.n,
-            },
-            run_id=run_id,
-            task=task,
-        )
+        return commit(outputs, config, inputs.records(), _metrics(policy), run_id=run_id, task=task)
+
+
+def _policy(c: ScrcConfig, temperature: float, threshold: float, select, *, gated: bool) -> dict[str, Any]:
+    """What the bundle serves: the calibrated score, its threshold, and when to answer."""
+    return {
+        "policy_type": "scrc",
+        "temperature": temperature,
+        "threshold": threshold,
+        "score": "P(roadwork) = sigmoid(logit / temperature)",
+        "decision": "roadwork when score >= threshold",
+        "confidence": c.confidence,
+        "confidence_rule": (
+            "the gate's P(decision right) (gate.json, gate.safetensors)"
+            if gated
+            else "|2 * served - 1|, served: the score remapped so that the threshold is at 0.5"
+        ),
+        "lambda": select.lam,
+        "answer": "answer when confidence >= lambda, else defer",
+        "alpha": c.alpha,
+        "delta": c.delta or None,
+        "risk": c.risk,
+        "guarantee": (
+            f"P({c.risk} risk among answered > alpha) <= delta (Learn then Test)"
+            if c.delta
+            else f"E[{c.risk} loss] <= alpha (Conformal Risk Control)"
+        ),
+        "views": c.views,
+        "n": select.n,
+        "coverage": select.coverage,
+        "risk_on_calibration": select.risk,
+    }
+
+
+def _metrics(policy: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **{k: policy[k] for k in ("temperature", "threshold", "lambda", "coverage", "margin_coverage")},
+        "risk": policy["risk_on_calibration"],
+        "alpha": policy["alpha"],
+        "ece_before": policy["calibration"]["before"]["ece"],
+        "ece_after": policy["calibration"]["after"]["ece"],
+        "n": policy["n"],
+    }
 
 
 def split_calib(rows: np.ndarray, labels: np.ndarray, fit_fraction: float, seed: int):

@@ -1,4 +1,4 @@
-"""Phase 6, ``export_bundle``: model + exactly one policy + splits as a portable, verified bundle.
+"""export_bundle, ``export_bundle``: model + exactly one policy + splits as a portable, verified bundle.
 
 The bundle directory holds the files, ``bundle.json`` (relative paths, checksums, lineage, held-out
 metrics) and, as every step, ``manifest.json`` last. ``val_test`` is read here, to evaluate, and nowhere
@@ -24,15 +24,15 @@ from streetvision.bundle import (
     check_policy_params,
     policy_outputs,
 )
-from streetvision.config import read_json, require, to_dict, to_yaml
+from streetvision.config import read_json, require
 from streetvision.eval import views
 from streetvision.eval.metrics import compute_all_metrics, subnet_reward
 from streetvision.eval.report import level_table
 from streetvision.eval.views import VIEWS
-from streetvision.io.manifests import Manifest, code_version, input_record
+from streetvision.io.manifests import Manifest, code_version
 from streetvision.io.outputs import StepOutputs
 from streetvision.phases import choices
-from streetvision.steps import start
+from streetvision.steps import commit, start
 from streetvision.steps.make_splits import SPLITS_FILE
 
 STEP = "export_bundle"
@@ -55,7 +55,7 @@ POLICY_STEPS = choices("export_bundle", "policy")  # export.policy -> the phase 
 @dataclass
 class ExportConfig:
     min_test_mcc: Optional[float] = None  # noqa: UP045 - release gate on held-out MCC (OmegaConf reads Optional)
-    policy: str = "threshold"  # the one policy to ship: threshold (phase 2) or scrc (phase 5)
+    policy: str = "threshold"  # the one policy to ship: threshold (sweep_thresholds) or scrc (calibrate_scrc)
 
 
 @dataclass
@@ -86,18 +86,18 @@ def find_policy(policy_dir: Path, kind: str) -> tuple[str, dict[str, Any], dict[
     return name, content, params
 
 
-def held_out(phase1: Path, kind: str, params: dict[str, Any], policy_dir: Path) -> dict[str, Any]:
-    """val_test, per view phase 1 has (clean; challenge, also per level): the policy's metrics, and the
+def held_out(baseline: Path, kind: str, params: dict[str, Any], policy_dir: Path) -> dict[str, Any]:
+    """val_test, per view train_baseline has (clean; challenge, also per level): the policy's metrics, and the
     subnet reward simulated for the served probability and, for comparison, the raw one cut at 0.5."""
     report: dict[str, Any] = {}
     gated = params.get("confidence") == "gate"
     for view in VIEWS:
         try:
-            s = views.load(phase1, "val_test", view)
+            s = views.load(baseline, "val_test", view)
         except views.ViewError:
             if view == "clean":
                 raise
-            continue  # phase 1 made no challenge views
+            continue  # train_baseline made no challenge views
         gate = views.load_gate(policy_dir, "val_test", view, len(s.scores)) if gated else None
         out = policy_outputs(kind, params, s.scores, gate)
         decided, served, answered = out["decision"], out["served"], out["answered"]
@@ -197,7 +197,7 @@ def ui_outputs(out: Path) -> dict[str, Any]:
 def run(
     config: Config,
     *,
-    phase1: Path,
+    baseline: Path,
     policy: Path,
     splits: Path,
     out: Path,
@@ -205,20 +205,18 @@ def run(
     run_id: str | None = None,
     task: str = "",
 ) -> Manifest:
-    src = {"phase1": str(phase1), "policy": str(policy), "splits": str(splits), **(sources or {})}
-    manifests = start(STEP, config, {"phase1": phase1, "policy": policy, "splits": splits}, src)
-    p1_manifest = manifests["phase1"]
+    inputs = start(STEP, config, {"baseline": baseline, "policy": policy, "splits": splits}, sources)
     kind = config.export.policy
     policy_file, policy_content, params = find_policy(policy, kind)
     gated = params.get("confidence") == "gate"
-    model_info = read_json(phase1 / "model.json", BundleError)
+    model_info = read_json(baseline / "model.json", BundleError)
     if missing := [k for k in MODEL_FIELDS if k not in model_info]:
-        raise BundleError(f"{phase1 / 'model.json'}: missing field(s) {', '.join(missing)}")
+        raise BundleError(f"{baseline / 'model.json'}: missing field(s) {', '.join(missing)}")
 
-    report = held_out(phase1, kind, params, policy)
+    report = held_out(baseline, kind, params, policy)
     calibrated_on = policy_content.get("views", "clean")
     if calibrated_on not in report:
-        raise BundleError(f"{phase1}: no {calibrated_on} views of val_test, which the policy was fitted on")
+        raise BundleError(f"{baseline}: no {calibrated_on} views of val_test, which the policy was fitted on")
     test = report[calibrated_on]["metrics"]
     gate = config.export.min_test_mcc
     if gate is not None and test["mcc"] < gate:
@@ -229,35 +227,26 @@ def run(
 
     with StepOutputs(out, STEP) as outputs:
         for name, source in (
-            ("model.safetensors", phase1 / "model.safetensors"),
-            ("model.json", phase1 / "model.json"),
+            ("model.safetensors", baseline / "model.safetensors"),
+            ("model.json", baseline / "model.json"),
             (policy_file, policy / policy_file),
             (SPLITS_FILE, splits / SPLITS_FILE),
             *((name, policy / name) for name in (GATE_FILES.values() if gated else ())),
         ):
             outputs.copy(name, source)
-        files = {n: {"sha256": w.sha256, "size": w.size} for n, w in outputs.files.items()}
-        lineage = {
-            "phase1": input_record(phase1, src["phase1"]),
-            "policy": input_record(policy, src["policy"]),
-            "splits": input_record(splits, src["splits"]),
-            "dataset": p1_manifest.inputs.get("dataset", {}),
-        }
+        lineage = inputs.records() | {"dataset": inputs.manifests["baseline"].inputs.get("dataset", {})}
         bundle = {
             "schema_version": BUNDLE_SCHEMA,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "code_version": code_version(),
-            "backbone": model_info["backbone"],
-            "num_classes": model_info["num_classes"],
-            "class_names": model_info["class_names"],
-            "preprocessing": model_info["preprocessing"],
-            "decode_min_side": model_info["decode_min_side"],
+            **{
+                k: model_info[k]
+                for k in ("backbone", "num_classes", "class_names", "preprocessing", "decode_min_side")
+            },
             "model": {
                 "weights": "model.safetensors",
                 "config": "model.json",
-                "logit_columns": model_info["logit_columns"],
-                "architecture": model_info["architecture"],
-                "dropout": model_info["dropout"],
+                **{k: model_info[k] for k in ("logit_columns", "architecture", "dropout")},
             },
             "policy": {
                 "type": kind,
@@ -266,7 +255,7 @@ def run(
                 **({"gate": dict(GATE_FILES)} if gated else {}),
             },
             "splits": SPLITS_FILE,
-            "files": files,
+            "files": {n: {"sha256": w.sha256, "size": w.size} for n, w in outputs.files.items()},
             "test_metrics": {
                 **test,
                 "split": "val_test",
@@ -278,23 +267,21 @@ def run(
         }
         outputs.write_json(BUNDLE_FILE, bundle)
         outputs.write_text(REPORT_FILE, held_out_markdown(bundle))
-        outputs.write_text("config.yaml", to_yaml(config))
         check_bundle(outputs.root)  # what a loader will check, checked before the manifest commits it
-        return outputs.commit(
-            config=to_dict(config),
-            inputs=lineage,
-            metrics={
-                **{f"test_{k}": v for k, v in test.items()},
-                **{f"{view}_subnet_reward": r["reward"]["served"]["reward"] for view, r in report.items()},
-                **{f"{view}_raw_subnet_reward": r["reward"]["raw"]["reward"] for view, r in report.items()},
-                **{f"{view}_mcc": r["metrics"]["mcc"] for view, r in report.items()},
-                **{
-                    f"test_{k}": v
-                    for k, v in report[calibrated_on].get("selective", {}).items()
-                    if k in ("coverage", "selective_risk", "fnr_answered", "realised_risk")
-                },
-            },
-            run_id=run_id,
-            task=task,
-            extra={"policy_type": kind},
-        )
+        return commit(outputs, config, lineage, _metrics(report, calibrated_on), run_id=run_id, task=task,
+                      extra={"policy_type": kind})  # fmt: skip
+
+
+def _metrics(report: dict[str, Any], calibrated_on: str) -> dict[str, Any]:
+    """The manifest's metrics: val_test's in the view the policy was fitted on, and each view's reward."""
+    return {
+        **{f"test_{k}": v for k, v in report[calibrated_on]["metrics"].items()},
+        **{f"{view}_subnet_reward": r["reward"]["served"]["reward"] for view, r in report.items()},
+        **{f"{view}_raw_subnet_reward": r["reward"]["raw"]["reward"] for view, r in report.items()},
+        **{f"{view}_mcc": r["metrics"]["mcc"] for view, r in report.items()},
+        **{
+            f"test_{k}": v
+            for k, v in report[calibrated_on].get("selective", {}).items()
+            if k in ("coverage", "selective_risk", "fnr_answered", "realised_risk")
+        },
+    }

@@ -1,15 +1,16 @@
-"""Phase 0, ``make_splits``: stratified, seeded train / val_select / val_calib / val_test split of a dataset."""
+"""make_splits, ``make_splits``: stratified, seeded train / val_select / val_calib / val_test split of a dataset."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streetvision.config import read_json, require, to_dict, to_yaml
+from streetvision.config import read_json, require
 from streetvision.data.dataset import DataError, dataset_input, load_index
 from streetvision.data.splits import SPLITS, SplitError, stratified_split
 from streetvision.io.manifests import Manifest, verify_dir
 from streetvision.io.outputs import StepOutputs
+from streetvision.steps import commit
 
 STEP = "make_splits"
 SPLITS_FILE = "splits.json"
@@ -64,20 +65,25 @@ def run(
                 "dataset_content_sha256": ds.content_sha256,
             },
         )
-        outputs.write_text("config.yaml", to_yaml(config))
-        return outputs.commit(
-            config=to_dict(config),
-            inputs={"dataset": dataset_input(ds, (sources or {}).get("dataset"))},
-            metrics={f"{name}_images": c["total"] for name, c in counts.items()},
-            run_id=run_id,
-            task=task,
-        )
+        inputs = {"dataset": dataset_input(ds, (sources or {}).get("dataset"))}
+        metrics = {f"{name}_images": c["total"] for name, c in counts.items()}
+        return commit(outputs, config, inputs, metrics, run_id=run_id, task=task)
+
+
+# What splits.json holds: the four id lists and how they were made.
+SPLITS_KEYS = frozenset(
+    {*SPLITS, "seed", "ratios", "counts", "dataset_index_sha256", "dataset_content_sha256"}
+)
 
 
 def load_splits(step_dir: Path) -> dict[str, list[str]]:
     """The four id lists of a verified make_splits directory, checked: lists of unique ids, disjoint."""
     path = Path(step_dir) / SPLITS_FILE
     data = read_json(path, SplitError)
+    if not isinstance(data, dict):
+        raise SplitError(f"{path}: not a JSON object")
+    if unknown := sorted(set(data) - SPLITS_KEYS):
+        raise SplitError(f"{path}: unknown field(s) {', '.join(unknown[:5])}")
     parts: dict[str, list[str]] = {}
     for name in SPLITS:
         ids = data.get(name)

@@ -1,6 +1,6 @@
-"""Phase 2, ``sweep_thresholds``: the max-MCC threshold policy from val_calib, with its sweep and report.
+"""sweep_thresholds, ``sweep_thresholds``: the max-MCC threshold policy from val_calib, with its sweep and report.
 
-Reads only the val_calib logits and labels of a verified phase-1 directory; never imports torch.
+Reads only the val_calib logits and labels of a verified train_baseline directory; never imports torch.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any, Optional
 import numpy as np
 
 from streetvision.bundle import served_probability
-from streetvision.config import probability, require, to_dict, to_yaml
+from streetvision.config import probability, require
 from streetvision.eval import report, sweep, views
 from streetvision.eval.metrics import RATE_NAMES, compute_all_metrics
 from streetvision.eval.views import VIEWS
-from streetvision.io.manifests import Manifest, input_record
+from streetvision.io.manifests import Manifest
 from streetvision.io.outputs import StepOutputs
-from streetvision.steps import start
+from streetvision.steps import commit, start
 
 STEP = "sweep_thresholds"
 POLICY_FILE = "thresholds.json"
@@ -32,7 +32,7 @@ class SweepConfig:
     """How the threshold policy is chosen: the objective, what it is fitted on, the constraints."""
 
     optimize: str = "mcc"
-    # What the threshold is fitted on: val_calib's images as they are (clean), or phase 1's
+    # What the threshold is fitted on: val_calib's images as they are (clean), or train_baseline's
     # validator-style challenge views of them (challenge: what a subnet miner is asked about).
     views: str = "challenge"
     max_fnr: Optional[float] = None  # noqa: UP045 - OmegaConf reads Optional, not X | None
@@ -73,7 +73,7 @@ def ui_outputs(out: Path) -> dict[str, Any]:
 def run(
     config: Config,
     *,
-    phase1: Path,
+    baseline: Path,
     out: Path,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
@@ -81,8 +81,8 @@ def run(
 ) -> Manifest:
     if config.sweep.optimize != "mcc":
         raise sweep.SweepError(f"sweep.optimize={config.sweep.optimize!r}: only 'mcc' is supported")
-    start(STEP, config, {"phase1": phase1}, sources)  # before anything is read
-    calib = views.load(phase1, SPLIT, config.sweep.views)
+    inputs = start(STEP, config, {"baseline": baseline}, sources)  # before anything is read
+    calib = views.load(baseline, SPLIT, config.sweep.views)
     scores, labels = calib.scores, calib.labels
     curve = sweep.exact_sweep(scores, labels)
     constraint = sweep.Constraint(config.sweep.max_fnr, config.sweep.max_fpr, config.sweep.min_precision)
@@ -113,54 +113,45 @@ def run(
             f"level_{v}": compute_all_metrics(labels[m], predicted[m]) for v, m in calib.by_level().items()
         },
     }
-    m = curve.metrics()
-    roc = sweep.thin(len(curve.thresholds), config.roc_points)
     with StepOutputs(out, STEP) as outputs:
         outputs.write_json(POLICY_FILE, policy)
-        outputs.write_text(
-            "sweep.csv",
-            _csv(
-                ["threshold", "tp", "fp", "tn", "fn", *RATE_NAMES],
-                [curve.thresholds, curve.tp, curve.fp, curve.tn, curve.fn, *(m[c] for c in RATE_NAMES)],
-                "%.10g",
-            ),
-        )
-        outputs.write_text(
-            "risk_coverage.csv",
-            _csv(["confidence", "coverage", "risk"], [rc.confidence, rc.coverage, rc.risk], "%.10g"),
-        )
-        outputs.write_json("selective_table.json", table)
-        outputs.write_json(
-            "roc.json",
-            {
-                "fpr": m["fpr"][roc].tolist(),
-                "tpr": m["recall"][roc].tolist(),
-                "threshold": curve.thresholds[roc].tolist(),
-            },
-        )
-        pngs = report.plots(curve.thresholds, m["mcc"], threshold, at["mcc"], rc.coverage, rc.risk)
-        for name, data in pngs.items():
-            outputs.write_bytes(name, data)
-        outputs.write_text(
-            "report.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, {n: n for n in pngs})
-        )
-        # The same report with the plots inlined, for viewers that show one file alone (the Kubeflow UI).
-        inline = {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()}
-        outputs.write_text("report_inline.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, inline))
-        outputs.write_text("config.yaml", to_yaml(config))
-        return outputs.commit(
-            config=to_dict(config),
-            inputs={"phase1": input_record(phase1, (sources or {}).get("phase1"))},
-            metrics={
-                "threshold": threshold,
-                "mcc": at["mcc"],
-                "accuracy": at["accuracy"],
-                "fnr": at["fnr"],
-                "fpr": at["fpr"],
-                "aurc": rc.aurc,
-                "e_aurc": rc.e_aurc,
-                "n": int(len(labels)),
-            },
-            run_id=run_id,
-            task=task,
-        )
+        _write_curves(outputs, config, curve, rc, table, policy)
+        metrics = {k: at[k] for k in ("mcc", "accuracy", "fnr", "fpr")}
+        return commit(outputs, config, inputs.records(),
+                      {"threshold": threshold, **metrics, "aurc": rc.aurc, "e_aurc": rc.e_aurc, "n": int(len(labels))},
+                      run_id=run_id, task=task)  # fmt: skip
+
+
+def _write_curves(outputs: StepOutputs, config: Config, curve, rc, table, policy: dict[str, Any]) -> None:
+    """The sweep, risk-coverage and ROC curves, their plots and the report (also with the plots inlined)."""
+    m = curve.metrics()
+    roc = sweep.thin(len(curve.thresholds), config.roc_points)
+    outputs.write_text(
+        "sweep.csv",
+        _csv(
+            ["threshold", "tp", "fp", "tn", "fn", *RATE_NAMES],
+            [curve.thresholds, curve.tp, curve.fp, curve.tn, curve.fn, *(m[c] for c in RATE_NAMES)],
+            "%.10g",
+        ),
+    )
+    outputs.write_text(
+        "risk_coverage.csv",
+        _csv(["confidence", "coverage", "risk"], [rc.confidence, rc.coverage, rc.risk], "%.10g"),
+    )
+    outputs.write_json("selective_table.json", table)
+    outputs.write_json(
+        "roc.json",
+        {
+            "fpr": m["fpr"][roc].tolist(),
+            "tpr": m["recall"][roc].tolist(),
+            "threshold": curve.thresholds[roc].tolist(),
+        },
+    )
+    threshold, mcc = policy["threshold"], policy["metrics"]["mcc"]
+    pngs = report.plots(curve.thresholds, m["mcc"], threshold, mcc, rc.coverage, rc.risk)
+    for name, data in pngs.items():
+        outputs.write_bytes(name, data)
+    outputs.write_text("report.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, {n: n for n in pngs}))
+    # The same report with the plots inlined, for viewers that show one file alone (the Kubeflow UI).
+    inline = {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()}
+    outputs.write_text("report_inline.md", report.markdown(policy, rc.aurc, rc.e_aurc, table, inline))

@@ -1,4 +1,4 @@
-"""Phase 1, ``train_baseline``: a timm backbone + head trained with Lightning, selected on val_select MCC.
+"""train_baseline, ``train_baseline``: a timm backbone + head trained with Lightning, selected on val_select MCC.
 
 Only ``train`` and ``val_select`` reach the optimizer and the stopping rule. After training the best
 weights are reloaded and logits for val_select, val_calib and val_test are computed once, on the trainer's
@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from streetvision.config import require, to_dict, to_yaml
-from streetvision.data.dataset import CLASS_NAMES, dataset_input
+from streetvision.config import require, to_dict
+from streetvision.data.dataset import CLASS_NAMES
 from streetvision.errors import StreetVisionError
 from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
 from streetvision.io import store
-from streetvision.io.manifests import Manifest, input_record, sha256_json
+from streetvision.io.manifests import Manifest, sha256_json
 from streetvision.io.outputs import StepOutputs
-from streetvision.steps import start
+from streetvision.steps import commit, start
 from streetvision.steps.make_splits import split_dataset
 
 STEP = "train_baseline"
@@ -48,9 +48,9 @@ PRECISIONS = (
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed", "single")
 DEVICES = re.compile(r"auto|-1|[1-9][0-9]*|\[\s*[0-9]+(\s*,\s*[0-9]+)*\s*,?\s*\]")
 EVAL_SPLITS = ("val_select", "val_calib", "val_test")
-CHALLENGE_SPLITS = ("val_calib", "val_test")  # what phase 2 calibrates on and phase 6 reports
+CHALLENGE_SPLITS = ("val_calib", "val_test")  # what sweep_thresholds calibrates on and export_bundle reports
 AUGMENTS = ("none", "timm", "challenge")
-EXPLORA_WEIGHTS = "backbone.safetensors"  # the adapted backbone phase 4 commits
+EXPLORA_WEIGHTS = "backbone.safetensors"  # the adapted backbone adapt_explora commits
 MAX_BATCH, MAX_WORKERS = 2**20, 256  # beyond these a value is a typo, found before any work
 
 
@@ -111,7 +111,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     # Validator-style challenge views per image of val_calib and val_test (levels spread evenly), whose
-    # logits phase 2 can calibrate on and phase 6 reports; 0: none.
+    # logits sweep_thresholds can calibrate on and export_bundle reports; 0: none.
     challenge_views: int = 4
 
 
@@ -146,7 +146,7 @@ class Config:
 
 def _network(config: Config, explora: Path | None):
     """(network, timm architecture arguments, preprocessing) for the configured backbone: its weights
-    from phase 4's adapted backbone, a weights file, or the hub."""
+    from adapt_explora's adapted backbone, a weights file, or the hub."""
     from streetvision.models.network import RoadworkNet, architecture, create_backbone, preprocessing
 
     arch = architecture(config.model.backbone, config.data.image_size)
@@ -160,7 +160,7 @@ def _network(config: Config, explora: Path | None):
 
 
 def check_explora(explora: Path, config: Config, where: str) -> None:
-    """A verified phase-4 output this training can start from: of the configured backbone."""
+    """A verified adapt_explora output this training can start from: of the configured backbone."""
     from streetvision.config import read_json
 
     adapted = read_json(explora / "model.json", StreetVisionError).get("backbone")
@@ -182,8 +182,8 @@ def run(
     run_id: str | None = None,
     task: str = "",
 ) -> Manifest | None:
-    """Train and commit; returns None on non-zero DDP ranks, which write nothing. ``explora``: phase 4's
-    output, whose adapted backbone replaces the hub; ``model.weights`` naming a phase-4 folder or
+    """Train and commit; returns None on non-zero DDP ranks, which write nothing. ``explora``: adapt_explora's
+    output, whose adapted backbone replaces the hub; ``model.weights`` naming an adapt_explora folder or
     ``s3://`` prefix is the same input."""
     weights = config.model.weights
     is_step = weights and (
@@ -276,12 +276,10 @@ def _train(
     from streetvision.models.network import decode_side
     from streetvision.models.trainer import build_trainer
 
-    src = sources or {}
-    manifests = start(STEP, config, {"dataset": dataset, "splits": splits, "explora": explora}, src)
-    ds, splits_manifest, parts = split_dataset(dataset, splits, src)
+    inputs = start(STEP, config, {"dataset": dataset, "splits": splits, "explora": explora}, sources)
+    ds, splits_manifest, parts = split_dataset(dataset, splits, inputs.src)
     if explora is not None:
-        check_explora(explora, config, src.get("explora", str(explora)))
-    label_of = ds.label_of()
+        check_explora(explora, config, inputs.src["explora"])
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # Lightning 2.6 calls a torch API that torch 2.14 deprecates, once per fit: noise in every job's log.
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
@@ -289,30 +287,15 @@ def _train(
 
     net, arch, prep = _network(config, explora)
     cached = config.model.freeze_backbone and config.data.augment == "none" and config.trainer.cache_features
-    data = RoadworkData(
-        ds.root,
-        parts,
-        label_of,
-        prep,
-        decode_side(prep),
-        batch_size=config.data.batch_size,
-        num_workers=config.data.num_workers,
-        augment=config.data.augment,
-        cache=cached,
-        seed=config.seed,
-    )
-    module = RoadworkModule(
-        net,
-        lr=config.model.lr,
-        weight_decay=config.model.weight_decay,
-        warmup_epochs=config.model.warmup_epochs,
-        freeze_backbone=config.model.freeze_backbone,
-        features_input=cached,
-    )
+    d, m = config.data, config.model
+    data = RoadworkData(ds.root, parts, ds.label_of(), prep, decode_side(prep), batch_size=d.batch_size,
+                        num_workers=d.num_workers, augment=d.augment, cache=cached, seed=config.seed)  # fmt: skip
+    module = RoadworkModule(net, lr=m.lr, weight_decay=m.weight_decay, warmup_epochs=m.warmup_epochs,
+                            freeze_backbone=m.freeze_backbone, features_input=cached)  # fmt: skip
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         best = BestWeights()
-        identity = _identity(config, ds, splits_manifest, manifests.get("explora"))
+        identity = _identity(config, ds, splits_manifest, inputs.manifests.get("explora"))
         trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity)
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
@@ -324,7 +307,6 @@ def _train(
         results, challenged = _score(net, data, trainer, config, cached)
         if not trainer.is_global_zero:
             return None
-        precision, side = str(trainer.precision), decode_side(prep)
         with StepOutputs(out, STEP) as outputs:
             metrics: dict[str, float | int] = {
                 "best_epoch": best.best_epoch,
@@ -336,35 +318,21 @@ def _train(
                     ("mcc", "accuracy") if split.endswith("_challenge") else ("mcc", "accuracy", "fnr", "fpr")
                 )
                 metrics |= {f"{split}_{k}": at[k] for k in keys}
-            state = {k: v.contiguous() for k, v in net.state_dict().items()}
-            outputs.write_safetensors(
-                "model.safetensors", state, metadata={"backbone": config.model.backbone}
-            )
+            outputs.write_safetensors("model.safetensors", {k: v.contiguous() for k, v in net.state_dict().items()},
+                                      metadata={"backbone": config.model.backbone})  # fmt: skip
             outputs.write_json("model.json", {
                 "backbone": config.model.backbone, "architecture": arch, "num_classes": 2, "logit_columns": 1,
                 "class_names": CLASS_NAMES, "dropout": config.model.dropout, "preprocessing": prep,
-                "decode_min_side": side, "weights": "model.safetensors",
+                "decode_min_side": decode_side(prep), "weights": "model.safetensors",
             })  # fmt: skip
-            history = joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
-            outputs.write_text("history.csv", history)  # the CSVLogger's rows, one per log call
+            outputs.write_text(
+                "history.csv", joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
+            )
             for event in sorted((log_dir / "tensorboard").glob("*")):
                 outputs.copy(f"tensorboard/{event.name}", event)
             outputs.write_json("metrics.json", per_split)
-            outputs.write_text("config.yaml", to_yaml(config))
-            return outputs.commit(
-                config=to_dict(config),
-                inputs={
-                    "dataset": dataset_input(ds, src.get("dataset")),
-                    "splits": input_record(splits, src.get("splits")),
-                    **({"explora": input_record(explora, src.get("explora"))} if explora is not None else {}),
-                },
-                metrics=metrics,
-                run_id=run_id,
-                task=task,
-                extra={
-                    "feature_cache": cached,
-                    "precision": precision,
-                    "world_size": trainer.world_size,
-                    "resumed": resume is not None,
-                },
+            extra = {"feature_cache": cached, "precision": str(trainer.precision), "world_size": trainer.world_size,
+                     "resumed": resume is not None}  # fmt: skip
+            return commit(
+                outputs, config, inputs.records(dataset=ds), metrics, run_id=run_id, task=task, extra=extra
             )

@@ -1,11 +1,11 @@
-"""Phase 3, ``train_gate``: a learned gate that scores whether phase 1's decision on an image is right.
+"""train_gate, ``train_gate``: a learned gate that scores whether train_baseline's decision on an image is right.
 
-The phase-1 network is loaded from its verified output and never changed. Its backbone computes each
-image's pooled features once (the feature-cache path of phase 1: ``models.data.infer`` on the device),
+The train_baseline network is loaded from its verified output and never changed. Its backbone computes each
+image's pooled features once (the feature-cache path of train_baseline: ``models.data.infer`` on the device),
 its head the logit; the gate (``models.gate``) learns P(decision correct) from them. The decision is
-phase 1's at the max-MCC threshold on val_select. Only ``train`` fits the gate and only ``val_select``
-stops and selects it; val_calib and val_test are only scored, with the ids and challenge views phase 1
-wrote, so phase 5 can calibrate on the gate's val_calib scores and the bundle report its val_test ones.
+train_baseline's at the max-MCC threshold on val_select. Only ``train`` fits the gate and only ``val_select``
+stops and selects it; val_calib and val_test are only scored, with the ids and challenge views train_baseline
+wrote, so calibrate_scrc can calibrate on the gate's val_calib scores and the bundle report its val_test ones.
 With ``gate.views=challenge`` (the default) the gate learns on validator-style challenge views of train
 and val_select, the inputs it will be asked about.
 """
@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from streetvision.bundle import served_probability
-from streetvision.config import read_json, require, to_dict, to_yaml
-from streetvision.data.dataset import DataError, dataset_input
+from streetvision.config import read_json, require, to_dict
+from streetvision.data.dataset import DataError
 from streetvision.eval import sweep
 from streetvision.eval.metrics import auroc
 from streetvision.eval.views import VIEWS, gate_file
-from streetvision.io.manifests import Manifest, input_record, sha256_json
+from streetvision.io.manifests import Manifest, sha256_json
 from streetvision.io.outputs import StepOutputs
-from streetvision.steps import start
+from streetvision.steps import commit, start
 from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import (
     CHALLENGE_SPLITS,
@@ -100,18 +100,20 @@ def ui_outputs(out: Path) -> dict[str, Any]:
     return {"report": "report.md"}
 
 
-def _phase1_config(manifest: Manifest, where: str) -> tuple[int, int]:
-    """(seed, challenge views per image) phase 1 ran with, from its manifest."""
+def _baseline_config(manifest: Manifest, where: str) -> tuple[int, int]:
+    """(seed, challenge views per image) train_baseline ran with, from its manifest."""
     try:
         return int(manifest.config["seed"]), int(manifest.config["eval"]["challenge_views"])
     except (KeyError, TypeError, ValueError):
-        raise DataError(f"--phase1 {where}: its manifest records no seed and eval.challenge_views") from None
+        raise DataError(
+            f"--baseline {where}: its manifest records no seed and eval.challenge_views"
+        ) from None
 
 
 def run(
     config: Config,
     *,
-    phase1: Path,
+    baseline: Path,
     dataset: Path,
     splits: Path,
     out: Path,
@@ -121,19 +123,19 @@ def run(
 ) -> Manifest:
     import lightning as L
 
-    from streetvision.models.data import loader
     from streetvision.models.datamodule import RoadworkData
-    from streetvision.models.gate import MONITOR, GateModule, GateNet, gate_scores
+    from streetvision.models.gate import MONITOR, gate_scores
     from streetvision.models.lightning import BestWeights
     from streetvision.models.network import load_network
     from streetvision.models.rescore import Rescorer
     from streetvision.models.trainer import build_trainer
 
-    src = {"phase1": str(phase1), "splits": str(splits), "dataset": str(dataset), **(sources or {})}
-    p1 = start(STEP, config, {"phase1": phase1, "dataset": dataset, "splits": splits}, src)["phase1"]
+    inputs = start(STEP, config, {"baseline": baseline, "dataset": dataset, "splits": splits}, sources)
+    src, p1 = inputs.src, inputs.manifests["baseline"]
     ds, _, parts = split_dataset(dataset, splits, src)
-    info, (p1_seed, p1_views) = read_json(phase1 / "model.json", DataError), _phase1_config(p1, src["phase1"])
-    _check_rows(phase1, parts, src["phase1"])
+    info = read_json(baseline / "model.json", DataError)
+    p1_seed, p1_views = _baseline_config(p1, src["baseline"])
+    _check_rows(baseline, parts, src["baseline"])
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
@@ -141,65 +143,30 @@ def run(
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-gate-logs-")))
         best = BestWeights(MONITOR, mode="min")
-        identity = sha256_json({"config": to_dict(config), "phase1": p1.self_sha256})
+        identity = sha256_json({"config": to_dict(config), "baseline": p1.self_sha256})
         trainer = build_trainer(config.trainer, [best], log_dir, identity, monitor=MONITOR, mode="min")
         device, precision = trainer.strategy.root_device, str(trainer.precision)
-        net = load_network(
-            info["backbone"],
-            dropout=info["dropout"],
-            arch=info["architecture"],
-            weights=phase1 / "model.safetensors",
-        ).to(device)
+        net = load_network(info["backbone"], dropout=info["dropout"], arch=info["architecture"],
+                           weights=baseline / "model.safetensors").to(device)  # fmt: skip
         data = RoadworkData(ds.root, parts, ds.label_of(), info["preprocessing"], int(info["decode_min_side"]),
                             batch_size=config.data.batch_size, num_workers=config.data.num_workers,
                             augment="none", cache=False, seed=p1_seed)  # fmt: skip
-
-        rescore = Rescorer(net, data, phase1, device=device, precision=precision,
-                           phase1_precision=p1.extra.get("precision", "32-true"), batch_size=config.data.batch_size,
-                           num_workers=config.data.num_workers, where=src["phase1"])  # fmt: skip
-        g = config.gate
-        fit = {
-            split: rescore.rows(
-                _views(data, split, g.train_views, config.seed)
-                if g.views == "challenge"
-                else data.images(split)
-            )
-            for split in FIT_SPLITS
-        }
-        scored = {split: rescore.split(split) for split in EVAL_SPLITS}  # checked against phase 1's logits
-        has_views = (phase1 / "logits_val_calib_challenge.npy").is_file()
-        challenged = {
-            split: rescore.views(split, p1_views) for split in (CHALLENGE_SPLITS if has_views else ())
-        }
-
-        # The decision the gate judges: phase 1's at the max-MCC threshold on val_select's rows.
-        sel = fit["val_select"]
-        threshold, _ = sweep.choose_threshold(sweep.exact_sweep(sweep.sigmoid(sel.logits), sel.labels))
-        gate = GateNet(sel.features.shape[1], g.hidden, g.dropout, threshold)
-        tensors = {split: _gate_rows(r, threshold) for split, r in fit.items()}
-        gate.standardise_on(*tensors["train"].tensors[:2])
-        module = GateModule(gate, lr=g.lr, weight_decay=g.weight_decay)
-        trainer.fit(
-            module,
-            train_dataloaders=loader(tensors["train"], g.batch_size, shuffle=True, seed=config.seed),
-            val_dataloaders=loader(tensors["val_select"], g.batch_size),
-        )
-        gate.load_state_dict(best.state)
-        gate.eval()
+        rescore = Rescorer(net, data, baseline, device=device, precision=precision,
+                           baseline_precision=p1.extra.get("precision", "32-true"), batch_size=config.data.batch_size,
+                           num_workers=config.data.num_workers, where=src["baseline"])  # fmt: skip
+        fit, scored = _rows(rescore, data, config, p1_views if (baseline / CHALLENGED).is_file() else 0)
+        gate, threshold = _fit_gate(trainer, best, fit, config)
+        sel, g = fit["val_select"], config.gate
         history = (log_dir / "metrics.csv").read_text()
 
-    scores = {split: gate_scores(gate, r.features, r.logits) for split, r in scored.items()}
-    scores |= {
-        f"{split}_challenge": gate_scores(gate, r.features, r.logits) for split, r in challenged.items()
-    }
     report = _selective_report(sel, gate_scores(gate, sel.features, sel.logits), threshold)
     metrics = {"best_epoch": best.best_epoch, "epochs_run": trainer.current_epoch, "threshold": threshold,
                **{f"val_select_{k}": v for k, v in report.items()}}  # fmt: skip
     with StepOutputs(out, STEP) as outputs:
-        for split in EVAL_SPLITS:
-            outputs.write_npy(gate_file(split, "clean"), scores[split])
-        for split in challenged:
-            outputs.write_npy(gate_file(split, "challenge"), scores[f"{split}_challenge"])
+        for name, r in scored.items():  # val_test, or val_test_challenge: the view is the name's suffix
+            split = name.removesuffix("_challenge")
+            view = "clean" if name == split else "challenge"
+            outputs.write_npy(gate_file(split, view), gate_scores(gate, r.features, r.logits))
         outputs.write_safetensors(
             "gate.safetensors", {k: v.contiguous() for k, v in gate.state_dict().items()}
         )
@@ -207,32 +174,61 @@ def run(
             "num_features": int(sel.features.shape[1]), "hidden": g.hidden, "dropout": g.dropout,
             "threshold": threshold, "weights": "gate.safetensors", "views": g.views,
             "inputs": "[backbone features, logit, |2 * served - 1| at threshold], standardised",
-            "output": "logit of P(phase 1's decision at threshold is right)",
-            "phase1_weights_sha256": p1.outputs["model.safetensors"]["sha256"],
+            "output": "logit of P(train_baseline's decision at threshold is right)",
+            "baseline_weights_sha256": p1.outputs["model.safetensors"]["sha256"],
         })  # fmt: skip
         outputs.write_text("history.csv", history)
         outputs.write_json("metrics.json", {"val_select": report, "threshold": threshold})
         outputs.write_text("report.md", _markdown(report, threshold, g.views, len(fit["train"].labels)))
-        outputs.write_text("config.yaml", to_yaml(config))
-        return outputs.commit(
-            config=to_dict(config),
-            inputs={
-                "phase1": input_record(phase1, src["phase1"]),
-                "dataset": dataset_input(ds, src["dataset"]),
-                "splits": input_record(splits, src["splits"]),
-            },
-            metrics=metrics,
-            run_id=run_id,
-            task=task,
-            extra={"precision": precision},
+        return commit(outputs, config, inputs.records(dataset=ds), metrics, run_id=run_id, task=task,
+                      extra={"precision": precision})  # fmt: skip
+
+
+CHALLENGED = "logits_val_calib_challenge.npy"  # train_baseline scored challenge views
+
+
+def _rows(rescore, data, config: Config, views_per_image: int):
+    """(the rows the gate fits on: train and val_select, clean or in challenge views; the rows it scores:
+    each evaluated split, and its challenge views when train_baseline scored ``views_per_image`` > 0),
+    each row's features and logit computed by train_baseline's network and checked against its scores."""
+    g = config.gate
+    fit = {
+        split: rescore.rows(
+            _views(data, split, g.train_views, config.seed) if g.views == "challenge" else data.images(split)
         )
+        for split in FIT_SPLITS
+    }
+    scored = {split: rescore.split(split) for split in EVAL_SPLITS}
+    if views_per_image:
+        scored |= {f"{split}_challenge": rescore.views(split, views_per_image) for split in CHALLENGE_SPLITS}
+    return fit, scored
 
 
-def _check_rows(phase1: Path, parts: dict[str, list[str]], where: str) -> None:
-    """Phase 1's scored ids are the splits' own, in their order (the gate's rows align with them)."""
+def _fit_gate(trainer, best, fit: dict, config: Config):
+    """(the gate, its threshold): trained on train's rows and selected on val_select's, judging train_baseline's decision at
+    the max-MCC threshold on val_select."""
+    from streetvision.models.data import loader
+    from streetvision.models.gate import GateModule, GateNet
+
+    g, sel = config.gate, fit["val_select"]
+    threshold, _ = sweep.choose_threshold(sweep.exact_sweep(sweep.sigmoid(sel.logits), sel.labels))
+    gate = GateNet(sel.features.shape[1], g.hidden, g.dropout, threshold)
+    tensors = {split: _gate_rows(r, threshold) for split, r in fit.items()}
+    gate.standardise_on(*tensors["train"].tensors[:2])
+    trainer.fit(
+        GateModule(gate, lr=g.lr, weight_decay=g.weight_decay),
+        train_dataloaders=loader(tensors["train"], g.batch_size, shuffle=True, seed=config.seed),
+        val_dataloaders=loader(tensors["val_select"], g.batch_size),
+    )
+    gate.load_state_dict(best.state)
+    return gate.eval(), threshold
+
+
+def _check_rows(baseline: Path, parts: dict[str, list[str]], where: str) -> None:
+    """train_baseline's scored ids are the splits' own, in their order (the gate's rows align with them)."""
     for split in EVAL_SPLITS:
-        if read_json(phase1 / f"ids_{split}.json", DataError, list) != parts[split]:
-            raise DataError(f"--phase1 {where}: ids_{split}.json is not the {split} of --splits")
+        if read_json(baseline / f"ids_{split}.json", DataError, list) != parts[split]:
+            raise DataError(f"--baseline {where}: ids_{split}.json is not the {split} of --splits")
 
 
 def _views(data, split: str, views: int, seed: int):
@@ -275,9 +271,9 @@ def _selective_report(sel, gate: np.ndarray, threshold: float) -> dict[str, floa
 def _markdown(report: dict[str, float], threshold: float, views: str, train_rows: int) -> str:
     return "\n".join(
         [
-            "# Learned gate (phase 3)",
+            "# Learned gate (train_gate)",
             "",
-            f"Judges phase 1's decision at threshold {threshold:.6f} (max MCC on val_select); fitted on "
+            f"Judges train_baseline's decision at threshold {threshold:.6f} (max MCC on val_select); fitted on "
             f"{train_rows} train rows ({views}), selected on {report['rows']} val_select rows, where the "
             f"decision is right on {report['accuracy']:.1%}.",
             "",

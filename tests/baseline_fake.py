@@ -1,4 +1,4 @@
-"""A synthetic phase-1 directory (committed, with a manifest) holding given val_calib logits and labels."""
+"""A synthetic train_baseline directory (committed, with a manifest) holding given val_calib logits and labels."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 from streetvision.io.outputs import StepOutputs
 
 
-def fake_phase1(root, logits, labels, *, test_logits=None, test_labels=None, challenge=True):
+def fake_baseline(root, logits, labels, *, test_logits=None, test_labels=None, challenge=True):
     """With ``challenge``, each split also has one challenge view per image whose logit is the clean one
     (levels 0-3 in turn), so a sweep on either view gives the same policy."""
     out = StepOutputs(root, "train_baseline")
@@ -53,9 +53,9 @@ def reseal(root):
     return root
 
 
-def fake_gate(root, phase1, calib_scores, test_scores=None):
-    """A committed train_gate output for ``phase1`` holding given gate scores of val_calib (and val_test),
-    the challenge views' being the clean ones (as :func:`fake_phase1` makes them)."""
+def fake_gate(root, baseline, calib_scores, test_scores=None):
+    """A committed train_gate output for ``baseline`` holding given gate scores of val_calib (and val_test),
+    the challenge views' being the clean ones (as :func:`fake_baseline` makes them)."""
     from streetvision.io.manifests import input_record
 
     out = StepOutputs(root, "train_gate")
@@ -63,5 +63,5 @@ def fake_gate(root, phase1, calib_scores, test_scores=None):
     for split, scores in splits.items():
         out.write_npy(f"gate_{split}.npy", np.asarray(scores, dtype=np.float32))
         out.write_npy(f"gate_{split}_challenge.npy", np.asarray(scores, dtype=np.float32))
-    out.commit(config={}, inputs={"phase1": input_record(phase1)})
+    out.commit(config={}, inputs={"baseline": input_record(baseline)})
     return root

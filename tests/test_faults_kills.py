@@ -1,0 +1,291 @@
+"""Fault injection, kills and concurrency: SIGKILLed steps (locally and mid-upload to the object store,
+checkpoints included), a SIGKILLed object store, concurrent writers on disk and on ``s3://``.
+
+The rule of each matrix: a killed step leaves no manifest or one that verifies, never a commit that lies;
+the earlier commit survives where there was one; what the killed step left in temporary folders is gone
+after the rerun; and the rerun succeeds. Two writers of one output never produce a mixed commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import forkcli
+import pytest
+from conftest import one_line, run_cli, step_commands
+
+from streetvision.io import store
+from streetvision.io.manifests import MANIFEST, ManifestError, verify_dir
+from streetvision.io.outputs import StepOutputs
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+TRAINING = ("train_baseline", "train_gate", "adapt_explora")  # torch's threads do not survive a fork
+
+
+def kill_commands(world) -> dict[str, list]:
+    return {stem: argv for stem, argv in step_commands(world).items() if stem not in TRAINING}
+
+
+def check_after_kill(out: Path, stem: str, had_commit: bool) -> None:
+    if out.exists():
+        verify_dir(out, stem)  # never a folder that does not verify
+    assert out.exists() or not had_commit, "a kill destroyed the previous commit"
+
+
+def test_sigkill_at_random_moments_leaves_no_manifest_or_a_verified_one_and_the_rerun_succeeds(
+    world, tmp_path, monkeypatch
+):
+    rng = random.Random(20261129)
+    commands = kill_commands(world)
+    scratch = tmp_path / "tmp"  # the forked steps' temporary folder: what a killed one leaves stays here
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    durations = {}
+    for stem, argv in commands.items():
+        t0 = time.time()
+        assert forkcli.wait(forkcli.start([*argv, "--out", tmp_path / "timing" / stem])) == 0
+        durations[stem] = time.time() - t0
+    trials = 0
+    for trial in range(105):
+        stem = rng.choice(sorted(commands))
+        out = tmp_path / f"k{trial}" / stem
+        had_commit = trial % 2 == 1  # half the kills hit a replacement of an earlier commit
+        if had_commit:
+            assert forkcli.wait(forkcli.start([*commands[stem], "--out", out])) == 0
+        child = forkcli.start([*commands[stem], "--out", out])
+        time.sleep(rng.uniform(0, durations[stem] * 1.2))
+        child.kill()
+        child.join()
+        check_after_kill(out, stem, had_commit)
+        assert forkcli.wait(forkcli.start([*commands[stem], "--out", out])) == 0
+        verify_dir(out, stem)
+        assert not [p.name for p in out.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+        assert left_behind(scratch) == [], "the rerun left the killed step's temporary folders"
+        trials += 1
+    print(f"\nSIGKILL trials (make_splits, sweep_thresholds, export_bundle): {trials}/{trials} clean; "
+          f"runtimes {', '.join(f'{k} {v:.2f}s' for k, v in durations.items())}")  # fmt: skip
+
+
+@pytest.mark.parametrize("stem", TRAINING)
+def test_sigkill_during_training_leaves_no_manifest_and_the_rerun_succeeds(world, tmp_path, stem):
+    rng = random.Random(7)
+    argv = [sys.executable, "-m", "streetvision", *step_commands(world)[stem]]
+    out = tmp_path / stem
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # what a killed process cannot clean stays here
+    (tmp_path / "tmp").mkdir()
+    for _ in range(3):
+        before = set(left_behind(tmp_path / "tmp"))
+        proc = subprocess.Popen(
+            [*map(str, argv), "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.time() + 60
+        while not set(left_behind(tmp_path / "tmp")) - before:  # killed inside the step, once its root exists
+            assert time.time() < deadline and proc.poll() is None, "the step never started"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 6.0))
+        proc.kill()
+        proc.wait()
+        check_after_kill(out, stem, False)
+    killed = left_behind(tmp_path / "tmp")
+    r = subprocess.run([*map(str, argv), "--out", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    verify_dir(out, stem)
+    assert not [p.name for p in tmp_path.iterdir() if ".staging-" in p.name]
+    assert killed and left_behind(tmp_path / "tmp") == []  # the rerun removed what the killed runs left
+
+
+def left_behind(tmp: Path) -> list[str]:
+    """Temporary folders of steps under ``tmp``: their roots, and any ``sv-*`` made outside one."""
+    return sorted(p.name for p in tmp.glob("streetvision-*/*")) + sorted(p.name for p in tmp.glob("sv-*"))
+
+
+def test_concurrent_writers_of_one_output_never_mix_a_commit(world, tmp_path):
+    argv = ["make-splits", "--dataset", world["dataset"]]
+    refused = 0
+    for trial in range(24):
+        out = tmp_path / f"c{trial}" / "make_splits"
+        # In every other trial a third writer is mid-commit (it holds the lock) while the two start.
+        held = StepOutputs(out, "make_splits") if trial % 2 else None
+        children = [forkcli.start([*argv, "--out", out, f"splits.seed={seed}"]) for seed in (1, 2)]
+        codes = [forkcli.wait(c) for c in children]
+        if held is not None:
+            assert codes == [2, 2], codes  # both refused: one line each, nothing written
+            held.write_json("splits.json", {"seed": 0})
+            held.commit(config={"splits": {"seed": 0}})
+        else:
+            assert set(codes) <= {0, 2} and 0 in codes, codes
+        refused += codes.count(2)
+        manifest = verify_dir(out, "make_splits")
+        parts = json.loads((out / "splits.json").read_text())
+        assert parts["seed"] == manifest.config["splits"]["seed"]  # files and manifest from one writer
+    print(
+        f"\nconcurrent writers: 24/24 trials left one whole commit ({refused} writers refused with one line)"
+    )
+
+
+def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_rerun_completes(
+    tmp_path_factory, tmp_path, monkeypatch, capsys
+):
+    """The SeaweedFS server SIGKILLed while a step's upload is under way, then restarted, 5 times: the
+    prefix is never taken for a commit (by ``verify`` or a reader), and a rerun completes."""
+    import seaweed
+
+    server = seaweed.start(tmp_path_factory.mktemp("weed-kill"))
+    monkeypatch.setenv("STREETVISION_LEASE_S", "1")
+    trials = 0
+    try:
+        big = StepOutputs(tmp_path / "big", "train_baseline")
+        big.write_with("model.safetensors", lambda f: [f.write(os.urandom(1 << 20)) for _ in range(160)])
+        big.commit(config={"big": True})
+        small = StepOutputs(tmp_path / "small", "train_baseline")
+        small.write_bytes("model.safetensors", b"x" * 1000)
+        small.commit(config={})
+        for trial in range(5):
+            for k, v in server.env().items():
+                monkeypatch.setenv(k, v)
+            store.client.cache_clear()
+            uri = f"s3://{server.bucket}/run{trial}/train_baseline"
+            if trial % 2:
+                store.upload_dir(tmp_path / "small", uri)  # an earlier commit at the same place
+            code = f"from streetvision.io import store; store.upload_dir({str(tmp_path / 'big')!r}, {uri!r})"
+            uploader = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+            deadline = time.time() + 60
+            while not _multipart_under_way(uri):  # the big object's parts are going up now
+                assert time.time() < deadline and uploader.poll() is None, "the upload never started"
+                time.sleep(0.005)
+            time.sleep(random.Random(trial).uniform(0.0, 0.1))
+            server.kill()
+            uploader.kill()
+            uploader.wait()
+            server = server.restart()
+            for k, v in server.env().items():
+                monkeypatch.setenv(k, v)
+            store.client.cache_clear()
+            with pytest.raises(ManifestError):
+                store.verified(uri, "train_baseline")
+            code, _, err = run_cli(capsys, ["verify", uri])
+            assert code == 2 and one_line(err)
+            time.sleep(1.2)  # the dead uploader's lease runs out
+            with pytest.raises(ManifestError):
+                store.verified(uri, "train_baseline")  # still no commit once nobody holds the prefix
+            store.upload_dir(tmp_path / "big", uri)  # the rerun
+            manifest, _ = store.verified(uri, "train_baseline")
+            assert manifest.config == {"big": True}
+            assert set(store.list_files(uri)) == {"model.safetensors", MANIFEST}
+            trials += 1
+    finally:
+        server.stop()
+        store.client.cache_clear()
+    print(f"\nobject store SIGKILLed mid-upload: {trials}/{trials} left no commit and the rerun completed")
+
+
+def _multipart_under_way(uri: str) -> bool:
+    bucket, prefix = store.split_s3(uri)
+    try:
+        return bool(store.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads"))
+    except Exception:  # the server between a kill and its restart
+        return False
+
+
+S3_KILLABLE = ("make_splits", "sweep_thresholds", "calibrate_scrc", "export_bundle")
+
+
+def test_sigkill_mid_upload_to_the_object_store_never_leaves_a_commit_that_lies(world, s3, monkeypatch):
+    """Each step kind writing to ``s3://``, SIGKILLed while its upload is under way (20 times, half of them
+    replacing an earlier commit), and a training killed while it writes its checkpoints there: ``verify``
+    and the readers refuse the prefix (held, then without a manifest), and the rerun of the same run
+    waits out the dead writer's lease, takes the prefix over and commits."""
+    monkeypatch.setenv("STREETVISION_LEASE_S", "1")
+    rng = random.Random(20261202)
+    commands = {stem: argv for stem, argv in step_commands(world).items() if stem in S3_KILLABLE}
+    kills = 0
+    for trial in range(20):
+        stem = S3_KILLABLE[trial % len(S3_KILLABLE)]
+        out, run_id = f"{s3}/k{trial}/{stem}", f"kill-{trial}"
+        if trial % 2:
+            assert forkcli.wait(forkcli.start([*commands[stem], "--out", out])) == 0
+        child = forkcli.start([*commands[stem], "--out", out, "--run-id", run_id], pause=0.15)
+        deadline = time.time() + 60
+        while not _uploading(out, replacing=bool(trial % 2)):
+            assert time.time() < deadline and forkcli.running(child), "the upload never started"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
+        child.kill()
+        child.join()
+        for _ in range(2):  # while the dead writer's lease runs, and after it ran out
+            with pytest.raises(ManifestError):
+                store.verified(out, stem)
+            time.sleep(0.6)
+        assert forkcli.wait(forkcli.start([*commands[stem], "--out", out, "--run-id", run_id])) == 0
+        manifest, _ = store.verified(out, stem)
+        assert set(store.list_files(out)) == {*manifest.outputs, MANIFEST}  # nothing of the killed writer
+        kills += 1
+    print(f"\nSIGKILL mid-upload to s3:// ({', '.join(S3_KILLABLE)}): {kills}/{kills} never verified, "
+          "and the rerun committed")  # fmt: skip
+
+
+def _uploading(uri: str, replacing: bool) -> bool:
+    """Whether a writer of ``uri`` is past the point of no return: the earlier manifest gone, or an
+    output object there."""
+    names = set(store.list_files(uri))
+    return store.LOCK in names and (MANIFEST not in names if replacing else bool(names - {store.LOCK}))
+
+
+def test_a_training_killed_while_checkpointing_to_the_object_store_resumes_there(world, s3, tmp_path):
+    """train_baseline with ``--out`` and ``--checkpoint-root`` on ``s3://``, SIGKILLed once its first
+    checkpoint has landed: the output is no commit, and the retried task (same run id) waits out the lease
+    and resumes from the checkpoint to a verified commit."""
+    argv = [sys.executable, "-m", "streetvision", *step_commands(world)["train_baseline"], "trainer.max_epochs=3",
+            "--out", f"{s3}/train_baseline", "--checkpoint-root", f"{s3}/ckpt", "--run-id", "retried"]  # fmt: skip
+    env = {**os.environ, "STREETVISION_LEASE_S": "2"}
+    proc = subprocess.Popen(
+        list(map(str, argv)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    ckpt = f"{s3}/ckpt/retried/train-baseline"
+    deadline = time.time() + 120
+    while "last.safetensors" not in store.list_files(ckpt):
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint landed"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    with pytest.raises(ManifestError):
+        store.verified(f"{s3}/train_baseline", "train_baseline")
+    r = subprocess.run(list(map(str, argv)), capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    manifest, _ = store.verified(f"{s3}/train_baseline", "train_baseline")
+    assert manifest.extra["resumed"] is True
+
+
+def test_concurrent_writers_of_one_s3_output_never_mix_a_commit(world, s3, monkeypatch):
+    """Two or three writers of one ``s3://`` output started together, 20 times, half over an earlier
+    commit: each ends committed or refused in one line, and what verifies is one writer's whole commit."""
+    monkeypatch.setenv("STREETVISION_LEASE_S", "5")
+    argv = ["make-splits", "--dataset", world["dataset"]]
+    refused = 0
+    for trial in range(20):
+        out = f"{s3}/c{trial}/make_splits"
+        if trial % 2:
+            assert forkcli.wait(forkcli.start([*argv, "--out", out, "splits.seed=9"])) == 0
+        seeds = (1, 2, 3)[: 2 + trial % 2]
+        children = [forkcli.start([*argv, "--out", out, f"splits.seed={seed}"]) for seed in seeds]
+        codes = [forkcli.wait(c) for c in children]
+        assert set(codes) <= {0, 2} and 0 in codes, codes
+        refused += codes.count(2)
+        manifest, _ = store.verified(out, "make_splits")
+        with store.local_step(out, "make_splits") as local:
+            parts = json.loads((local / "splits.json").read_text())
+        assert parts["seed"] == manifest.config["splits"]["seed"] in seeds  # files and manifest of one writer
+        assert store.LOCK not in store.list_files(out)
+    print(f"\nconcurrent s3:// writers: 20/20 trials left one whole commit ({refused} refused with one line)")
