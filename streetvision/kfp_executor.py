@@ -41,7 +41,9 @@ def parse(executor_input: str) -> dict[str, Any]:
         ) from None
     folder = next((p for p in [output_file.parent, *output_file.parent.parents] if p.exists()), Path("/"))
     if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):  # found now, not after the work
-        raise StreetVisionError(f"--executor-input: its outputFile {output_file} cannot be written ({folder})")
+        raise StreetVisionError(
+            f"--executor-input: its outputFile {output_file} cannot be written ({folder})"
+        )
     return data
 
 

@@ -58,7 +58,9 @@ def test_timm_alone_reloads_the_folder_and_reproduces_the_bundle(vit_bundle, dem
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     verify_dir(out, "export_hf")
-    verified = subprocess.run([sys.executable, "-m", "streetvision", "verify", str(out)], capture_output=True, text=True)
+    verified = subprocess.run(
+        [sys.executable, "-m", "streetvision", "verify", str(out)], capture_output=True, text=True
+    )
     assert verified.returncode == 0 and json.loads(verified.stdout)["step"] == "export_hf", verified.stderr
     card = json.loads((out / "model_card.json").read_text())
     assert set(card) == {"model_name", "description", "version", "submitted_by", "submission_time"}

@@ -234,7 +234,9 @@ def test_clean_removes_what_killed_steps_left_and_puts_back_an_earlier_commit(s3
     bucket, prefix = store.split_s3(s3)
     store.client().put_object(Bucket=bucket, Key=f"{prefix}/partial.bin", Body=b"half")
     store.client().put_object(
-        Bucket=bucket, Key=f"{prefix}/{lease.LOCK}", Body=json.dumps({"run_id": "x", "abandoned": True}).encode()
+        Bucket=bucket,
+        Key=f"{prefix}/{lease.LOCK}",
+        Body=json.dumps({"run_id": "x", "abandoned": True}).encode(),
     )
     code, out, err = run_cli(capsys, ["clean", "--tmp", tmp_path, tmp_path / "out", s3])
     assert code == 0, err

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-
 # The most pixels one image may decode to: a 48-megapixel photo. JPEGs shrink while decoding (``draft``)
 # and pass at any size; other formats decode in full, and a 12000x12000 PNG would take seconds and 400 MB.
 MAX_DECODED_PIXELS = 48_000_000
