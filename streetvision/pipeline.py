@@ -275,9 +275,18 @@ def _launch(
     if checkpoint_root and BY_STEM[stem].checkpoints:
         args += ["--checkpoint-root", checkpoint_root]
     args += ["--out", out, "--run-id", run_id, *overrides]
-    code = subprocess.run(args).returncode  # noqa: S603 - our own CLI, arguments from the user's own command
-    if code != 0:
-        raise StreetVisionError(f"phase {stem} failed (exit {code}); its error is printed above")
+    # The phase's output passes through as it comes, but for its one error line, which becomes the run's:
+    # a failed run says what failed in one line, as every command does.
+    prefix, error = f"streetvision {stem.replace('_', '-')}: error: ", ""
+    with subprocess.Popen(args, stderr=subprocess.PIPE, text=True, errors="replace") as phase:  # noqa: S603
+        for line in phase.stderr:
+            if line.startswith(prefix):
+                error = line[len(prefix) :].strip()
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    if phase.returncode != 0:
+        raise StreetVisionError(f"phase {stem}: {error or f'failed (exit {phase.returncode})'}")
 
 
 def run_local(

@@ -147,7 +147,7 @@ def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_reru
     trials = 0
     try:
         big = StepOutputs(tmp_path / "big", "train_baseline")
-        big.write_with("model.safetensors", lambda f: [f.write(os.urandom(1 << 20)) for _ in range(160)])
+        big.write_with("model.safetensors", lambda f: [f.write(os.urandom(1 << 20)) for _ in range(64)])
         big.commit(config={"big": True})
         small = StepOutputs(tmp_path / "small", "train_baseline")
         small.write_bytes("model.safetensors", b"x" * 1000)
