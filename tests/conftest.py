@@ -14,7 +14,6 @@ import seaweed  # noqa: E402
 
 from streetvision.io import store  # noqa: E402
 
-
 # The longest test files first. `make test` gives each pytest-xdist worker a file at a time in collection
 # order: started early, the long files run beside many short ones, and the workers finish together.
 LONGEST_FIRST = ("test_faults_kills.py", "test_local_run.py", "test_train_baseline.py", "test_adapt_explora.py",

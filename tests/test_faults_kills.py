@@ -160,13 +160,18 @@ def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_reru
             uri = f"s3://{server.bucket}/run{trial}/train_baseline"
             if trial % 2:
                 store.upload_dir(tmp_path / "small", uri)  # an earlier commit at the same place
-            code = f"from streetvision.io import store; store.upload_dir({str(tmp_path / 'big')!r}, {uri!r})"
+            code = (  # the upload throttled to 32 MiB/s in 8 MiB parts: about two seconds to kill it in
+                "from boto3.s3.transfer import TransferConfig; from streetvision.io import store; "
+                "store._transfer_config = lambda: TransferConfig(multipart_threshold=8 << 20, "
+                "multipart_chunksize=8 << 20, max_concurrency=2, max_bandwidth=32 << 20); "
+                f"store.upload_dir({str(tmp_path / 'big')!r}, {uri!r})"
+            )
             uploader = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
             deadline = time.time() + 60
             while not _multipart_under_way(uri):  # the big object's parts are going up now
                 assert time.time() < deadline and uploader.poll() is None, "the upload never started"
                 time.sleep(0.005)
-            time.sleep(random.Random(trial).uniform(0.0, 0.1))
+            time.sleep(random.Random(trial).uniform(0.0, 1.0))
             server.kill()
             uploader.kill()
             uploader.wait()
