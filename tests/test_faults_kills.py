@@ -222,7 +222,7 @@ def test_sigkill_mid_upload_to_the_object_store_never_leaves_a_commit_that_lies(
         out, run_id = f"{s3}/k{trial}/{stem}", f"kill-{trial}"
         if trial % 2:
             assert forkcli.wait(forkcli.start([*commands[stem], "--out", out])) == 0
-        child = forkcli.start([*commands[stem], "--out", out, "--run-id", run_id], pause=0.15)
+        child = forkcli.start([*commands[stem], "--out", out, "--run-id", run_id], pause=0.4)
         deadline = time.time() + 60
         while not _uploading(out, replacing=bool(trial % 2)):
             assert time.time() < deadline and forkcli.running(child), "the upload never started"
