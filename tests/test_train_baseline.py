@@ -423,6 +423,9 @@ def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identic
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = verify_dir(tmp_path / "whole"), verify_dir(tmp_path / "resumed")
     assert b.extra["resumed"] and not a.extra["resumed"] and killed_at < 5
+    assert (
+        f"resuming from the checkpoint at {ckpt} (after epoch {killed_at})" in resumed.stdout
+    )  # and says so
     for name in ("model.safetensors", "logits_val_calib.npy", "logits_val_test.npy"):
         assert a.outputs[name]["sha256"] == b.outputs[name]["sha256"], name
     assert (
