@@ -249,6 +249,32 @@ def _uploading(uri: str, replacing: bool) -> bool:
     return store.LOCK in names and (MANIFEST not in names if replacing else bool(names - {store.LOCK}))
 
 
+@pytest.mark.parametrize("stem", TRAINING)
+def test_a_training_step_killed_mid_upload_to_the_object_store_commits_only_on_its_rerun(
+    world, s3, monkeypatch, stem
+):
+    """Each training step writing to ``s3://``, SIGKILLed while its outputs go up (after the training): the
+    prefix never verifies, and the same run's retry waits out the lease and commits exactly its objects."""
+    monkeypatch.setenv("STREETVISION_LEASE_S", "1")
+    out, argv = (
+        f"{s3}/{stem}",
+        [*step_commands(world)[stem], "--out", f"{s3}/{stem}", "--run-id", f"kill-{stem}"],
+    )
+    child = forkcli.start(argv, pause=0.4)  # a child of a server without torch: it imports its own
+    deadline = time.time() + 180
+    while not _uploading(out, replacing=False):
+        assert time.time() < deadline and forkcli.running(child), "the upload never started"
+        time.sleep(0.005)
+    time.sleep(random.Random(stem).uniform(0.0, 0.3))
+    child.kill()
+    child.join()
+    with pytest.raises(ManifestError):
+        store.verified(out, stem)
+    assert forkcli.wait(forkcli.start(argv), timeout=180) == 0
+    manifest, _ = store.verified(out, stem)
+    assert set(store.list_files(out)) == {*manifest.outputs, MANIFEST}
+
+
 def test_a_training_killed_while_checkpointing_to_the_object_store_resumes_there(world, s3, tmp_path):
     """train_baseline with ``--out`` and ``--checkpoint-root`` on ``s3://``, SIGKILLed once its first
     checkpoint has landed: the output is no commit, and the retried task (same run id) waits out the lease
