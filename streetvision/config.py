@@ -82,8 +82,13 @@ def read_yaml(f: str | Path):
         raise ConfigError(f"config file {path} does not exist")
     try:
         loaded = OmegaConf.load(path)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (
+        yaml.YAMLError,
+        UnicodeDecodeError,
+        ValueError,
+        RecursionError,
+    ) as e:  # ValueError: a 5,000-digit int
+        raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
     if loaded is None or not OmegaConf.is_dict(loaded):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return loaded

@@ -16,9 +16,9 @@ from streetvision.io import store  # noqa: E402
 
 # The longest test files first. `make test` gives each pytest-xdist worker a file at a time in collection
 # order: started early, the long files run beside many short ones, and the workers finish together.
-LONGEST_FIRST = ("test_faults_kills.py", "test_local_run.py", "test_train_baseline.py", "test_adapt_explora.py",
-                 "test_readme.py", "test_faults.py", "test_kfp.py", "test_images.py", "test_train_gate.py",
-                 "test_publish.py")  # fmt: skip
+LONGEST_FIRST = ("test_train_baseline.py", "test_adapt_explora.py", "test_faults_store.py", "test_local_run.py",
+                 "test_readme.py", "test_faults_kills.py", "test_faults.py", "test_kfp.py", "test_images.py",
+                 "test_train_gate.py", "test_publish.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

@@ -56,7 +56,7 @@ def test_cli_startup_and_verify_do_not_import_torch(tmp_path):
 
 def test_bad_arguments_get_one_line_errors_not_tracebacks(tmp_path):
     for args, message in (
-        (("demo-data", "--out", str(tmp_path / "d"), "--n", "4"), "at least 8 images"),
+        (("demo-data", "--out", str(tmp_path / "d"), "--n", "4"), "8 to 1,000,000 images"),
         (("verify", "s3://"), "s3 URI without a bucket"),
     ):
         r = cli(*args)

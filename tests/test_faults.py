@@ -368,6 +368,8 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
     empty.mkdir()
     bomb = base / "bomb.jpg"
     bomb.write_bytes(_bomb_jpeg(world["image"]))
+    huge_int = base / "huge-int.yaml"
+    huge_int.write_text(f"splits:\n  seed: {'9' * 5001}\n")
     cases += [
         ("verify:missing", ["verify", base / "missing"], "missing"),
         ("verify:dataset", ["verify", w["dataset"]], "no manifest.json"),
@@ -401,8 +403,15 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
         ("predict:dataset as bundle", ["predict", "--bundle", w["dataset"], w["image"]], "no manifest.json"),
         ("predict:bomb", ["predict", "--bundle", w["bundle"], bomb], "could not be read"),
         ("predict:no images", ["predict", "--bundle", w["bundle"]], "required"),
-        ("demo-data:n=4", ["demo-data", "--out", "{out}", "--n", "4"], "at least 8"),
-        ("demo-data:n=0", ["demo-data", "--out", "{out}", "--n", "0"], "at least 8"),
+        ("demo-data:n=4", ["demo-data", "--out", "{out}", "--n", "4"], "8 to 1,000,000 images"),
+        ("demo-data:n=0", ["demo-data", "--out", "{out}", "--n", "0"], "8 to 1,000,000 images"),
+        ("demo-data:n=10^20", ["demo-data", "--out", "{out}", "--n", "9" * 20], "8 to 1,000,000 images"),
+        ("run:demo.n=10^20", ["run", "--out", "{out}", "demo.n=" + "9" * 20], "demo.n"),
+        (
+            "splits:a 5,001-digit integer in --config",
+            ["make-splits", "--dataset", w["dataset"], "--out", "{out}", "--config", huge_int],
+            "huge-int.yaml",
+        ),
         ("demo-data:size=0", ["demo-data", "--out", "{out}", "--size", "0"], "size"),
         ("demo-data:seed=-1", ["demo-data", "--out", "{out}", "--seed", "-1"], "seed"),
         ("demo-data:n=abc", ["demo-data", "--out", "{out}", "--n", "abc"], "invalid int"),

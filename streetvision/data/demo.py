@@ -201,11 +201,15 @@ def write_demo_dataset(
     return out
 
 
+MAX_DEMO_IMAGES = 1_000_000
+
+
 def check_demo(n: int, seed: int, size: int, prefix: str = "--") -> None:
     """The demo settings' ranges; ``prefix`` names them as the user typed them (``--n`` or ``demo.n``)."""
-    if n < 8:
+    if not 8 <= n <= MAX_DEMO_IMAGES:
         raise DataError(
-            f"{prefix}n={n}: the demo dataset needs at least 8 images (each split needs both classes)"
+            f"{prefix}n={n}: the demo dataset holds 8 to {MAX_DEMO_IMAGES:,} images (each split needs both "
+            "classes; a bigger one is no demo)"
         )
     if not 0 <= seed < 2**32:
         raise DataError(f"{prefix}seed={seed}: must be an integer in [0, 2^32)")
