@@ -71,6 +71,11 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+def _key(prefix: str, name: str) -> str:
+    """The object key of ``name`` under ``prefix`` (a bucket's root when empty)."""
+    return f"{prefix}/{name}" if prefix else name
+
+
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
@@ -267,7 +272,7 @@ def _clean(uri: str) -> None:
     keep = {MANIFEST, *found[0].outputs} if found else set()
     with _errors("clean", uri):
         for name in sorted(names - keep):
-            client().delete_object(Bucket=bucket, Key=f"{prefix}/{name}" if prefix else name)
+            client().delete_object(Bucket=bucket, Key=_key(prefix, name))
 
 
 @contextmanager
@@ -290,7 +295,7 @@ def upload_dir(local: str | os.PathLike, uri: str, held: lease.Lease | None = No
         with writing(uri, manifest.step) as held:
             return upload_dir(local, uri, held)
     bucket, prefix = split_s3(uri)
-    key = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
+    key = lambda name: _key(prefix, name)  # noqa: E731
     held.renew()
     held.dirty = True  # from here until the manifest lands the prefix is no commit
     with _errors("upload to", uri):
@@ -326,11 +331,9 @@ def clean_output(uri: str) -> str:
         from streetvision.io.outputs import clean_folder
 
         return clean_folder(Path(uri))
-    if lease.holder(uri) is not None:
-        raise lease.LockHeld(f"{uri}: being written by {lease.holder(uri)}; not cleaned")
-    if LOCK not in list_files(uri) and UPLOADING not in list_files(uri):
+    if not {LOCK, UPLOADING} & set(list_files(uri)):
         return "nothing to clean"
-    with writing(uri, "clean"):
+    with writing(uri, "clean"):  # refused, naming the holder, while a writer holds it
         pass  # taking the prefix removes a killed writer's leftovers; an intact commit stays
     return "committed" if _read_manifest(uri) else "leftovers removed"
 
@@ -366,7 +369,7 @@ def download_dir(uri: str, local: str | os.PathLike, step: str | None = None) ->
         futures = []
         for name in manifest.outputs:
             (local / name).parent.mkdir(parents=True, exist_ok=True)
-            futures.append(tm.download(bucket, f"{prefix}/{name}" if prefix else name, str(local / name)))
+            futures.append(tm.download(bucket, _key(prefix, name), str(local / name)))
         for f in futures:
             f.result()
     atomic.write_bytes(local / MANIFEST, raw)
@@ -387,7 +390,7 @@ def download_tree(uri: str, local: str | os.PathLike) -> list[str]:
         for name in names:
             dest = Path(local, check_relative(name))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            futures.append(tm.download(bucket, f"{prefix}/{name}" if prefix else name, str(dest)))
+            futures.append(tm.download(bucket, _key(prefix, name), str(dest)))
         for f in futures:
             f.result()
     return names
@@ -400,7 +403,7 @@ def upload_tree(local: str | os.PathLike, uri: str, exclude: frozenset[str] = fr
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     names = [n for n in names if n not in exclude]
     with _errors("upload to", uri), _manager() as tm:
-        for f in [tm.upload(str(root / n), bucket, f"{prefix}/{n}" if prefix else n) for n in names]:
+        for f in [tm.upload(str(root / n), bucket, _key(prefix, n)) for n in names]:
             f.result()
     return names
 
