@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["bench.core", "bench.train", "bench.sweep", "bench.subnet", "bench.explora"]
+SUITES = ["bench.core", "bench.train", "bench.stream", "bench.sweep", "bench.subnet", "bench.explora"]
 
 
 def main(argv: list[str]) -> int:

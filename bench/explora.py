@@ -33,14 +33,16 @@ PROBE = [
 def _data(name: str, n: int, domain: str):
     from streetvision.config import load_config
     from streetvision.data.demo import write_demo_dataset
-    from streetvision.steps import make_splits
+    from streetvision.steps import make_splits, pack_shards
 
     root = WORK / "explora" / name
-    if not (root / "splits" / "manifest.json").exists():
+    if not (root / "pack" / "manifest.json").exists():
         shutil.rmtree(root, ignore_errors=True)
         write_demo_dataset(root / "data", n=n, seed=1 if domain == "shifted" else 0, size=SIDE, domain=domain)
         make_splits.run(load_config(make_splits.Config), dataset=root / "data", out=root / "splits")
-    return root / "data", root / "splits"
+        pack_shards.run(load_config(pack_shards.Config), dataset=root / "data", splits=root / "splits",
+                        out=root / "pack")  # fmt: skip
+    return root / "pack"
 
 
 def bench_explora_linear_probe() -> None:
@@ -48,28 +50,26 @@ def bench_explora_linear_probe() -> None:
     from streetvision.steps import adapt_explora, train_baseline
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    shifted, shifted_splits = _data("shifted", 1200, "shifted")
-    street, street_splits = _data("street", 1200, "street")
+    shifted = _data("shifted", 1200, "shifted")
+    street = _data("street", 1200, "street")
     root = WORK / "explora"
     for d in ("pretrained", "adapted", "probe-random", "probe-before", "probe-after"):
         shutil.rmtree(root / d, ignore_errors=True)
 
-    def ssl(dataset, splits, out, *overrides):
+    def ssl(shards, out, *overrides):
         cfg = load_config(adapt_explora.Config, [], [*SSL, *overrides])
-        return adapt_explora.run(cfg, dataset=dataset, splits=splits, out=out)
+        return adapt_explora.run(cfg, shards=shards, out=out)
 
     def probe(out, weights):
         keys = [f"model.weights={weights}"] if weights else ["model.pretrained=false"]
         cfg = load_config(train_baseline.Config, [], [*PROBE, *keys])
-        return train_baseline.run(cfg, dataset=street, splits=street_splits, out=out)
+        return train_baseline.run(cfg, shards=street, out=out)
 
     # Every block trained, from random weights.
-    pre = ssl(
-        shifted, shifted_splits, root / "pretrained", "explora.unfrozen_blocks=6", "trainer.max_epochs=20"
-    )
+    pre = ssl(shifted, root / "pretrained", "explora.unfrozen_blocks=6", "trainer.max_epochs=20")
     random = probe(root / "probe-random", "")
     before = probe(root / "probe-before", root / "pretrained" / "backbone.safetensors")
-    adapted = ssl(street, street_splits, root / "adapted", "model.pretrained=true",
+    adapted = ssl(street, root / "adapted", "model.pretrained=true",
                   f"model.weights={root / 'pretrained' / 'backbone.safetensors'}", "trainer.max_epochs=10")  # fmt: skip
     after = probe(root / "probe-after", root / "adapted")
     print(

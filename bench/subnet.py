@@ -21,7 +21,7 @@ BUDGET_S = 9.0  # the validator's timeout per challenge (natix/validator/forward
 DEMO = Path(__file__).resolve().parent.parent / "streetvision" / "configs" / "demo.yaml"
 
 
-def _chain(name: str, data: Path, splits: Path, train: list[str], views: str) -> dict:
+def _chain(name: str, shards: Path, splits: Path, train: list[str], views: str) -> dict:
     """train_baseline (reused when already trained with ``train``), sweep_thresholds on ``views``, export_bundle; bundle.json."""
     from streetvision.bundle import verify_bundle
     from streetvision.config import load_config
@@ -31,7 +31,7 @@ def _chain(name: str, data: Path, splits: Path, train: list[str], views: str) ->
     root = WORK / "subnet" / name
     p1 = root.parent / f"p1-{hashlib.sha256(' '.join(train).encode()).hexdigest()[:12]}"
     if not (p1 / MANIFEST).exists():
-        train_baseline.run(load_config(train_baseline.Config, [], train), dataset=data, splits=splits, out=p1)
+        train_baseline.run(load_config(train_baseline.Config, [], train), shards=shards, out=p1)
     shutil.rmtree(root, ignore_errors=True)
     sweep_thresholds.run(
         load_config(sweep_thresholds.Config, [], [f"sweep.views={views}"]), baseline=p1, out=root / "p2"
@@ -53,10 +53,10 @@ def bench_serving_latency() -> None:
 
     torch.set_num_threads(2)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    data, splits = _demo(96, 224)
+    data, splits, shards = _demo(96, 224)
     train = ["model.backbone=vit_small_patch14_dinov2.lvd142m", "model.pretrained=false", "data.image_size=224",
              "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=1"]  # fmt: skip
-    _chain("latency", data, splits, train, "challenge")
+    _chain("latency", shards, splits, train, "challenge")
     bundle = WORK / "subnet" / "latency" / "b"
     loads = []
     for _ in range(3):
@@ -96,7 +96,7 @@ def bench_challenge_calibration() -> None:
     (clean training, clean calibration), (clean training, challenge calibration), (challenge training,
     challenge calibration). Not a speed target: it prints what the choice does, whatever it is."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    data, splits = _demo(960, 96)
+    _, splits, shards = _demo(960, 96)
     clean = [*_train_keys(DEMO), "data.augment=none"]
     runs = {
         "clean training, clean calibration": (clean, "clean"),
@@ -105,7 +105,7 @@ def bench_challenge_calibration() -> None:
     }
     results = {}
     for i, (label, (train, views)) in enumerate(runs.items()):
-        b = _chain(f"calib-{i}", data, splits, train, views)
+        b = _chain(f"calib-{i}", shards, splits, train, views)
         results[label] = b["held_out"]
         ch, cl = b["held_out"]["challenge"], b["held_out"]["clean"]
         levels = " ".join(f"L{k[-1]}={m['mcc']:.3f}" for k, m in ch["by_level"].items())
@@ -138,15 +138,15 @@ def bench_gate_vs_margin() -> None:
     from streetvision.steps import calibrate_scrc, export_bundle, train_baseline, train_gate
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    data, splits = _demo(960, 96)
+    _, splits, shards = _demo(960, 96)
     train = [*_train_keys(DEMO), "data.augment=challenge"]
     root = WORK / "subnet"
     p1 = root / f"p1-{hashlib.sha256(' '.join(train).encode()).hexdigest()[:12]}"  # shared with _chain
     if not (p1 / MANIFEST).exists():
-        train_baseline.run(load_config(train_baseline.Config, [], train), dataset=data, splits=splits, out=p1)
+        train_baseline.run(load_config(train_baseline.Config, [], train), shards=shards, out=p1)
     gate = root / "gate"
     shutil.rmtree(gate, ignore_errors=True)
-    m = train_gate.run(load_config(train_gate.Config), baseline=p1, dataset=data, splits=splits, out=gate)
+    m = train_gate.run(load_config(train_gate.Config), baseline=p1, shards=shards, out=gate)
     print(
         f"gate on val_select challenge views: AUROC for correctness {m.metrics['val_select_gate_auroc']:.3f} "
         f"(margin {m.metrics['val_select_margin_auroc']:.3f}), AURC {m.metrics['val_select_gate_aurc']:.4f} "

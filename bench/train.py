@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import time
 from pathlib import Path
@@ -12,16 +13,19 @@ import numpy as np
 from bench.common import WORK, best_of, report
 
 
-def _demo(n: int, size: int) -> tuple[Path, Path]:
+def _demo(n: int, size: int) -> tuple[Path, Path, Path]:
+    """(the demo dataset, its splits, its pack)."""
     from streetvision.config import load_config
     from streetvision.data.demo import write_demo_dataset
-    from streetvision.steps import make_splits
+    from streetvision.steps import make_splits, pack_shards
 
     root = WORK / f"demo-{n}-{size}"
-    if not (root / "splits" / "manifest.json").exists():
+    if not (root / "pack" / "manifest.json").exists():
         write_demo_dataset(root / "data", n=n, seed=0, size=size)
         make_splits.run(load_config(make_splits.Config), dataset=root / "data", out=root / "splits")
-    return root / "data", root / "splits"
+        pack_shards.run(load_config(pack_shards.Config), dataset=root / "data", splits=root / "splits",
+                        out=root / "pack")  # fmt: skip
+    return root / "data", root / "splits", root / "pack"
 
 
 def bench_training_throughput() -> None:
@@ -35,19 +39,18 @@ def bench_training_throughput() -> None:
     from streetvision.models import data as mdata
     from streetvision.models.lightning import RoadworkModule
     from streetvision.models.network import build_network, create_transform, decode_side, preprocessing
-    from streetvision.steps.make_splits import load_splits
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(2)
-    data, splits = _demo(320, 128)
-    ds, train_ids = load_index(data), load_splits(splits)["train"]
+    data, _, shards = _demo(320, 128)
+    ds, train_ids = load_index(data), json.loads((shards / "samples.json").read_text())["train"]["ids"]
     labels = ds.label_of()
     epochs, bs = 3, 32
 
     def dataset(net):
         prep = preprocessing(net.backbone, 128)
         y = np.array([labels[i] for i in train_ids])
-        return mdata.ImageDataset(ds.root, train_ids, y, create_transform(prep), decode_side(prep))
+        return mdata.ImageDataset(Path(ds.uri), train_ids, y, create_transform(prep), decode_side(prep))
 
     class Timer(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -166,7 +169,7 @@ def bench_feature_cache() -> None:
     from streetvision.steps import train_baseline
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    data, splits = _demo(320, 128)
+    _, _, shards = _demo(320, 128)
     common = [
         "model.backbone=test_resnet",
         "model.pretrained=false",
@@ -185,7 +188,7 @@ def bench_feature_cache() -> None:
             train_baseline.Config, [], [*common, f"trainer.cache_features={str(cache).lower()}"]
         )
         t0 = time.perf_counter()
-        train_baseline.run(cfg, dataset=data, splits=splits, out=out)
+        train_baseline.run(cfg, shards=shards, out=out)
         return time.perf_counter() - t0
 
     t_recompute, t_cached = fit(False), fit(True)
@@ -215,12 +218,12 @@ def bench_feature_extraction() -> None:
     )
 
     torch.set_num_threads(2)
-    data, _ = _demo(192, 224)
+    data, _, _ = _demo(192, 224)
     ds = load_index(data)
     name = "vit_small_patch14_dinov2.lvd142m"
     backbone = create_backbone(name, pretrained=False, arch=architecture(name, 224)).eval()
     prep = preprocessing(backbone, 224)
-    images = mdata.ImageDataset(ds.root, ds.ids, ds.labels, create_transform(prep), decode_side(prep))
+    images = mdata.ImageDataset(Path(ds.uri), ds.ids, ds.labels, create_transform(prep), decode_side(prep))
     cpu = torch.device("cpu")
 
     def ours():
@@ -252,7 +255,7 @@ def bench_checkpoint_overhead() -> None:
     from streetvision.steps import train_baseline
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    data, splits = _demo(1200, 96)
+    _, _, shards = _demo(1200, 96)
     demo = Path(__file__).resolve().parent.parent / "streetvision" / "configs" / "demo.yaml"
     common = ["trainer.max_epochs=5", "trainer.patience=100"]
 
@@ -263,7 +266,7 @@ def bench_checkpoint_overhead() -> None:
         extra = [f"trainer.checkpoint_uri={ckpt}"] if checkpoints else []
         cfg = load_config(train_baseline.Config, [], [*_train_keys(demo), *common, *extra])
         t0 = time.perf_counter()
-        train_baseline.run(cfg, dataset=data, splits=splits, out=out)
+        train_baseline.run(cfg, shards=shards, out=out)
         return time.perf_counter() - t0
 
     t_plain = min(fit(False), fit(False))

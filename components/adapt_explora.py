@@ -6,8 +6,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 
 @dsl.container_component
 def adapt_explora(
-    dataset: dsl.Input[dsl.Dataset],
-    splits: dsl.Input[dsl.Artifact],
+    shards: dsl.Input[dsl.Artifact],
     explora: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     backbone: str = EXPLORA.model.backbone,
@@ -28,8 +27,7 @@ def adapt_explora(
     Q and V elsewhere; the adapters are merged afterwards. Labels and the other splits are never read.
 
     Args:
-        dataset: The dataset folder (only its train split's images are read).
-        splits: make_splits output.
+        shards: pack_shards output (only its train split's images are read, streamed).
         backbone: timm ViT name (DINOv2 by default).
         pretrained: Start from the hub's pretrained weights.
         weights_uri: Backbone weights file (local path or s3:// URI) used instead of the hub.
@@ -52,10 +50,8 @@ def adapt_explora(
         image=TRAIN_IMAGE,
         command=[*ENTRYPOINT, "adapt-explora"],
         args=[
-            "--dataset",
-            dataset.path,
-            "--splits",
-            splits.path,
+            "--shards",
+            shards.path,
             "--out",
             explora.path,
             *KFP_RUN,

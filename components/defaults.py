@@ -6,10 +6,11 @@ A Kubeflow run, ``streetvision run`` and the step CLIs then start from the same 
 
 import json
 
-from streetvision.steps import adapt_explora, make_splits, train_baseline, train_gate
+from streetvision.steps import adapt_explora, make_splits, pack_shards, train_baseline, train_gate
 
 SPLITS = make_splits.Config().splits
 SPLIT_RATIOS = json.dumps(SPLITS.ratios, separators=(",", ":"))  # a string parameter, parsed by the step
+PACK = pack_shards.Config()
 TRAIN = train_baseline.Config()
 GATE = train_gate.Config()
 EXPLORA = adapt_explora.Config()

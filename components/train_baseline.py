@@ -8,8 +8,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 
 @dsl.container_component
 def train_baseline(
-    dataset: dsl.Input[dsl.Dataset],
-    splits: dsl.Input[dsl.Artifact],
+    shards: dsl.Input[dsl.Artifact],
     baseline: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     backbone: str = TRAIN.model.backbone,
@@ -29,8 +28,7 @@ def train_baseline(
     """train_baseline: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
 
     Args:
-        dataset: The dataset folder (labels.csv + images).
-        splits: make_splits output.
+        shards: pack_shards output: the packed splits, streamed through a bounded local cache.
         backbone: timm model name.
         pretrained: Load the hub's pretrained weights for the backbone.
         weights_uri: Backbone weights file (local path or s3:// URI) used instead of the hub.
@@ -56,10 +54,8 @@ def train_baseline(
         image=TRAIN_IMAGE,
         command=[*ENTRYPOINT, "train-baseline"],
         args=[
-            "--dataset",
-            dataset.path,
-            "--splits",
-            splits.path,
+            "--shards",
+            shards.path,
             dsl.IfPresentPlaceholder(input_name="explora", then=["--explora", explora.path]),
             "--out",
             baseline.path,

@@ -7,8 +7,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 @dsl.container_component
 def train_gate(
     baseline: dsl.Input[dsl.Model],
-    dataset: dsl.Input[dsl.Dataset],
-    splits: dsl.Input[dsl.Artifact],
+    shards: dsl.Input[dsl.Artifact],
     gate: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.Markdown],
@@ -26,8 +25,7 @@ def train_gate(
 
     Args:
         baseline: train_baseline output.
-        dataset: The dataset folder train_baseline was trained on.
-        splits: The make_splits output train_baseline was trained on.
+        shards: The pack_shards output train_baseline was trained on.
         views: What the gate learns on: challenge (validator-style views of train and val_select) or clean.
         train_views: Challenge views per train and val_select image.
         hidden: Hidden units of the MLP.
@@ -47,10 +45,8 @@ def train_gate(
         args=[
             "--baseline",
             baseline.path,
-            "--dataset",
-            dataset.path,
-            "--splits",
-            splits.path,
+            "--shards",
+            shards.path,
             "--out",
             gate.path,
             *KFP_RUN,

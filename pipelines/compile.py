@@ -66,6 +66,7 @@ LEGACY_FIELDS = {
     "secretAsEnv": {"secretName", "keyToEnv"},
     "nodeSelector": {"labels"},
     "tolerations": {"key", "operator", "value", "effect", "tolerationSeconds"},
+    "emptyDirMounts": {"volumeName", "mountPath", "medium", "sizeLimit"},  # since kfp-kubernetes 1.3
 }
 
 

@@ -167,6 +167,9 @@ def _signature(p: Plan) -> tuple[inspect.Signature, str]:
     return inspect.Signature(params), "\n".join(doc)
 
 
+SCRATCH = "/scratch"  # the emptyDir of a step with a scratch size: its TMPDIR
+
+
 def _with_resources(task, cpu: str, memory: str):
     return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
 
@@ -201,11 +204,19 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
     p = compile_plan(variant)
     signature, args_doc = _signature(p)
 
-    def place(task, image: str):
-        """Credentials for every step; a training step gets GPU, placement and bigger requests."""
+    def place(task, phase=None):
+        """Credentials for every step; a training step gets GPU, placement and bigger requests; a step
+        that streams or packs gets an emptyDir of its scratch size as its temporary folder."""
         _with_credentials(task, options)
-        if image == "train":
+        if phase is not None and phase.scratch:
+            kubernetes.empty_dir_mount(
+                task, volume_name="scratch", mount_path=SCRATCH, size_limit=phase.scratch
+            )
+            task.set_env_variable("TMPDIR", SCRATCH)
+        if phase is not None and phase.gpu:
             return _on_training_nodes(task, options)
+        if phase is not None and phase.image == "train":
+            return _with_resources(task, options.train_cpu, options.train_memory)
         return _with_resources(task, options.step_cpu, options.step_memory)
 
     def pipeline(*channels):
@@ -214,7 +225,7 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
         dataset.set_display_name("dataset")
         # The importer does not look at the data: a dataset rewritten in place keeps its URI. A never-cached
         # fingerprint of its listing feeds make_splits, so the cache key of every step follows the content.
-        fingerprint = place(dataset_fingerprint(dataset_uri=values["dataset_uri"]), "base")
+        fingerprint = place(dataset_fingerprint(dataset_uri=values["dataset_uri"]))
         fingerprint.set_caching_options(False)
         fingerprint.set_display_name("dataset-fingerprint")
         made = {}
@@ -229,7 +240,7 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
             kwargs.update(p.constants[stem])
             kwargs.update({arg: values[name] for name, targets in p.parameters.items()
                            for s, arg in targets if s == stem})  # fmt: skip
-            task = place(component(stem)(**kwargs), phase.image)
+            task = place(component(stem)(**kwargs), phase)
             if phase.checkpoints:
                 # Only training is retried: a preempted GPU node is worth another try, and it resumes
                 # from its checkpoints. Bad input and the release gate fail the same way every time (exit

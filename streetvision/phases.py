@@ -54,6 +54,12 @@ class Phase:
     # input b as its own b (the policy was swept on this train_baseline). A dataset and splits are checked by
     # content (``make_splits.split_dataset``).
     belongs: tuple[tuple[str, str], ...] = ()
+    # Reads the dataset where it is (its index, ranged reads of what it needs), never a local copy of it.
+    in_place: bool = False
+    gpu: bool = False  # trains or scores a network: placed on the training nodes, with the GPUs asked for
+    # Local disk it needs beyond its outputs (a streaming cache, a packing window): on Kubeflow an emptyDir
+    # of this size holds its temporary folder.
+    scratch: str = ""
 
     @property
     def command(self) -> str:
@@ -72,31 +78,48 @@ PHASES: tuple[Phase, ...] = (
         "stratified train/val_select/val_calib/val_test splits",
         {"dataset": DATASET},
         "base",
-        input_help={"dataset": "dataset folder or s3:// prefix holding labels.csv"},
+        input_help={
+            "dataset": "dataset folder or s3:// prefix: labels.csv, parquet shards or a folder per class"
+        },
+        in_place=True,
+    ),
+    Phase(
+        "pack_shards",
+        "decode every image once and write each split as litdata chunks, for streaming",
+        {"dataset": DATASET, "splits": "make_splits"},
+        "train",
+        {"metrics": "system.Metrics"},
+        input_help={"splits": "make_splits output: the splits to pack, made from this dataset"},
+        in_place=True,
+        scratch="4Gi",  # a chunk per split being written and the window of images being decoded
     ),
     Phase(
         "adapt_explora",
         "ExPLoRA, self-supervised adaptation of a ViT backbone to the train split's images",
-        {"dataset": DATASET, "splits": "make_splits"},
+        {"shards": "pack_shards"},
         "train",
         {"metrics": "system.Metrics"},
-        input_help={"splits": "make_splits output: only its train split's images are read"},
+        input_help={"shards": "pack_shards output: only its train split's images are read"},
         optional=True,
         checkpoints=True,
+        gpu=True,
+        scratch="10Gi",  # data.cache_bytes (8 GiB) and litdata's chunks in flight
     ),
     Phase(
         "train_baseline",
         "train the timm + Lightning classifier",
-        {"dataset": DATASET, "splits": "make_splits", "explora": "adapt_explora"},
+        {"shards": "pack_shards", "explora": "adapt_explora"},
         "train",
         {"metrics": "system.Metrics"},
         input_help={
-            "splits": "make_splits output directory or URI",
+            "shards": "pack_shards output directory or URI: the packed splits, streamed",
             "explora": "adapt_explora output: its adapted backbone is the starting point (optional)",
         },
         optional_inputs={"explora": WHEN_GIVEN},
         checkpoints=True,
-        belongs=(("explora", "splits"),),
+        belongs=(("explora", "shards"),),
+        gpu=True,
+        scratch="10Gi",
     ),
     Phase(
         "sweep_thresholds",
@@ -113,15 +136,17 @@ PHASES: tuple[Phase, ...] = (
     Phase(
         "train_gate",
         "a learned gate that scores whether train_baseline's decision is right (answer or defer)",
-        {"baseline": "train_baseline", "dataset": DATASET, "splits": "make_splits"},
+        {"baseline": "train_baseline", "shards": "pack_shards"},
         "train",
         {"metrics": "system.Metrics", "report": "system.Markdown"},
         input_help={
             "baseline": "train_baseline output directory or URI",
-            "splits": "the make_splits output train_baseline was trained on",
+            "shards": "the pack_shards output train_baseline was trained on",
         },
         optional=True,
-        belongs=(("baseline", "splits"),),
+        belongs=(("baseline", "shards"),),
+        gpu=True,
+        scratch="10Gi",
     ),
     Phase(
         "calibrate_scrc",
@@ -213,6 +238,7 @@ PARAMETERS: dict[str, Parameter] = {
     "pretrained": Parameter("model.pretrained", "Load the hub's pretrained backbone weights."),
     "weights_uri": Parameter("model.weights", "Backbone weights file (s3:// URI) used instead of the hub; empty for the hub."),
     "freeze_backbone": Parameter("model.freeze_backbone", "Train the head only."),
+    "max_side": Parameter("pack.max_side", "pack_shards: images whose shorter side is longer are scaled down to it (0: the original bytes)."),
     "epochs": Parameter("trainer.max_epochs", "Maximum training epochs of train_baseline (early stopping on val_select MCC may end sooner)."),
     "lr": Parameter("model.lr", "Learning rate of train_baseline."),
     "batch_size": Parameter("data.batch_size", "Images per batch (adapt_explora, train_baseline and train_gate)."),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from streetvision.config import ConfigError, load_config, read_yaml, to_dict
-from streetvision.data.dataset import content_identity
+from streetvision.data.dataset import content_identity, fingerprint
 from streetvision.errors import StreetVisionError
 from streetvision.io import store
 from streetvision.io.manifests import Manifest, ManifestError, redact, sha256_json
@@ -227,6 +227,13 @@ def committed(uri: str, stem: str) -> tuple[Manifest, str] | None:
         return None
 
 
+def _source(config):
+    """A step's dataset settings (the defaults for a step that has none)."""
+    from streetvision.data.dataset import SourceConfig
+
+    return getattr(config, "source", None) or SourceConfig()
+
+
 def stale_reason(stem: str, config, uris: dict[str, str], out: str) -> str | None:
     """Why ``stem`` must run again (None when its committed output is up to date)."""
     try:
@@ -243,7 +250,9 @@ def stale_reason(stem: str, config, uris: dict[str, str], out: str) -> str | Non
     for name, producer in read.items():
         recorded = manifest.inputs.get(name, {})
         if producer is None:
-            if recorded.get("content_sha256") != content_identity(uris[name]):
+            now = fingerprint(uris[name], _source(config)) if "fingerprint" in recorded and BY_STEM[stem].in_place \
+                else content_identity(uris[name], _source(config))  # fmt: skip
+            if recorded.get("fingerprint" if BY_STEM[stem].in_place else "content_sha256") != now:
                 return f"input {name} changed (its images or labels differ from the last run)"
             continue
         upstream = committed(uris[name], producer)

@@ -44,8 +44,10 @@ def s3(s3_server, monkeypatch):
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
     store.client.cache_clear()
+    store.arrow_fs.cache_clear()
     yield f"s3://{s3_server.bucket}/t-{uuid.uuid4().hex[:10]}"
     store.client.cache_clear()
+    store.arrow_fs.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +68,25 @@ def demo_splits(demo_dataset, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_pack(demo_dataset, demo_splits, tmp_path_factory):
+    """The demo splits packed (small chunks: several per split, as a real pack has)."""
+    return pack(demo_dataset, demo_splits, tmp_path_factory.mktemp("pack") / "pack_shards")
+
+
+PACK = ["pack.chunk_bytes=65536", "pack.workers=1"]
+
+
+def pack(dataset, splits, out, *overrides):
+    """pack_shards of a dataset and its splits (the tests' small chunks); returns ``out``."""
+    from streetvision.config import load_config
+    from streetvision.steps import pack_shards
+
+    config = load_config(pack_shards.Config, [], [*PACK, *overrides])
+    pack_shards.run(config, dataset=dataset, splits=splits, out=out)
+    return out
+
+
 TINY_TRAIN = [
     "model.backbone=test_efficientnet",
     "model.pretrained=false",
@@ -80,16 +101,16 @@ TINY_TRAIN = [
 
 
 @pytest.fixture(scope="session")
-def trained(demo_dataset, demo_splits, tmp_path_factory):
-    """A real train_baseline and sweep_thresholds output from a tiny model: {'baseline', 'policy', 'splits', 'dataset'}."""
+def trained(demo_dataset, demo_splits, demo_pack, tmp_path_factory):
+    """A real train_baseline and sweep_thresholds output from a tiny model: {'baseline', 'policy', 'splits',
+    'dataset', 'shards'}."""
     from streetvision.config import load_config
     from streetvision.steps import sweep_thresholds, train_baseline
 
     root = tmp_path_factory.mktemp("trained")
     train_baseline.run(
         load_config(train_baseline.Config, [], TINY_TRAIN),
-        dataset=demo_dataset,
-        splits=demo_splits,
+        shards=demo_pack,
         out=root / "train_baseline",
     )
     sweep_thresholds.run(
@@ -100,6 +121,7 @@ def trained(demo_dataset, demo_splits, tmp_path_factory):
         "policy": root / "sweep_thresholds",
         "splits": demo_splits,
         "dataset": demo_dataset,
+        "shards": demo_pack,
     }
 
 
@@ -153,6 +175,7 @@ def world(trained, tmp_path_factory):
     assert main(["make-splits", "--dataset", str(other), "--out", str(root / "other_splits")]) == 0
     from baseline_fake import fake_baseline, separable_logits
 
+    pack(other, root / "other_splits", root / "other_shards")
     logits, labels = separable_logits(60, seed=3)
     fake_baseline(root / "other_baseline", logits, labels)
     assert (
@@ -169,16 +192,16 @@ def world(trained, tmp_path_factory):
     )
     image = sorted((trained["dataset"] / "images").iterdir())[0]
     gate = root / "train_gate"
-    code = main(["train-gate", "--baseline", str(trained["baseline"]), "--dataset", str(trained["dataset"]),
-                 "--splits", str(trained["splits"]), "--out", str(gate), *GATE])  # fmt: skip
+    code = main(["train-gate", "--baseline", str(trained["baseline"]), "--shards", str(trained["shards"]),
+                 "--out", str(gate), *GATE])  # fmt: skip
     assert code == 0
     explora = root / "adapt_explora"
-    code = main(["adapt-explora", "--dataset", str(trained["dataset"]), "--splits", str(trained["splits"]),
-                 "--out", str(explora), *EXPLORA])  # fmt: skip
+    code = main(["adapt-explora", "--shards", str(trained["shards"]), "--out", str(explora), *EXPLORA])
     assert code == 0
     return {**trained, "bundle": bundle, "root": root, "image": image, "other_data": other, "gate": gate,
             "explora": explora,
-            "other_splits": root / "other_splits", "other_policy": root / "other_policy",
+            "other_splits": root / "other_splits", "other_shards": root / "other_shards",
+            "other_policy": root / "other_policy",
             "other_baseline": root / "other_baseline"}  # fmt: skip
 
 
@@ -187,10 +210,11 @@ def step_commands(world) -> dict[str, list]:
     w = {k: str(v) for k, v in world.items()}
     return {
         "make_splits": ["make-splits", "--dataset", w["dataset"]],
-        "train_baseline": ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], *TINY_TRAIN],
+        "pack_shards": ["pack-shards", "--dataset", w["dataset"], "--splits", w["splits"], *PACK],
+        "train_baseline": ["train-baseline", "--shards", w["shards"], *TINY_TRAIN],
         "sweep_thresholds": ["sweep-thresholds", "--baseline", w["baseline"]],
-        "train_gate": ["train-gate", "--baseline", w["baseline"], "--dataset", w["dataset"], "--splits", w["splits"], *GATE],
-        "adapt_explora": ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"], *EXPLORA],
+        "train_gate": ["train-gate", "--baseline", w["baseline"], "--shards", w["shards"], *GATE],
+        "adapt_explora": ["adapt-explora", "--shards", w["shards"], *EXPLORA],
         "calibrate_scrc": ["calibrate-scrc", "--baseline", w["baseline"], "scrc.alpha=0.9"],  # a tiny val_calib
         "export_bundle": ["export-bundle", "--baseline", w["baseline"], "--policy", w["policy"], "--splits", w["splits"]],
     }  # fmt: skip

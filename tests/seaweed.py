@@ -106,6 +106,9 @@ def start(
     cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     cmd += [f"-{flag}={port}" for flag, port in ports.items()]
     cmd += [f"-s3.localSocket={scratch / 's3.sock'}", f"-filer.localSocket={scratch / 'filer.sock'}"]
+    # The Iceberg and Lance catalogue servers listen on fixed ports (8181, 9101): off, so that two servers
+    # (two test workers, a test run beside another) never collide.
+    cmd += ["-s3.port.iceberg=0", "-s3.port.lance=0"]
     log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", bucket, access, secret, proc, data_dir, ports)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN, run_cli
+from conftest import PACK, TINY_TRAIN, pack, run_cli
 from poison import poisoned_copy
 
 from streetvision.config import load_config
@@ -34,9 +34,10 @@ def cli(*args, **kw):
     )
 
 
-def adapt(dataset, splits, out, *overrides):
-    return adapt_explora.run(load_config(adapt_explora.Config, [], [*QUICK, *overrides]), dataset=dataset,
-                             splits=splits, out=out)  # fmt: skip
+def adapt(shards, out, *overrides):
+    return adapt_explora.run(
+        load_config(adapt_explora.Config, [], [*QUICK, *overrides]), shards=shards, out=out
+    )
 
 
 def vit(name="test_vit", **kw):
@@ -153,16 +154,16 @@ def test_merged_adapters_give_the_adapted_outputs_and_load_into_timm_by_its_own_
 
 
 @pytest.fixture(scope="module")
-def adapted(demo_dataset, demo_splits, tmp_path_factory):
+def adapted(demo_pack, tmp_path_factory):
     out = tmp_path_factory.mktemp("explora") / "adapt_explora"
-    r = cli("adapt-explora", "--dataset", demo_dataset, "--splits", demo_splits, "--out", out, *QUICK)
+    r = cli("adapt-explora", "--shards", demo_pack, "--out", out, *QUICK)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout
 
 
 @pytest.mark.slow
 def test_adapting_commits_a_timm_loadable_merged_backbone_and_the_loss_decreases(
-    adapted, demo_dataset, demo_splits
+    adapted, demo_splits, demo_pack
 ):
     out, stdout = adapted
     m = verify_dir(out, "adapt_explora")
@@ -172,6 +173,7 @@ def test_adapting_commits_a_timm_loadable_merged_backbone_and_the_loss_decreases
     assert f"{info['trainable']['total']:,} trainable backbone parameters" in stdout  # printed
     assert m.metrics["last_epoch_loss"] < m.metrics["first_epoch_loss"]  # self-distillation learns
     assert m.metrics["merge_max_abs_diff"] <= info["merge_tolerance"]
+    assert m.inputs["shards"]["manifest_sha256"] == input_record(demo_pack)["manifest_sha256"]
     assert m.inputs["splits"]["manifest_sha256"] == input_record(demo_splits)["manifest_sha256"]
     assert info["images"] == {
         "train": len(json.loads((demo_splits / "splits.json").read_text())["train"]),
@@ -186,11 +188,11 @@ def test_adapting_commits_a_timm_loadable_merged_backbone_and_the_loss_decreases
 
 @pytest.mark.slow
 def test_phase_1_trains_on_the_adapted_backbone_to_a_verified_bundle_with_the_lineage_chain(
-    adapted, demo_dataset, demo_splits, tmp_path
+    adapted, demo_splits, demo_pack, tmp_path
 ):
     out, _ = adapted
     p1 = tmp_path / "p1"
-    r = cli("train-baseline", "--dataset", demo_dataset, "--splits", demo_splits, "--explora", out, "--out", p1,
+    r = cli("train-baseline", "--shards", demo_pack, "--explora", out, "--out", p1,
             "model.backbone=test_vit", "model.pretrained=false", "data.image_size=64", "trainer.max_epochs=1",
             "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=1")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
@@ -204,24 +206,27 @@ def test_phase_1_trains_on_the_adapted_backbone_to_a_verified_bundle_with_the_li
     assert bundle["lineage"]["baseline"]["manifest_sha256"] == input_record(p1)["manifest_sha256"]
     assert cli("verify", tmp_path / "b").returncode == 0
     # model.weights naming the adapt_explora folder is the same input; another backbone is refused in one line.
-    r = cli("train-baseline", "--dataset", demo_dataset, "--splits", demo_splits, "--out", tmp_path / "p1b",
+    r = cli("train-baseline", "--shards", demo_pack, "--out", tmp_path / "p1b",
             "model.backbone=test_vit", f"model.weights={out}", "data.image_size=96", "trainer.max_epochs=1",
             "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=0")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert verify_dir(tmp_path / "p1b").inputs["explora"]["uri"] == str(out)
-    r = cli("train-baseline", "--dataset", demo_dataset, "--splits", demo_splits, "--explora", out,
-            "--out", tmp_path / "p1c", *TINY_TRAIN)  # fmt: skip
+    r = cli("train-baseline", "--shards", demo_pack, "--explora", out, "--out", tmp_path / "p1c", *TINY_TRAIN)
     assert r.returncode == 2 and "adapted test_vit, but model.backbone is test_efficientnet" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_val_select_val_calib_and_val_test_never_reach_the_adaptation(demo_dataset, demo_splits, tmp_path):
+def test_val_select_val_calib_and_val_test_never_reach_the_adaptation(
+    demo_dataset, demo_splits, demo_pack, tmp_path
+):
     """Scramble every image outside train and flip its label: the adapted backbone must not change."""
     poisoned, same_splits = poisoned_copy(demo_dataset, demo_splits, tmp_path,
                                           scramble=("val_select", "val_calib", "val_test"))  # fmt: skip
-    clean = adapt(demo_dataset, demo_splits, tmp_path / "clean", "trainer.max_epochs=2")
-    dirty = adapt(poisoned, same_splits, tmp_path / "dirty", "trainer.max_epochs=2")
+    clean = adapt(demo_pack, tmp_path / "clean", "trainer.max_epochs=2")
+    dirty = adapt(
+        pack(poisoned, same_splits, tmp_path / "dirty_pack"), tmp_path / "dirty", "trainer.max_epochs=2"
+    )
     assert clean.outputs["backbone.safetensors"]["sha256"] == dirty.outputs["backbone.safetensors"]["sha256"]
     assert clean.outputs["history.csv"]["sha256"] == dirty.outputs["history.csv"]["sha256"]
     assert clean.inputs["dataset"]["content_sha256"] != dirty.inputs["dataset"]["content_sha256"]
@@ -229,7 +234,11 @@ def test_val_select_val_calib_and_val_test_never_reach_the_adaptation(demo_datas
     train_poisoned, train_splits = poisoned_copy(
         demo_dataset, demo_splits, tmp_path / "t", scramble=("train",)
     )
-    moved = adapt(train_poisoned, train_splits, tmp_path / "moved", "trainer.max_epochs=2")
+    moved = adapt(
+        pack(train_poisoned, train_splits, tmp_path / "moved_pack"),
+        tmp_path / "moved",
+        "trainer.max_epochs=2",
+    )
     assert moved.outputs["backbone.safetensors"]["sha256"] != clean.outputs["backbone.safetensors"]["sha256"]
 
 
@@ -240,7 +249,11 @@ def test_runs_on_the_object_store_with_extra_images(s3, demo_dataset, demo_split
     store.upload_tree(demo_dataset, f"{s3}/data")
     store.upload_dir(demo_splits, f"{s3}/splits")
     store.upload_tree(demo_dataset / "images", f"{s3}/extra")  # unlabelled street images
-    r = cli("adapt-explora", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits", "--out", f"{s3}/p4", *QUICK,
+    r = cli(
+        "pack-shards", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits", "--out", f"{s3}/shards", *PACK
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("adapt-explora", "--shards", f"{s3}/shards", "--out", f"{s3}/p4", *QUICK,
             "trainer.max_epochs=1", f"explora.extra_images={s3}/extra")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     manifest, _ = store.verified(f"{s3}/p4", "adapt_explora")
@@ -249,14 +262,14 @@ def test_runs_on_the_object_store_with_extra_images(s3, demo_dataset, demo_split
         and manifest.inputs["extra_images"]["images"] == "80"
     )
     assert manifest.inputs["dataset"]["uri"] == f"{s3}/data"
-    r = cli("train-baseline", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits", "--explora", f"{s3}/p4",
+    r = cli("train-baseline", "--shards", f"{s3}/shards", "--explora", f"{s3}/p4",
             "--out", f"{s3}/p1", "model.backbone=test_vit", "data.image_size=64", "trainer.max_epochs=1",
             "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=0")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert store.verified(f"{s3}/p1", "train_baseline")[0].inputs["explora"]["uri"] == f"{s3}/p4"
 
 
-def test_what_explora_cannot_adapt_is_one_line_before_any_work(demo_dataset, demo_splits, tmp_path, capsys):
+def test_what_explora_cannot_adapt_is_one_line_before_any_work(demo_pack, tmp_path, capsys):
     bad = tmp_path / "extra"
     bad.mkdir()
     (bad / "broken.jpg").write_text("not an image")
@@ -271,20 +284,18 @@ def test_what_explora_cannot_adapt_is_one_line_before_any_work(demo_dataset, dem
         extra,
         expect,
     ) in cases:  # in this process: the CLI's one line without paying torch's import five times
-        code, _, err = run_cli(capsys, ["adapt-explora", "--dataset", demo_dataset, "--splits", demo_splits,
-                                        "--out", tmp_path / "o", *QUICK, *extra])  # fmt: skip
+        code, _, err = run_cli(capsys, ["adapt-explora", "--shards", demo_pack, "--out", tmp_path / "o", *QUICK,
+                                        *extra])  # fmt: skip
         assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, (extra, err)
         assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
-def test_an_adaptation_killed_after_an_epoch_resumes_to_identical_weights(
-    demo_dataset, demo_splits, tmp_path
-):
+def test_an_adaptation_killed_after_an_epoch_resumes_to_identical_weights(demo_pack, tmp_path):
     from streetvision.models.checkpoint import CHECKPOINT, load
 
     def argv(out, ckpt):
-        return ["adapt-explora", "--dataset", demo_dataset, "--splits", demo_splits, "--out", out, *QUICK,
+        return ["adapt-explora", "--shards", demo_pack, "--out", out, *QUICK,
                 "trainer.max_epochs=4", f"trainer.checkpoint_uri={ckpt}"]  # fmt: skip
 
     assert cli(*argv(tmp_path / "whole", tmp_path / "ck-whole")).returncode == 0
@@ -309,15 +320,11 @@ def test_an_adaptation_killed_after_an_epoch_resumes_to_identical_weights(
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_commits_once_with_the_centre_and_teacher_in_step(
-    demo_dataset, demo_splits, tmp_path
-):
+def test_ddp_on_two_cpu_processes_commits_once_with_the_centre_and_teacher_in_step(demo_pack, tmp_path):
     """Two gloo ranks: each sees half the train split, the centre is averaged over both, rank 0 commits."""
     ddp = [o for o in QUICK if not o.startswith("trainer.devices")] + ["trainer.devices=2", "trainer.strategy=ddp",
                                                                        "trainer.max_epochs=2"]  # fmt: skip
-    r = cli(
-        "adapt-explora", "--dataset", demo_dataset, "--splits", demo_splits, "--out", tmp_path / "ddp", *ddp
-    )
+    r = cli("adapt-explora", "--shards", demo_pack, "--out", tmp_path / "ddp", *ddp)
     assert r.returncode == 0, r.stderr[-3000:]
     m = verify_dir(tmp_path / "ddp", "adapt_explora")
     assert m.extra["world_size"] == 2 and m.metrics["merge_max_abs_diff"] <= adapt_explora.MERGE_TOLERANCE
@@ -332,7 +339,7 @@ def test_streetvision_run_runs_phase_4_before_phase_1_when_named(tmp_path):
                 "data.image_size=64", "data.batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                 "trainer.devices=1", "data.local_crops=2", "explora.prototypes=256", "eval.challenge_views=1",
                 "adapt_explora.trainer.max_epochs=2"]  # fmt: skip
-    phases = "pipeline.phases=[make_splits,adapt_explora,train_baseline,sweep_thresholds,export_bundle]"
+    phases = "pipeline.phases=[make_splits,pack_shards,adapt_explora,train_baseline,sweep_thresholds,export_bundle]"
     summary = run_local(str(tmp_path / "run"), overrides=[*settings, phases])
     assert all(
         summary["steps"][s].startswith("ran") for s in ("adapt_explora", "train_baseline", "export_bundle")
@@ -349,18 +356,20 @@ def test_streetvision_run_runs_phase_4_before_phase_1_when_named(tmp_path):
     # Without adapt_explora, train_baseline no longer reads it: it trains again, from the hub's (here random) weights.
     without = run_local(
         str(tmp_path / "run"),
-        overrides=[*settings, "pipeline.phases=[make_splits,train_baseline,sweep_thresholds,export_bundle]"],
+        overrides=[
+            *settings,
+            "pipeline.phases=[make_splits,pack_shards,train_baseline,sweep_thresholds,export_bundle]",
+        ],
     )
     assert without["steps"]["train_baseline"].startswith("ran")
     assert "explora" not in verify_dir(tmp_path / "run" / "train_baseline").inputs
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_trains_the_same_weights(demo_dataset, demo_splits, tmp_path):
-    plain = adapt(demo_dataset, demo_splits, tmp_path / "plain", "trainer.max_epochs=1")
+def test_gradient_checkpointing_trains_the_same_weights(demo_pack, tmp_path):
+    plain = adapt(demo_pack, tmp_path / "plain", "trainer.max_epochs=1")
     saved = adapt(
-        demo_dataset,
-        demo_splits,
+        demo_pack,
         tmp_path / "ckpt",
         "trainer.max_epochs=1",
         "explora.gradient_checkpointing=true",

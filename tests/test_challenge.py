@@ -169,7 +169,7 @@ def test_challenge_augmentation_draws_from_torchs_generator(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_on_challenge_views_turns_the_feature_cache_off(demo_dataset, demo_splits, tmp_path):
+def test_training_on_challenge_views_turns_the_feature_cache_off(demo_pack, tmp_path):
     from streetvision.config import load_config
     from streetvision.io.manifests import verify_dir
     from streetvision.steps import train_baseline
@@ -178,7 +178,7 @@ def test_training_on_challenge_views_turns_the_feature_cache_off(demo_dataset, d
                  "data.image_size=64", "data.augment=challenge", "trainer.max_epochs=1",
                  "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=2"]  # fmt: skip
     cfg = load_config(train_baseline.Config, [], overrides)
-    train_baseline.run(cfg, dataset=demo_dataset, splits=demo_splits, out=tmp_path / "p1")
+    train_baseline.run(cfg, shards=demo_pack, out=tmp_path / "p1")
     m = verify_dir(tmp_path / "p1", "train_baseline")
     assert m.extra["feature_cache"] is False
     calib = np.load(tmp_path / "p1" / "labels_val_calib.npy")

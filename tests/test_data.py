@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from streetvision.config import load_config
-from streetvision.data.dataset import DataError, load_index
+from streetvision.data.dataset import DataError, content_identity, load_index, with_content
 from streetvision.data.demo import write_demo_dataset
 from streetvision.data.images import load_rgb
 from streetvision.data.splits import SplitError, stratified_split
@@ -62,7 +62,7 @@ def rows_of(root):
         ),
         (
             lambda r, rows: rewrite_index(r, [(rows[0][0], "2"), *rows[1:]]),
-            "label outside {0,1}: 1 (line 2 ('2'))",
+            "label outside source.labels: 1 (line 2 ('2'))",
         ),
         (lambda r, rows: rewrite_index(r, rows + [rows[0]]), "duplicate id: 1"),
         (lambda r, rows: rewrite_index(r, []), "empty index"),
@@ -85,8 +85,9 @@ def test_truncated_and_unreadable_images_are_named_with_their_count(dataset_copy
     data = (dataset_copy / names[0]).read_bytes()
     (dataset_copy / names[0]).write_bytes(data[: len(data) // 2])
     (dataset_copy / names[1]).write_bytes(b"not an image at all")
+    load_index(dataset_copy)  # the index alone is read: make_splits never decodes an image
     with pytest.raises(DataError, match=r"unreadable or truncated image: 2 \(" + names[0]):
-        load_index(dataset_copy)
+        with_content(load_index(dataset_copy))
 
 
 def test_symlink_leaving_the_dataset_is_rejected(dataset_copy, tmp_path):
@@ -117,13 +118,15 @@ def test_one_image_listed_under_two_spellings_is_refused_as_a_duplicate(dataset_
 
 def test_an_image_is_known_by_its_normal_spelling_and_the_identity_follows_the_files(dataset_copy):
     before = load_index(dataset_copy)
+    content_identity_before = content_identity(dataset_copy)
     rows = rows_of(dataset_copy)
     rewrite_index(dataset_copy, [(f"./{rows[0][0]}", rows[0][1]), *rows[1:]])
     after = load_index(dataset_copy)
-    assert after.ids == before.ids
-    assert after.content_sha256 != before.content_sha256  # the index's bytes changed
-    rewrite_index(dataset_copy, rows)
-    assert load_index(dataset_copy).content_sha256 == before.content_sha256
+    assert after.ids == before.ids  # one id, however the index spells it ...
+    assert after.index_sha256 == before.index_sha256  # ... so one identity: ids and labels, not bytes
+    assert content_identity(dataset_copy) == content_identity_before
+    (dataset_copy / rows[1][0]).write_bytes((dataset_copy / rows[2][0]).read_bytes())
+    assert content_identity(dataset_copy) != content_identity_before  # an image's bytes changed
 
 
 def test_a_nul_byte_in_an_image_path_is_a_bad_row(dataset_copy):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from baseline_fake import reseal
-from conftest import EXPLORA, GATE, ON_EXPLORA, TINY_TRAIN, one_line, run_cli, step_commands
+from conftest import EXPLORA, GATE, ON_EXPLORA, PACK, TINY_TRAIN, one_line, run_cli, step_commands
 
 from streetvision.io.manifests import MANIFEST, verify_dir
 from streetvision.io.outputs import StepOutputs
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 STEP_OF = {
     "splits": "make_splits",
+    "shards": "pack_shards",
     "baseline": "train_baseline",
     "policy": "sweep_thresholds",
     "bundle": "export_bundle",
@@ -81,6 +82,8 @@ def _bad_datasets(world, base: Path) -> list[tuple[str, Path, str]]:
     variant("not-an-image", lambda d: (d / first).write_text("hello"), "unreadable")
     return cases
 
+
+IMAGE_CONTENT = ("truncated", "not-an-image")  # bad bytes, found by the one phase that decodes: pack_shards
 
 CONFIG_CASES = {
     "make_splits": [
@@ -182,15 +185,18 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
     a_file.write_text("not a folder")
     inputs = {
         "make_splits": {"dataset": w["dataset"]},
-        "train_baseline": {"dataset": w["dataset"], "splits": w["splits"]},
+        "pack_shards": {"dataset": w["dataset"], "splits": w["splits"]},
+        "train_baseline": {"shards": w["shards"]},
         "sweep_thresholds": {"baseline": w["baseline"]},
-        "train_gate": {"baseline": w["baseline"], "dataset": w["dataset"], "splits": w["splits"]},
-        "adapt_explora": {"dataset": w["dataset"], "splits": w["splits"]},
+        "train_gate": {"baseline": w["baseline"], "shards": w["shards"]},
+        "adapt_explora": {"shards": w["shards"]},
         "export_bundle": {"baseline": w["baseline"], "policy": w["policy"], "splits": w["splits"]},
     }
-    expected = {"splits": "make_splits", "baseline": "train_baseline", "policy": "sweep_thresholds"}
+    expected = {"splits": "make_splits", "shards": "pack_shards", "baseline": "train_baseline",
+                "policy": "sweep_thresholds"}  # fmt: skip
     for stem, flags in inputs.items():
-        extra = {"train_baseline": TINY_TRAIN, "train_gate": GATE, "adapt_explora": EXPLORA}.get(stem, [])
+        extra = {"train_baseline": TINY_TRAIN, "train_gate": GATE, "adapt_explora": EXPLORA,
+                 "pack_shards": PACK}.get(stem, [])  # fmt: skip
         for flag in flags:
             wrong: list[tuple[str, str]] = [(str(base / "missing"), "missing"), (str(a_file), "a-file.txt"),
                                            ("s3://", "s3 URI without a bucket")]  # fmt: skip
@@ -200,7 +206,7 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
                 wrong += [(w["dataset"], "no manifest.json")]
                 wrong += [
                     (w[k], "commit")
-                    for k in ("splits", "baseline", "policy", "bundle", "gate", "explora")
+                    for k in ("splits", "shards", "baseline", "policy", "bundle", "gate", "explora")
                     if STEP_OF[k] != expected[flag]
                 ]
             for value, expect in wrong:
@@ -262,35 +268,32 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
     # Checkpoints and run ids that would write into a commit, the dataset, the output or outside the root.
     train = [*step_argv["train_baseline"], "--out", "{out}"]
     cases += [
-        ("train:checkpoint in the splits", [*train, f"trainer.checkpoint_uri={w['splits']}"], "trainer.checkpoint_uri"),
-        ("train:checkpoint in the dataset", [*train, f"trainer.checkpoint_uri={w['dataset']}/ck"], "trainer.checkpoint_uri"),
+        ("train:checkpoint in the shards", [*train, f"trainer.checkpoint_uri={w['shards']}"], "trainer.checkpoint_uri"),
+        ("train:checkpoint under the shards", [*train, f"trainer.checkpoint_uri={w['shards']}/ck"], "trainer.checkpoint_uri"),
         ("train:checkpoint in its output", [*train, "trainer.checkpoint_uri={out}/ck"], "trainer.checkpoint_uri"),
-        ("train:checkpoint holding an input", [*train, f"trainer.checkpoint_uri={Path(w['splits']).parent}"],
+        ("train:checkpoint holding an input", [*train, f"trainer.checkpoint_uri={Path(w['shards']).parent}"],
          "trainer.checkpoint_uri"),
         ("train:run id ../splits", [*train, "--run-id", "../s", "--checkpoint-root", str(base / "ck")], "--run-id"),
         ("train:run id absolute", [*train, "--run-id", "/abs", "--checkpoint-root", str(base / "ck")], "--run-id"),
         ("train:run id a URI", [*train, "--run-id", "s3://b/x"], "--run-id"),
-        ("explora:checkpoint in the splits", [*step_argv["adapt_explora"], "--out", "{out}",
-         f"trainer.checkpoint_uri={w['splits']}"], "trainer.checkpoint_uri"),
+        ("explora:checkpoint in the shards", [*step_argv["adapt_explora"], "--out", "{out}",
+         f"trainer.checkpoint_uri={w['shards']}"], "trainer.checkpoint_uri"),
     ]  # fmt: skip
 
     # Inputs that do not belong together.
     cases += [
-        ("train:splits of another dataset", ["train-baseline", "--dataset", w["dataset"], "--splits", w["other_splits"],
-         "--out", "{out}", *TINY_TRAIN], "were made from dataset content"),
-        ("train:dataset of other splits", ["train-baseline", "--dataset", w["other_data"], "--splits", w["splits"],
-         "--out", "{out}", *TINY_TRAIN], "were made from dataset content"),
+        ("pack:splits of another dataset", ["pack-shards", "--dataset", w["dataset"], "--splits", w["other_splits"],
+         "--out", "{out}", *PACK], "were made from a dataset index"),
+        ("pack:dataset of other splits", ["pack-shards", "--dataset", w["other_data"], "--splits", w["splits"],
+         "--out", "{out}", *PACK], "were made from a dataset index"),
         ("export:policy of another model", ["export-bundle", "--baseline", w["baseline"], "--policy", w["other_policy"],
          "--splits", w["splits"], "--out", "{out}"], "do not belong together"),
         ("export:splits of another run", ["export-bundle", "--baseline", w["baseline"], "--policy", w["policy"],
          "--splits", w["other_splits"], "--out", "{out}"], "do not belong together"),
-        # train_baseline was trained on other splits too: the commits' lineage is checked first (steps.start)
-        ("gate:splits of another dataset", ["train-gate", "--baseline", w["baseline"], "--dataset", w["dataset"],
-         "--splits", w["other_splits"], "--out", "{out}", *GATE], "do not belong together"),
-        ("gate:another dataset", ["train-gate", "--baseline", w["baseline"], "--dataset", w["other_data"],
-         "--splits", w["splits"], "--out", "{out}", *GATE], "were made from dataset content"),
-        ("gate:baseline of other splits", ["train-gate", "--baseline", w["other_baseline"], "--dataset", w["dataset"],
-         "--splits", w["splits"], "--out", "{out}", *GATE], "do not belong together"),
+        ("gate:shards of another dataset", ["train-gate", "--baseline", w["baseline"], "--shards", w["other_shards"],
+         "--out", "{out}", *GATE], "do not belong together"),
+        ("gate:baseline of other shards", ["train-gate", "--baseline", w["other_baseline"], "--shards", w["shards"],
+         "--out", "{out}", *GATE], "do not belong together"),
         ("scrc:gate of another baseline", ["calibrate-scrc", "--baseline", w["other_baseline"], "--gate", w["gate"],
          "--out", "{out}", "scrc.confidence=gate"], "do not belong together"),
         ("scrc:gate without its setting", ["calibrate-scrc", "--baseline", w["baseline"], "--gate", w["gate"],
@@ -299,19 +302,19 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
          "scrc.confidence=gate"], "--gate"),
         ("scrc:a baseline as gate", ["calibrate-scrc", "--baseline", w["baseline"], "--gate", w["baseline"],
          "--out", "{out}", "scrc.confidence=gate"], "train_gate"),
-        ("explora:splits of another dataset", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["other_splits"],
-         "--out", "{out}", *EXPLORA], "were made from dataset content"),
-        ("explora:not a ViT", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"], "--out", "{out}",
+        ("explora:a pack as splits", ["adapt-explora", "--shards", w["splits"], "--out", "{out}", *EXPLORA],
+         "pack_shards"),
+        ("explora:not a ViT", ["adapt-explora", "--shards", w["shards"], "--out", "{out}",
          *EXPLORA, "model.backbone=test_efficientnet"], "ExPLoRA adapts timm ViTs"),
-        ("explora:crops off the patch grid", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"],
+        ("explora:crops off the patch grid", ["adapt-explora", "--shards", w["shards"],
          "--out", "{out}", *EXPLORA, "data.image_size=40"], "multiple of the patch size"),
-        ("explora:extra images missing", ["adapt-explora", "--dataset", w["dataset"], "--splits", w["splits"],
+        ("explora:extra images missing", ["adapt-explora", "--shards", w["shards"],
          "--out", "{out}", *EXPLORA, f"explora.extra_images={base / 'missing'}"], "explora.extra_images"),
-        ("train:explora of another backbone", ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"],
+        ("train:explora of another backbone", ["train-baseline", "--shards", w["shards"],
          "--explora", w["explora"], "--out", "{out}", *TINY_TRAIN], "adapted test_vit"),
-        ("train:explora of other splits", ["train-baseline", "--dataset", w["other_data"], "--splits",
-         w["other_splits"], "--explora", w["explora"], "--out", "{out}", *ON_EXPLORA], "do not belong together"),
-        ("train:a gate as explora", ["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"],
+        ("train:explora of other shards", ["train-baseline", "--shards", w["other_shards"],
+         "--explora", w["explora"], "--out", "{out}", *ON_EXPLORA], "do not belong together"),
+        ("train:a gate as explora", ["train-baseline", "--shards", w["shards"],
          "--explora", w["gate"], "--out", "{out}", *ON_EXPLORA], "adapt_explora"),
     ]  # fmt: skip
     # Commits whose manifest agrees with its files, but whose documents are malformed.
@@ -357,11 +360,16 @@ def bad_inputs(world, base: Path) -> list[tuple[str, list, str]]:
         ("sweep:malformed logits", ["sweep-thresholds", "--baseline", baseline, "--out", "{out}"], "val_calib"),
     ]  # fmt: skip
     for name, dataset, expect in _bad_datasets(world, base):
-        cases.append(
-            (f"make_splits:dataset {name}", ["make-splits", "--dataset", dataset, "--out", "{out}"], expect)
-        )
-        cases.append((f"train:dataset {name}", ["train-baseline", "--dataset", dataset, "--splits", w["splits"],
-                                                "--out", "{out}", *TINY_TRAIN], expect))  # fmt: skip
+        if name not in IMAGE_CONTENT:  # make_splits reads ids and labels only
+            cases.append(
+                (
+                    f"make_splits:dataset {name}",
+                    ["make-splits", "--dataset", dataset, "--out", "{out}"],
+                    expect,
+                )
+            )
+        cases.append((f"pack:dataset {name}", ["pack-shards", "--dataset", dataset, "--splits", w["splits"],
+                                               "--out", "{out}", *PACK], expect))  # fmt: skip
 
     # verify, predict, demo-data, and usage errors.
     empty = base / "empty-folder"
@@ -479,6 +487,7 @@ def tampers(main_file: str) -> dict[str, tuple]:
     """name -> (edit(dir, outside), what the error names)."""
 
     def symlink_in(d, outside):
+        (outside / main_file).parent.mkdir(parents=True, exist_ok=True)  # train/index.json: a nested name
         shutil.copy(d / main_file, outside / main_file)
         (d / main_file).unlink()
         (d / main_file).symlink_to(outside / main_file)
@@ -526,8 +535,11 @@ def loaders(world, which: str, tampered: Path, out: Path) -> list[list]:
     w = {k: str(v) for k, v in world.items()}
     t = str(tampered)
     if which == "splits":
-        return [["train-baseline", "--dataset", w["dataset"], "--splits", t, "--out", out, *TINY_TRAIN],
+        return [["pack-shards", "--dataset", w["dataset"], "--splits", t, "--out", out, *PACK],
                 ["export-bundle", "--baseline", w["baseline"], "--policy", w["policy"], "--splits", t, "--out", out]]  # fmt: skip
+    if which == "shards":
+        return [["train-baseline", "--shards", t, "--out", out, *TINY_TRAIN],
+                ["train-gate", "--baseline", w["baseline"], "--shards", t, "--out", out, *GATE]]  # fmt: skip
     if which == "baseline":
         return [["sweep-thresholds", "--baseline", t, "--out", out],
                 ["export-bundle", "--baseline", t, "--policy", w["policy"], "--splits", w["splits"], "--out", out]]  # fmt: skip
@@ -550,13 +562,13 @@ def loaders(world, which: str, tampered: Path, out: Path) -> list[list]:
             ["calibrate-scrc", "--baseline", w["baseline"], "--gate", t, "--out", out, "scrc.confidence=gate"]
         ]
     if which == "explora":
-        return [["train-baseline", "--dataset", w["dataset"], "--splits", w["splits"], "--explora", t, "--out", out,
-                 *ON_EXPLORA]]  # fmt: skip
+        return [["train-baseline", "--shards", w["shards"], "--explora", t, "--out", out, *ON_EXPLORA]]
     return [["predict", "--bundle", t, w["image"]]]
 
 
 MAIN_FILES = {
     "splits": ["splits.json"],
+    "shards": ["samples.json", "train/index.json"],
     "baseline": ["model.safetensors", "logits_val_calib.npy"],
     "policy": ["thresholds.json"],
     "bundle": ["bundle.json", "model.safetensors"],
@@ -631,8 +643,8 @@ def test_overlapping_splits_and_splits_committed_as_another_step_are_refused(wor
         out = StepOutputs(tmp_path / step, step)
         out.write_json("splits.json", parts)
         out.commit(config={}, inputs={"dataset": dataset_input(load_index(world["dataset"]))})
-        code, _, err = run_cli(capsys, ["train-baseline", "--dataset", world["dataset"], "--splits", tmp_path / step,
-                                        "--out", tmp_path / "p1", *TINY_TRAIN])  # fmt: skip
+        code, _, err = run_cli(capsys, ["pack-shards", "--dataset", world["dataset"], "--splits", tmp_path / step,
+                                        "--out", tmp_path / "p1", *PACK])  # fmt: skip
         assert code == 2 and one_line(err) and expect in err, err
 
 

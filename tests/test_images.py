@@ -80,10 +80,12 @@ def test_base_image_has_no_torch_and_train_image_has_the_stack(images):
     assert base.stdout.strip() == "[]" and train.stdout.strip() == "['torch', 'timm', 'lightning']"
 
 
-def test_base_image_stays_under_500_mb(images):
+def test_base_image_stays_under_600_mb(images):
+    """571 MB measured: pyarrow (170 MB installed), for Hugging Face parquet datasets, moved it past the
+    500 MB it held before; the limit keeps the next addition from passing unnoticed."""
     size = int(docker("image", "inspect", "--format", "{{.Size}}", images["base"]).stdout)
     print(f"base image {size / 1e6:.0f} MB")
-    assert size < 500e6
+    assert size < 600e6
 
 
 def test_a_phase_runs_with_docker_run_on_a_mounted_folder(images, shared):
@@ -174,6 +176,7 @@ def test_the_readme_kfp_local_snippet_runs_the_compiled_pipeline_in_containers(i
     made = commits(run_dir)
     assert set(made) == {
         "make_splits",
+        "pack_shards",
         "train_baseline",
         "sweep_thresholds",
         "export_bundle",
@@ -226,7 +229,7 @@ def local_run(tmp_path, variant: str, **parameters) -> dict[str, Path]:
 def test_the_scrc_variants_of_the_compiled_pipeline_run_in_containers(images, tmp_path, confidence):
     variant = "streetvision-scrc-gate" if confidence == "gate" else "streetvision-scrc"
     made = local_run(tmp_path, variant, backbone="test_efficientnet", scrc_alpha=0.5)
-    phases = {"make_splits", "train_baseline", "calibrate_scrc", "export_bundle"}
+    phases = {"make_splits", "pack_shards", "train_baseline", "calibrate_scrc", "export_bundle"}
     assert set(made) == phases | ({"train_gate"} if confidence == "gate" else set())  # no other branch ran
     verify_path(str(made["export_bundle"]))
     b = json.loads((made["export_bundle"] / "bundle.json").read_text())
@@ -241,6 +244,7 @@ def test_the_explora_variant_of_the_compiled_pipeline_runs_in_containers(images,
     made = local_run(tmp_path, "streetvision-explora", backbone="test_vit", explora_epochs=1)
     assert set(made) == {
         "make_splits",
+        "pack_shards",
         "adapt_explora",
         "train_baseline",
         "sweep_thresholds",

@@ -233,15 +233,21 @@ def test_gpu_and_node_placement_are_compile_options(tmp_path):
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     from components.images import TRAIN_IMAGE
 
-    trains = [name for name, e in executors.items() if e.get("container", {}).get("image") == TRAIN_IMAGE]
-    assert {n.removeprefix("exec-") for n in trains} == {"train-baseline", "train-gate"}
-    for name in trains:  # every step of the training image gets the GPU and the placement
+    images = {name: e.get("container", {}).get("image") for name, e in executors.items()}
+    assert {n.removeprefix("exec-") for n, image in images.items() if image == TRAIN_IMAGE} == {
+        "pack-shards", "train-baseline", "train-gate"
+    }  # fmt: skip
+    trains = ["exec-train-baseline", "exec-train-gate"]  # the phases that run a network: GPU and placement
+    for name in trains:
         assert executors[name]["container"]["resources"]["accelerator"]["resourceCount"] == "1", name
         assert k8s[name]["nodeSelector"]["labels"] == {"pool": "gpu"}, name
         assert k8s[name]["tolerations"][0]["effect"] == "NoSchedule", name
-    for name in set(executors) - set(trains) - {"exec-importer"}:
+    for name in set(executors) - set(trains) - {"exec-importer"}:  # packing decodes images: no GPU
         assert "accelerator" not in executors[name]["container"].get("resources", {}), name
         assert "nodeSelector" not in k8s.get(name, {}), name
+    for name in ("exec-pack-shards", *trains):  # their temporary folder (the stream cache) on an emptyDir
+        assert k8s[name]["emptyDirMounts"][0]["mountPath"] == "/scratch", name
+        assert {"name": "TMPDIR", "value": "/scratch"} in executors[name]["container"]["env"], name
 
 
 def test_component_descriptions_come_from_the_docstrings():
@@ -276,7 +282,15 @@ def test_make_splits_component_runs_its_compiled_command(demo_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_train_baseline_component_runs_its_compiled_command(demo_dataset, demo_splits, tmp_path):
+def test_pack_shards_component_runs_its_compiled_command(demo_dataset, demo_splits, tmp_path):
+    out, root = run_component("pack_shards", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path,
+                              {"max_side": 64})  # fmt: skip
+    m = verify_dir(root / "shards", "pack_shards")
+    assert m.config["pack"]["max_side"] == 64 and m.task == "pack-shards"
+    assert out["artifacts"]["metrics"]["artifacts"][0]["metadata"]["images"] == 80
+
+
+def test_train_baseline_component_runs_its_compiled_command(demo_pack, tmp_path):
     params = {
         "backbone": "test_vit",
         "pretrained": False,
@@ -286,9 +300,7 @@ def test_train_baseline_component_runs_its_compiled_command(demo_dataset, demo_s
         "image_size": 32,
         "checkpoint_root": str(tmp_path / "checkpoints"),
     }
-    out, root = run_component(
-        "train_baseline", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path, params
-    )
+    out, root = run_component("train_baseline", {"shards": demo_pack}, tmp_path, params)
     m = verify_dir(root / "baseline")
     assert m.config["model"]["backbone"] == "test_vit" and m.config["trainer"]["max_epochs"] == 1
     # Checkpoints go under the run's id, which a retried task shares: it resumes there.
@@ -300,19 +312,18 @@ def test_train_baseline_component_runs_its_compiled_command(demo_dataset, demo_s
 
 @pytest.mark.slow
 def test_adapt_explora_component_runs_its_compiled_command_and_train_baseline_takes_its_output(
-    demo_dataset, demo_splits, tmp_path
+    demo_pack, tmp_path
 ):
     params = {"backbone": "test_vit", "pretrained": False, "epochs": 1, "batch_size": 16, "image_size": 32,
               "rank": 2, "checkpoint_root": str(tmp_path / "checkpoints")}  # fmt: skip
-    out, root = run_component("adapt_explora", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path / "a",
-                              params)  # fmt: skip
+    out, root = run_component("adapt_explora", {"shards": demo_pack}, tmp_path / "a", params)
     m = verify_dir(root / "explora", "adapt_explora")
     assert m.config["explora"]["rank"] == 2 and m.config["trainer"]["max_epochs"] == 1
     assert (tmp_path / "checkpoints" / JOB_ID / "adapt-explora" / "last.safetensors").is_file()
     assert "trainable_parameters" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     train = {"backbone": "test_vit", "pretrained": False, "freeze_backbone": False, "epochs": 1, "image_size": 32,
              "challenge_views": 0}  # fmt: skip
-    inputs = {"dataset": demo_dataset, "splits": demo_splits, "explora": root / "explora"}
+    inputs = {"shards": demo_pack, "explora": root / "explora"}
     _, troot = run_component("train_baseline", inputs, tmp_path / "t", train)
     assert (
         verify_dir(troot / "baseline").inputs["explora"]["manifest_sha256"]
@@ -322,7 +333,7 @@ def test_adapt_explora_component_runs_its_compiled_command_and_train_baseline_ta
 
 @pytest.mark.slow
 def test_train_gate_component_runs_its_compiled_command_and_phase_5_answers_by_it(trained, tmp_path):
-    inputs = {"baseline": trained["baseline"], "dataset": trained["dataset"], "splits": trained["splits"]}
+    inputs = {"baseline": trained["baseline"], "shards": trained["shards"]}
     out, root = run_component("train_gate", inputs, tmp_path / "g", {"epochs": 2, "train_views": 1})
     verify_dir(root / "gate", "train_gate")
     assert "val_select_gate_auroc" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
@@ -424,7 +435,7 @@ def test_legacy_platform_spec_keeps_only_fields_older_backends_know(tmp_path):
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 5  # every container task of the default variant, once
+    assert len(executors) == 6  # every container task of the default variant, once
     for config in executors.values():
         assert set(config) <= set(LEGACY_FIELDS)
         for section, entries in config.items():

@@ -163,7 +163,7 @@ def test_whole_run_against_the_s3_server(s3, demo_dataset, tmp_path):
         assert set(store.list_files(f"{s3}/run/{stem}")) == {*manifest.outputs, MANIFEST}
     assert json.loads(streetvision_cli("verify", f"{s3}/run/export_bundle").stdout)["ok"]
     again = streetvision_cli(*run)
-    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 4
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == 5
 
 
 def test_the_embedded_default_learns_the_demo_data_and_a_constant_guess_cannot(tmp_path):

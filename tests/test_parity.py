@@ -160,5 +160,5 @@ def test_each_phase_has_one_name_its_output_and_the_inputs_reading_it_share():
             flags = {o for a in commands[p.command]._actions for o in a.option_strings}
             assert f"--{name}" in flags, (p.stem, name)
     assert [p.artifact for p in PHASES] == [
-        "splits", "explora", "baseline", "thresholds", "gate", "scrc", "bundle"
+        "splits", "shards", "explora", "baseline", "thresholds", "gate", "scrc", "bundle"
     ]  # fmt: skip

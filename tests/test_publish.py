@@ -31,7 +31,7 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def vit_bundle(demo_dataset, demo_splits, tmp_path_factory):
+def vit_bundle(demo_dataset, demo_splits, demo_pack, tmp_path_factory):
     """A strict-size ViT trained at 224 px (timm builds it with img_size=224), exported as a bundle."""
     from streetvision.config import load_config
     from streetvision.steps import export_bundle, sweep_thresholds, train_baseline
@@ -40,8 +40,7 @@ def vit_bundle(demo_dataset, demo_splits, tmp_path_factory):
     overrides = ["model.backbone=test_vit", "model.pretrained=false", "model.freeze_backbone=false",
                  "data.image_size=224", "data.batch_size=16", "trainer.max_epochs=1",
                  "trainer.accelerator=cpu", "trainer.devices=1", "eval.challenge_views=1"]  # fmt: skip
-    train_baseline.run(load_config(train_baseline.Config, [], overrides), dataset=demo_dataset,
-                       splits=demo_splits, out=root / "p1")  # fmt: skip
+    train_baseline.run(load_config(train_baseline.Config, [], overrides), shards=demo_pack, out=root / "p1")
     sweep_thresholds.run(load_config(sweep_thresholds.Config), baseline=root / "p1", out=root / "p2")
     export_bundle.run(load_config(export_bundle.Config), baseline=root / "p1", policy=root / "p2",
                       splits=demo_splits, out=root / "b")  # fmt: skip

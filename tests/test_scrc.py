@@ -81,7 +81,7 @@ def test_streetvision_run_runs_phase_5_when_named(tmp_path):
         overrides=[
             "demo.n=240",
             "trainer.max_epochs=1",
-            "pipeline.phases=[make_splits,train_baseline,calibrate_scrc]",
+            "pipeline.phases=[make_splits,pack_shards,train_baseline,calibrate_scrc]",
             "scrc.alpha=0.3",
         ],
     )
@@ -90,7 +90,7 @@ def test_streetvision_run_runs_phase_5_when_named(tmp_path):
     )
     verify_dir(tmp_path / "run" / "calibrate_scrc", "calibrate_scrc")
     again = run_local(str(tmp_path / "run"), overrides=["demo.n=240", "trainer.max_epochs=1",
-                                                        "pipeline.phases=[make_splits,train_baseline,calibrate_scrc]", "scrc.alpha=0.3"])  # fmt: skip
+                                                        "pipeline.phases=[make_splits,pack_shards,train_baseline,calibrate_scrc]", "scrc.alpha=0.3"])  # fmt: skip
     assert again["steps"]["calibrate_scrc"] == "up to date, skipped"
 
 

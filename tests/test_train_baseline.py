@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY_TRAIN
+from conftest import PACK, TINY_TRAIN, pack
 from poison import poisoned_copy
 
 from streetvision.config import load_config
+from streetvision.data.dataset import content_identity
 from streetvision.io import store
 from streetvision.io.atomic import compute_file_sha256
 from streetvision.io.manifests import MANIFEST, verify_dir
@@ -26,15 +27,13 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "streetvision", *args], capture_output=True, text=True)
 
 
-def cli_train(dataset, splits, out, *overrides):
-    return cli(
-        "train-baseline", "--dataset", str(dataset), "--splits", str(splits), "--out", str(out), *overrides
-    )
+def cli_train(shards, out, *overrides):
+    return cli("train-baseline", "--shards", str(shards), "--out", str(out), *overrides)
 
 
-def train(dataset, splits, out, *overrides):
+def train(shards, out, *overrides):
     cfg = load_config(train_baseline.Config, [], [*TINY, *overrides])
-    return train_baseline.run(cfg, dataset=dataset, splits=splits, out=out)
+    return train_baseline.run(cfg, shards=shards, out=out)
 
 
 def history_without_timing(out):
@@ -59,14 +58,15 @@ EXPECTED = {
 }
 
 
-def test_cli_run_commits_every_output_with_lineage(demo_dataset, demo_splits, tmp_path):
+def test_cli_run_commits_every_output_with_lineage(demo_dataset, demo_splits, demo_pack, tmp_path):
     out = tmp_path / "p1"
-    r = cli_train(demo_dataset, demo_splits, out, *TINY)
+    r = cli_train(demo_pack, out, *TINY)
     assert r.returncode == 0, r.stderr
     m = verify_dir(out)
     assert set(m.outputs) == EXPECTED
+    assert m.inputs["shards"]["manifest_sha256"] == compute_file_sha256(demo_pack / MANIFEST)
     assert m.inputs["splits"]["manifest_sha256"] == compute_file_sha256(demo_splits / MANIFEST)
-    assert m.inputs["dataset"]["index_sha256"] == compute_file_sha256(demo_dataset / "labels.csv")
+    assert m.inputs["dataset"]["content_sha256"] == content_identity(demo_dataset)
     assert m.config["model"]["backbone"] == "test_efficientnet"
     splits = json.loads((demo_splits / "splits.json").read_text())
     for s in ("val_select", "val_calib", "val_test"):
@@ -78,18 +78,28 @@ def test_cli_run_commits_every_output_with_lineage(demo_dataset, demo_splits, tm
     assert "val_select_mcc" in m.metrics and "val_test_mcc" not in m.metrics
 
 
-def test_same_seed_twice_gives_identical_weights_on_cpu(demo_dataset, demo_splits, tmp_path):
-    a = train(demo_dataset, demo_splits, tmp_path / "a")
-    b = train(demo_dataset, demo_splits, tmp_path / "b")
+def test_same_seed_twice_gives_identical_weights_on_cpu(demo_dataset, demo_splits, demo_pack, tmp_path):
+    a = train(demo_pack, tmp_path / "a")
+    b = train(demo_pack, tmp_path / "b")
     assert a.outputs["model.safetensors"]["sha256"] == b.outputs["model.safetensors"]["sha256"]
-    c = train(demo_dataset, demo_splits, tmp_path / "c", "seed=1")
+    c = train(demo_pack, tmp_path / "c", "seed=1")
     assert c.outputs["model.safetensors"]["sha256"] != a.outputs["model.safetensors"]["sha256"]
 
 
-def test_cached_features_train_the_same_head_as_recomputing_them(demo_dataset, demo_splits, tmp_path):
-    frozen = ["model.freeze_backbone=true", "trainer.max_epochs=3", "model.lr=0.01"]
-    cached = train(demo_dataset, demo_splits, tmp_path / "cached", *frozen)
-    direct = train(demo_dataset, demo_splits, tmp_path / "direct", *frozen, "trainer.cache_features=false")
+def test_cached_features_train_the_same_head_as_recomputing_them(
+    demo_dataset, demo_splits, demo_pack, tmp_path
+):
+    # One batch an epoch (the train split is 48 images): the cached features are shuffled in memory, the
+    # streamed images by litdata, and only the order within the batch differs.
+    frozen = [
+        "model.freeze_backbone=true",
+        "trainer.max_epochs=3",
+        "model.lr=0.01",
+        "data.batch_size=64",
+        "model.dropout=0.0",
+    ]  # and no dropout mask, which would fall on other rows
+    cached = train(demo_pack, tmp_path / "cached", *frozen)
+    direct = train(demo_pack, tmp_path / "direct", *frozen, "trainer.cache_features=false")
     assert cached.extra["feature_cache"] and not direct.extra["feature_cache"]
     for s in ("val_select", "val_calib", "val_test"):
         np.testing.assert_allclose(
@@ -102,12 +112,13 @@ def test_cached_features_train_the_same_head_as_recomputing_them(demo_dataset, d
 
 
 def test_val_calib_and_val_test_never_reach_the_optimizer_or_the_stopping_rule(
-    demo_dataset, demo_splits, tmp_path
+    demo_dataset, demo_splits, demo_pack, tmp_path
 ):
     """Scramble every val_calib / val_test image and flip their labels: training must not notice."""
     poisoned, same_splits = poisoned_copy(demo_dataset, demo_splits, tmp_path)
-    clean = train(demo_dataset, demo_splits, tmp_path / "clean", "trainer.max_epochs=3")
-    dirty = train(poisoned, same_splits, tmp_path / "dirty", "trainer.max_epochs=3")
+    poisoned_pack = pack(poisoned, same_splits, tmp_path / "poisoned_pack")
+    clean = train(demo_pack, tmp_path / "clean", "trainer.max_epochs=3")
+    dirty = train(poisoned_pack, tmp_path / "dirty", "trainer.max_epochs=3")
     assert clean.outputs["model.safetensors"]["sha256"] == dirty.outputs["model.safetensors"]["sha256"]
     assert history_without_timing(tmp_path / "clean") == history_without_timing(tmp_path / "dirty")
     assert clean.metrics["best_epoch"] == dirty.metrics["best_epoch"]
@@ -117,7 +128,7 @@ def test_val_calib_and_val_test_never_reach_the_optimizer_or_the_stopping_rule(
 
 @pytest.mark.parametrize("frozen", [False, True])
 def test_ddp_on_two_cpu_processes_yields_every_validation_id_exactly_once(
-    demo_dataset, demo_splits, tmp_path, frozen
+    demo_dataset, demo_splits, demo_pack, tmp_path, frozen
 ):
     """Unfrozen, and frozen with the feature cache computed in shares on both ranks and gathered."""
     out = tmp_path / "ddp"
@@ -126,16 +137,7 @@ def test_ddp_on_two_cpu_processes_yields_every_validation_id_exactly_once(
         "trainer.strategy=ddp",
         f"model.freeze_backbone={str(frozen).lower()}",
     ]
-    r = cli(
-        "train-baseline",
-        "--dataset",
-        str(demo_dataset),
-        "--splits",
-        str(demo_splits),
-        "--out",
-        str(out),
-        *ddp,
-    )
+    r = cli("train-baseline", "--shards", str(demo_pack), "--out", str(out), *ddp)
     assert r.returncode == 0, r.stderr[-3000:]
     m = verify_dir(out)
     assert m.extra["world_size"] == 2 and m.extra["feature_cache"] == frozen
@@ -150,25 +152,32 @@ def test_ddp_on_two_cpu_processes_yields_every_validation_id_exactly_once(
     assert all(float(r["val_select_n"]) == len(splits["val_select"]) for r in validation)
 
 
-def test_dataset_and_outputs_on_the_s3_server_work_the_same(s3, demo_dataset, demo_splits, tmp_path):
+def test_dataset_and_outputs_on_the_s3_server_work_the_same(
+    s3, demo_dataset, demo_splits, demo_pack, tmp_path
+):
+    """Every path on the object store (plain http endpoint): packed from s3://, streamed from s3://."""
     store.upload_tree(demo_dataset, f"{s3}/data")
     store.upload_dir(demo_splits, f"{s3}/splits")
     r = cli(
-        "train-baseline", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits", "--out", f"{s3}/p1", *TINY
+        "pack-shards", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits", "--out", f"{s3}/shards", *PACK
     )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("train-baseline", "--shards", f"{s3}/shards", "--out", f"{s3}/p1", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     store.verified(f"{s3}/p1", "train_baseline")
     remote = store.download_dir(f"{s3}/p1", tmp_path / "back")
-    local = train(demo_dataset, demo_splits, tmp_path / "local")
+    local = train(demo_pack, tmp_path / "local")
     assert remote.outputs["model.safetensors"] == local.outputs["model.safetensors"]
-    assert remote.inputs["dataset"]["uri"] == f"{s3}/data"
+    assert (
+        remote.inputs["dataset"]["uri"] == f"{s3}/data" and remote.inputs["shards"]["uri"] == f"{s3}/shards"
+    )
 
 
-def test_bad_weights_file_fails_with_one_line_and_no_manifest(demo_dataset, demo_splits, tmp_path):
+def test_bad_weights_file_fails_with_one_line_and_no_manifest(demo_dataset, demo_splits, demo_pack, tmp_path):
     bad = tmp_path / "weights.safetensors"
     bad.write_bytes(b"garbage")
     out = tmp_path / "p1"
-    r = cli_train(demo_dataset, demo_splits, out, *TINY, f"model.weights={bad}")
+    r = cli_train(demo_pack, out, *TINY, f"model.weights={bad}")
     assert r.returncode != 0 and not (out / MANIFEST).exists()
     assert (
         "could not load pretrained weights" in r.stderr
@@ -177,16 +186,18 @@ def test_bad_weights_file_fails_with_one_line_and_no_manifest(demo_dataset, demo
     )
 
 
-def test_splits_from_another_dataset_fail_with_one_line_and_no_manifest(demo_dataset, demo_splits, tmp_path):
+def test_splits_from_another_dataset_fail_with_one_line_and_no_manifest(
+    demo_dataset, demo_splits, demo_pack, tmp_path
+):
     other = tmp_path / "other"
     shutil.copytree(demo_dataset, other)
     lines = (other / "labels.csv").read_text().splitlines()
     (other / "labels.csv").write_text("\n".join(lines[:-1]) + "\n")  # one image fewer than the splits name
-    out = tmp_path / "p1"
-    r = cli_train(other, demo_splits, out, *TINY)
+    out = tmp_path / "packed"
+    r = cli("pack-shards", "--dataset", str(other), "--splits", str(demo_splits), "--out", str(out), *PACK)
     assert r.returncode == 2 and not (out / MANIFEST).exists()
     assert (
-        "were made from dataset content" in r.stderr
+        "were made from a dataset index" in r.stderr
         and str(other) in r.stderr
         and str(demo_splits) in r.stderr
     )
@@ -238,13 +249,15 @@ def test_a_phase_1_model_file_loads_its_backbone_exactly_and_other_weights_are_r
         create_backbone("test_vit", pretrained=False, weights_file=str(tmp_path / "short.safetensors"))
 
 
-def test_a_weights_file_of_another_backbone_fails_training_in_one_line(demo_dataset, demo_splits, tmp_path):
+def test_a_weights_file_of_another_backbone_fails_training_in_one_line(
+    demo_dataset, demo_splits, demo_pack, tmp_path
+):
     import timm
     from safetensors.torch import save_file
 
     save_file(timm.create_model("test_vit", num_classes=0).state_dict(), tmp_path / "vit.safetensors")
     out = tmp_path / "p1"
-    r = cli_train(demo_dataset, demo_splits, out, *TINY, f"model.weights={tmp_path / 'vit.safetensors'}")
+    r = cli_train(demo_pack, out, *TINY, f"model.weights={tmp_path / 'vit.safetensors'}")
     assert r.returncode == 2 and not (out / MANIFEST).exists()
     assert "does not fit test_efficientnet" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
@@ -253,14 +266,13 @@ def test_a_weights_file_of_another_backbone_fails_training_in_one_line(demo_data
     "backbone,size", [("vit_tiny_patch16_224", 64), ("vit_small_patch14_dinov2.lvd142m", 224)]
 )
 def test_a_strict_size_vit_trains_exports_and_predicts_at_the_size_it_is_given(
-    demo_dataset, demo_splits, tmp_path, backbone, size
+    demo_dataset, demo_splits, demo_pack, tmp_path, backbone, size
 ):
     """Fixed-size ViTs (position embeddings) are built for data.image_size, and predict rebuilds them so."""
     p1 = tmp_path / "train_baseline"
     settings = [f"model.backbone={backbone}", "model.pretrained=false", f"data.image_size={size}"]
     r = cli_train(
-        demo_dataset,
-        demo_splits,
+        demo_pack,
         p1,
         *settings,
         "trainer.max_epochs=1",
@@ -288,15 +300,15 @@ def test_a_strict_size_vit_trains_exports_and_predicts_at_the_size_it_is_given(
 
 
 def test_pretrained_weights_without_a_reachable_hub_fail_at_once_with_one_line(
-    demo_dataset, demo_splits, tmp_path
+    demo_dataset, demo_splits, demo_pack, tmp_path
 ):
     """Before: 22 retry lines over 54 s. Now one connection attempt, one line, and what to do instead."""
     import os
 
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     r = subprocess.run(
-        [sys.executable, "-m", "streetvision", "train-baseline", "--dataset", str(demo_dataset), "--splits",
-         str(demo_splits), "--out", str(tmp_path / "p1"), "model.backbone=test_vit", "model.pretrained=true"],
+        [sys.executable, "-m", "streetvision", "train-baseline", "--shards", str(demo_pack),
+         "--out", str(tmp_path / "p1"), "model.backbone=test_vit", "model.pretrained=true"],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -317,7 +329,7 @@ def test_training_reports_its_splits_with_the_policies_own_decision_rule(trained
 
 
 def test_a_frozen_backbone_sees_every_image_exactly_once_and_on_the_trainers_device(
-    demo_dataset, demo_splits, tmp_path, monkeypatch
+    demo_dataset, demo_splits, demo_pack, tmp_path, monkeypatch
 ):
     """Default settings but augmentation off (frozen backbone, feature cache, precision auto). Where CUDA
     is present every backbone forward pass must run on the GPU; everywhere, no image passes the backbone
@@ -344,7 +356,7 @@ def test_a_frozen_backbone_sees_every_image_exactly_once_and_on_the_trainers_dev
     cfg = load_config(train_baseline.Config, [], overrides)
     assert cfg.model.freeze_backbone and cfg.trainer.cache_features and cfg.trainer.precision == "auto"
     monkeypatch.setattr(network, "create_backbone", recording)
-    m = train_baseline.run(cfg, dataset=demo_dataset, splits=demo_splits, out=tmp_path / "p1")
+    m = train_baseline.run(cfg, shards=demo_pack, out=tmp_path / "p1")
     parts = json.loads((demo_splits / "splits.json").read_text())
     views = cfg.eval.challenge_views * sum(len(parts[s]) for s in ("val_calib", "val_test"))
     assert sum(n for _, n in seen) == views + sum(
@@ -387,7 +399,7 @@ def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
 
 
 def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identical_weights(
-    demo_dataset, demo_splits, tmp_path
+    demo_dataset, demo_splits, demo_pack, tmp_path
 ):
     """Preemption: SIGKILL once a checkpoint exists, rerun the same command, get the uninterrupted result."""
     import csv
@@ -401,8 +413,8 @@ def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identic
     ckpt = tmp_path / "ck"
 
     def argv(out, ckpt):
-        return [sys.executable, "-m", "streetvision", "train-baseline", "--dataset", str(demo_dataset), "--splits",
-                str(demo_splits), "--out", str(out), *settings, f"trainer.checkpoint_uri={ckpt}"]  # fmt: skip
+        return [sys.executable, "-m", "streetvision", "train-baseline", "--shards", str(demo_pack),
+                "--out", str(out), *settings, f"trainer.checkpoint_uri={ckpt}"]  # fmt: skip
 
     whole = subprocess.run(argv(tmp_path / "whole", tmp_path / "ck-whole"), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -454,13 +466,11 @@ def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identic
     assert losses(tmp_path / "whole") == losses(tmp_path / "resumed") and len(losses(tmp_path / "whole")) == 6
 
 
-def test_a_checkpoint_of_another_training_is_never_resumed(demo_dataset, demo_splits, tmp_path):
+def test_a_checkpoint_of_another_training_is_never_resumed(demo_dataset, demo_splits, demo_pack, tmp_path):
     ckpt = tmp_path / "ck"
-    first = cli_train(demo_dataset, demo_splits, tmp_path / "a", *TINY, f"trainer.checkpoint_uri={ckpt}")
+    first = cli_train(demo_pack, tmp_path / "a", *TINY, f"trainer.checkpoint_uri={ckpt}")
     assert first.returncode == 0, first.stderr[-2000:]
-    other = cli_train(
-        demo_dataset, demo_splits, tmp_path / "b", *TINY, "seed=5", f"trainer.checkpoint_uri={ckpt}"
-    )
+    other = cli_train(demo_pack, tmp_path / "b", *TINY, "seed=5", f"trainer.checkpoint_uri={ckpt}")
     assert other.returncode == 0 and "belongs to another training" in other.stdout, other.stdout[-2000:]
     assert not verify_dir(tmp_path / "b").extra["resumed"]
 
@@ -490,7 +500,7 @@ def test_each_epoch_has_its_own_batch_order_and_a_resumed_run_gets_the_same_one(
     ],
 )
 def test_any_timm_backbone_at_any_size_trains_exports_and_predicts(
-    demo_dataset, demo_splits, tmp_path, capsys, backbone, size
+    demo_dataset, demo_splits, demo_pack, tmp_path, capsys, backbone, size
 ):
     """Backbones with their own pooling (ConvNeXt, EfficientNet, a DINOv2 ViT with registers), random
     weights, two input sizes each, end to end through predict."""
@@ -498,7 +508,7 @@ def test_any_timm_backbone_at_any_size_trains_exports_and_predicts(
 
     p1, sweep, bundle = tmp_path / "p1", tmp_path / "sweep", tmp_path / "bundle"
     settings = [f"model.backbone={backbone}", "model.pretrained=false", f"data.image_size={size}"]
-    assert main(["train-baseline", "--dataset", str(demo_dataset), "--splits", str(demo_splits), "--out", str(p1),
+    assert main(["train-baseline", "--shards", str(demo_pack), "--out", str(p1),
                  *settings, "trainer.max_epochs=1", "trainer.devices=1", "trainer.accelerator=cpu"]) == 0  # fmt: skip
     assert main(["sweep-thresholds", "--baseline", str(p1), "--out", str(sweep)]) == 0
     assert main(["export-bundle", "--baseline", str(p1), "--policy", str(sweep), "--splits", str(demo_splits),

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from baseline_fake import fake_baseline, fake_gate, reseal, separable_logits
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, pack
 from poison import poisoned_copy
 
 from streetvision.config import load_config
@@ -26,15 +26,15 @@ def cli(*args):
     )
 
 
-def gate_step(baseline, dataset, splits, out, *overrides):
+def gate_step(baseline, shards, out, *overrides):
     cfg = load_config(train_gate.Config, [], [*GATE, *overrides])
-    return train_gate.run(cfg, baseline=baseline, dataset=dataset, splits=splits, out=out)
+    return train_gate.run(cfg, baseline=baseline, shards=shards, out=out)
 
 
 @pytest.fixture(scope="module")
 def gated(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "train_gate"
-    gate_step(trained["baseline"], trained["dataset"], trained["splits"], out)
+    gate_step(trained["baseline"], trained["shards"], out)
     return out
 
 
@@ -92,19 +92,17 @@ def test_commits_scores_aligned_with_phase_1s_rows_weights_and_a_report(gated, t
 
 
 @pytest.mark.slow
-def test_val_calib_and_val_test_never_reach_the_gates_fit(demo_dataset, demo_splits, tmp_path):
+def test_val_calib_and_val_test_never_reach_the_gates_fit(demo_dataset, demo_splits, demo_pack, tmp_path):
     """Scramble every val_calib / val_test image and flip their labels: the gate must not notice."""
     poisoned, same_splits = poisoned_copy(demo_dataset, demo_splits, tmp_path)
     runs = {}
-    for name, (data, splits) in {
-        "clean": (demo_dataset, demo_splits),
-        "dirty": (poisoned, same_splits),
+    for name, shards in {
+        "clean": demo_pack,
+        "dirty": pack(poisoned, same_splits, tmp_path / "dirty_pack"),
     }.items():
         p1 = tmp_path / f"p1-{name}"
-        train_baseline.run(
-            load_config(train_baseline.Config, [], TINY_TRAIN), dataset=data, splits=splits, out=p1
-        )
-        runs[name] = gate_step(p1, data, splits, tmp_path / f"gate-{name}")
+        train_baseline.run(load_config(train_baseline.Config, [], TINY_TRAIN), shards=shards, out=p1)
+        runs[name] = gate_step(p1, shards, tmp_path / f"gate-{name}")
     clean, dirty = runs["clean"], runs["dirty"]
     assert clean.outputs["gate.safetensors"]["sha256"] == dirty.outputs["gate.safetensors"]["sha256"]
     assert clean.outputs["history.csv"]["sha256"] == dirty.outputs["history.csv"]["sha256"]
@@ -120,8 +118,7 @@ def test_phase_1_logits_that_its_weights_do_not_reproduce_are_refused_in_one_lin
     logits = np.load(edited / "logits_val_calib.npy")
     np.save(edited / "logits_val_calib.npy", logits + 1.0)
     reseal(edited)
-    r = cli("train-gate", "--baseline", edited, "--dataset", trained["dataset"], "--splits", trained["splits"],
-            "--out", tmp_path / "g", *GATE)  # fmt: skip
+    r = cli("train-gate", "--baseline", edited, "--shards", trained["shards"], "--out", tmp_path / "g", *GATE)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "logits_val_calib.npy differs from what its weights compute" in r.stderr
     assert not (tmp_path / "g").exists()
@@ -131,16 +128,16 @@ def test_phase_1_logits_that_its_weights_do_not_reproduce_are_refused_in_one_lin
 def test_runs_on_the_object_store(s3, trained, tmp_path):
     from streetvision.io import store
 
-    for name in ("baseline", "splits"):
+    for name in ("baseline", "shards"):
         store.upload_dir(trained[name], f"{s3}/{name}")
-    store.upload_tree(trained["dataset"], f"{s3}/data")
-    r = cli("train-gate", "--baseline", f"{s3}/baseline", "--dataset", f"{s3}/data", "--splits", f"{s3}/splits",
-            "--out", f"{s3}/gate", *GATE)  # fmt: skip
+    r = cli(
+        "train-gate", "--baseline", f"{s3}/baseline", "--shards", f"{s3}/shards", "--out", f"{s3}/gate", *GATE
+    )
     assert r.returncode == 0, r.stderr
     manifest, _ = store.verified(f"{s3}/gate", "train_gate")
     assert (
         manifest.inputs["baseline"]["uri"] == f"{s3}/baseline"
-        and manifest.inputs["dataset"]["uri"] == f"{s3}/data"
+        and manifest.inputs["shards"]["uri"] == f"{s3}/shards"
     )
     r = cli("calibrate-scrc", "--baseline", f"{s3}/baseline", "--gate", f"{s3}/gate", "--out", f"{s3}/scrc",
             "scrc.confidence=gate", "scrc.alpha=0.9")  # fmt: skip
@@ -236,9 +233,7 @@ def test_a_gate_bundle_serves_what_its_held_out_report_says(gated, trained, tmp_
 
 @pytest.mark.slow
 def test_a_gate_can_learn_on_clean_images_too(trained, tmp_path):
-    m = gate_step(
-        trained["baseline"], trained["dataset"], trained["splits"], tmp_path / "g", "gate.views=clean"
-    )
+    m = gate_step(trained["baseline"], trained["shards"], tmp_path / "g", "gate.views=clean")
     rows = len(json.loads((trained["splits"] / "splits.json").read_text())["val_select"])
     assert m.metrics["val_select_rows"] == rows  # one row per image, not per view
     assert json.loads((tmp_path / "g" / "model.json").read_text())["views"] == "clean"

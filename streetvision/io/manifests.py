@@ -210,15 +210,19 @@ def load_manifest(root: str | os.PathLike, step: str | None = None) -> Manifest:
     return manifest
 
 
-def problems(root: str | os.PathLike, manifest: Manifest, *, hashes: bool = True) -> list[str]:
+def problems(
+    root: str | os.PathLike, manifest: Manifest, *, hashes: bool = True, absent: frozenset[str] = frozenset()
+) -> list[str]:
     """Every way the tree under ``root`` differs from ``manifest``: missing, size, checksum, links, extras.
 
     ``hashes=False`` skips re-hashing content (sizes and listing only), for a directory this process
-    has just written and hashed.
+    has just written and hashed; ``absent``: outputs it sent elsewhere already (checked there).
     """
     root = Path(root)
     found: list[str] = []
     for name, meta in sorted(manifest.outputs.items()):
+        if name in absent:
+            continue
         p = root / name
         linked = [q for q in [p, *p.parents] if q != root and q.is_relative_to(root) and q.is_symlink()]
         if linked:
@@ -246,11 +250,17 @@ def problems(root: str | os.PathLike, manifest: Manifest, *, hashes: bool = True
     return found
 
 
-def verify_dir(root: str | os.PathLike, step: str | None = None, *, hashes: bool = True) -> Manifest:
+def verify_dir(
+    root: str | os.PathLike,
+    step: str | None = None,
+    *,
+    hashes: bool = True,
+    absent: frozenset[str] = frozenset(),
+) -> Manifest:
     """The manifest of a committed, intact step directory (of ``step``, when given); else raise naming
     every problem on one line."""
     manifest = load_manifest(root, step)
-    found = problems(root, manifest, hashes=hashes)
+    found = problems(root, manifest, hashes=hashes, absent=absent)
     if found:
         raise ManifestError(f"{root}: {len(found)} problem(s): " + "; ".join(found))
     return manifest
@@ -262,6 +272,13 @@ def input_record(root: str | os.PathLike, uri: str | None = None) -> dict[str, A
 
 
 def manifest_sha256(root: str | os.PathLike) -> str:
+    """The SHA-256 of a step folder's (or ``s3://`` prefix's) ``manifest.json``."""
+    if str(root).startswith("s3://"):
+        import hashlib
+
+        from streetvision.io import store
+
+        return hashlib.sha256(store.read_bytes(store.join(str(root), MANIFEST))).hexdigest()
     return atomic.compute_file_sha256(Path(root) / MANIFEST)
 
 

@@ -157,6 +157,17 @@ class StepOutputs:
     def copy(self, name: str, src: str | os.PathLike) -> atomic.Written:
         return self._record(name, atomic.copy_file(src, self.path(name)))
 
+    def move(self, name: str, src: str | os.PathLike) -> atomic.Written:
+        """Take a finished file in (hashed as it is copied, the source removed). Where the output is an
+        ``s3://`` prefix it is sent there now (:func:`streetvision.io.store.offload`), so a large output
+        never sits whole on local disk."""
+        from streetvision.io import store
+
+        written = self.copy(name, src)
+        Path(src).unlink()
+        store.offload(self.final, name, self.path(name))
+        return written
+
     def commit(
         self,
         *,

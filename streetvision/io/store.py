@@ -14,6 +14,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from functools import cache
 from pathlib import Path
 
@@ -104,6 +105,26 @@ def client():
             f"the object store's endpoint is not a URL ({str(e).split(':')[0]}); check AWS_ENDPOINT_URL_S3 "
             "and AWS_ENDPOINT_URL (e.g. http://host:8333)"
         ) from None
+
+
+@cache
+def arrow_fs():
+    """A pyarrow S3 file system from the same variables as :func:`client` (ranged reads of parquet shards:
+    a column of a row group, not the whole object)."""
+    from pyarrow import fs
+
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""
+    scheme, _, host = endpoint.partition("://") if "://" in endpoint else ("https", "", "")
+    return fs.S3FileSystem(
+        access_key=env.get("AWS_ACCESS_KEY_ID"),
+        secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=env.get("AWS_SESSION_TOKEN"),
+        region=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
+        endpoint_override=host.rstrip("/") or None,
+        scheme=scheme,
+        force_virtual_addressing=False,
+    )
 
 
 def _transfer_config():
@@ -256,6 +277,9 @@ def check_out(uri: str, step: str) -> None:
         expected_step(f"--out {uri}", found[0], step)
         return
     names = list_files(uri)
+    if MANIFEST in names and (found := _read_manifest(uri)) is not None:  # committed since the first look
+        expected_step(f"--out {uri}", found[0], step)
+        return
     if names and not ({LOCK, UPLOADING} & set(names)):
         raise ManifestError(
             f"--out {uri}: holds {len(names)} object(s) but no StreetVision commit; refusing to replace them"
@@ -283,25 +307,46 @@ def writing(uri: str, step: str, run_id: str | None = None) -> Iterator[lease.Le
         yield held
 
 
-def upload_dir(local: str | os.PathLike, uri: str, held: lease.Lease | None = None) -> Manifest:
+def _unseal(uri: str, held: lease.Lease) -> None:
+    """From now until a new manifest lands, the prefix held is no commit: its manifest goes first."""
+    held.renew()
+    if not held.dirty:
+        held.dirty = True
+        bucket, prefix = split_s3(uri)
+        with _errors("upload to", uri):
+            client().delete_object(Bucket=bucket, Key=_key(prefix, MANIFEST))
+
+
+def upload_dir(
+    local: str | os.PathLike, uri: str, held: lease.Lease | None = None, sent: frozenset[str] = frozenset()
+) -> Manifest:
     """Upload a committed step directory under the prefix's lock: the earlier manifest removed, every
     listed output, objects the new commit does not list removed, and ``manifest.json`` last, created only
-    where none is (``IfNoneMatch``) and only while the lease is still this writer's.
+    where none is (``IfNoneMatch``) and only while the lease is still this writer's. ``sent``: outputs
+    this writer uploaded already (:func:`offload`), checked by size against the listing.
 
     Sizes and listing are checked here; content hashes are checked by every download.
     """
-    manifest = verify_dir(local, hashes=False)
+    manifest = verify_dir(local, hashes=False, absent=sent)
     if held is None:
         with writing(uri, manifest.step) as held:
-            return upload_dir(local, uri, held)
+            return upload_dir(local, uri, held, sent)
     bucket, prefix = split_s3(uri)
     key = lambda name: _key(prefix, name)  # noqa: E731
-    held.renew()
-    held.dirty = True  # from here until the manifest lands the prefix is no commit
+    _unseal(uri, held)
+    if sent:
+        listed = list_objects(uri)
+        if short := [n for n in sent if listed.get(n, (-1,))[0] != manifest.outputs[n]["size"]]:
+            raise StoreError(
+                f"upload to {uri}: {len(short)} object(s) sent early are missing or short ({short[0]})"
+            )
     with _errors("upload to", uri):
-        client().delete_object(Bucket=bucket, Key=key(MANIFEST))
         with _manager() as tm:
-            futures = [tm.upload(str(Path(local, name)), bucket, key(name)) for name in manifest.outputs]
+            futures = [
+                tm.upload(str(Path(local, name)), bucket, key(name))
+                for name in manifest.outputs
+                if name not in sent
+            ]
             for f in futures:
                 f.result()
         for stale in set(list_files(uri)) - set(manifest.outputs) - {MANIFEST} - BOOKKEEPING:
@@ -377,6 +422,30 @@ def download_dir(uri: str, local: str | os.PathLike, step: str | None = None) ->
         return verify_dir(local, step)
     except ManifestError as e:
         raise ManifestError(str(e).replace(str(local), uri)) from None
+
+
+def committed_manifest(uri: str, step: str | None = None) -> Manifest:
+    """The manifest of a committed prefix, checked without downloading its objects: of ``step``, no
+    writer holding it, every listed object there at its size and nothing else. Contents are checked
+    by whoever downloads them, against the manifest's SHA-256."""
+    split_s3(uri)  # a bucket, at least
+    found = _read_manifest(uri)
+    if found is None:
+        raise ManifestError(f"{uri}: no {MANIFEST}; the step is not committed there")
+    manifest = found[0]
+    expected_step(uri, manifest, step)
+    objects = list_objects(uri)
+    if LOCK in objects:
+        check_unlocked(uri)
+    extra = sorted(set(objects) - set(manifest.outputs) - {MANIFEST, LOCK})
+    if extra:
+        raise ManifestError(f"{uri}: {len(extra)} object(s) not listed in manifest: {', '.join(extra[:3])}")
+    for name, meta in sorted(manifest.outputs.items()):
+        if name not in objects:
+            raise ManifestError(f"{uri}: {name} listed in manifest is missing")
+        if objects[name][0] != meta["size"]:
+            raise ManifestError(f"{uri}: {name}: size {objects[name][0]} != {meta['size']} in manifest")
+    return manifest
 
 
 def download_tree(uri: str, local: str | os.PathLike) -> list[str]:
@@ -475,7 +544,31 @@ def output_step(uri: str | os.PathLike, step: str = "", run_id: str | None = Non
     with ExitStack() as stack:
         held = stack.enter_context(writing(str(uri), step, run_id)) if _rank_zero() else None
         local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-out-"))) / "out"
-        yield local  # the step's local lock and staging stay inside the temporary folder
+        sent: set[str] = set()
+        token = _REMOTE.set((local, str(uri), held, sent) if held is not None else None)
+        try:
+            yield local  # the step's local lock and staging stay inside the temporary folder
+        finally:
+            _REMOTE.reset(token)
         # A step that committed nothing without failing is a non-zero DDP rank: rank 0 uploads.
         if (local / MANIFEST).exists():
-            upload_dir(local, str(uri), held)
+            upload_dir(local, str(uri), held, frozenset(sent))
+
+
+# The s3:// output the current step writes through a local folder: (that folder, URI, lease, names sent).
+_REMOTE: ContextVar[tuple[Path, str, lease.Lease, set[str]] | None] = ContextVar("remote", default=None)
+
+
+def offload(final: Path, name: str, path: Path) -> bool:
+    """Send one finished output file of the step writing ``final`` to its ``s3://`` output now, under the
+    step's lease, and remove the local copy (a large output never sits whole on local disk); False, and
+    nothing done, where ``final`` is not such an output. The manifest still lands last."""
+    remote = _REMOTE.get()
+    if remote is None or remote[0] != Path(final):
+        return False
+    _, uri, held, sent = remote
+    _unseal(uri, held)
+    upload_file(path, join(uri, name))
+    sent.add(name)
+    Path(path).unlink()
+    return True

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset
 
 from streetvision.data import challenge
 from streetvision.data.images import load_rgb
@@ -30,6 +30,12 @@ class ImageDataset(Dataset):
         return self.transform(image), torch.tensor(self.labels[i]), i
 
 
+def view_rows(images: int, views: int) -> np.ndarray:
+    """(image index, level) of every challenge view of ``images`` images, ``views`` each."""
+    k = np.arange(images * views)
+    return np.stack([k // views, k % len(challenge.LEVEL_PROBS)], axis=1)
+
+
 class ChallengeViews(Dataset):
     """``views`` validator-style challenge views of every image (:mod:`streetvision.data.challenge`), then
     the eval ``transform``; item ``k`` is view ``k % views`` of image ``k // views``.
@@ -47,8 +53,7 @@ class ChallengeViews(Dataset):
 
     def rows(self) -> np.ndarray:
         """(image index, level) of every item."""
-        k = np.arange(len(self))
-        return np.stack([k // self.views, k % len(challenge.LEVEL_PROBS)], axis=1)
+        return view_rows(len(self.images), self.views)
 
     def __getitem__(self, k: int):
         (i, view), level = divmod(k, self.views), k % len(challenge.LEVEL_PROBS)
@@ -56,6 +61,53 @@ class ChallengeViews(Dataset):
         rng = np.random.default_rng([self.seed, i, view])
         sent, _ = challenge.challenge(image, rng, level)
         return self.images.transform(sent), torch.tensor(self.images.labels[i]), k
+
+
+class Share(IterableDataset):
+    """One rank's share of a split streamed whole: the samples whose index is ``rank`` modulo ``world``
+    (the others are read but not decoded). Shares differ by one sample at most and are never empty while
+    the split has ``world`` samples, so evaluation needs no litdata chunk balance and no rank waits on
+    another's empty loader."""
+
+    def __init__(self, dataset, rank: int, world: int, total: int):
+        self.dataset, self.rank, self.world = dataset, rank, world
+        self.cache_dir_sv, self.total_sv = dataset.cache_dir_sv, total
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.total_sv, self.world))
+
+    def __iter__(self):
+        return (item for item in self.dataset if item is not None)
+
+
+class StreamedViews(IterableDataset):
+    """:class:`ChallengeViews` of a streamed split: ``stream`` yields (image, label, index) with the image
+    decoded at ``challenge.DECODE_SIDE`` and untransformed; item ``k`` is view ``k % views`` of image
+    ``k // views``, drawn exactly as :class:`ChallengeViews` draws it. ``images``: the split's size."""
+
+    def __init__(self, stream, images: int, views: int, seed: int, transform: Callable):
+        self.stream, self.images, self.views, self.seed, self.transform = (
+            stream,
+            images,
+            views,
+            seed,
+            transform,
+        )
+        self.cache_dir_sv = getattr(stream, "cache_dir_sv", None)
+
+    def __len__(self) -> int:
+        return self.images * self.views
+
+    def rows(self) -> np.ndarray:
+        return view_rows(self.images, self.views)
+
+    def __iter__(self):
+        for image, label, i in self.stream:
+            for view in range(self.views):
+                k = i * self.views + view
+                rng = np.random.default_rng([self.seed, i, view])
+                sent, _ = challenge.challenge(image, rng, k % len(challenge.LEVEL_PROBS))
+                yield self.transform(sent), label, k
 
 
 class ChallengeAugment:
@@ -87,6 +139,12 @@ class EpochShuffle(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
 
 
+def own_generator(seed: int) -> torch.Generator:
+    """Every loader gets its own generator: a loader without one draws its base seed from the global RNG,
+    which would make the model's dropout masks depend on how many loaders were iterated before."""
+    return torch.Generator().manual_seed(seed)
+
+
 def loader(
     dataset: Dataset,
     batch_size: int,
@@ -95,15 +153,12 @@ def loader(
     num_workers: int = 0,
     seed: int = 0,
 ) -> DataLoader:
-    # Every loader gets its own generator: a loader without one draws its base seed from the global RNG,
-    # which would make the model's dropout masks depend on how many loaders were iterated before.
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
         num_workers=num_workers,
-        generator=generator,
+        generator=own_generator(seed),
         persistent_workers=num_workers > 0,
     )
 
@@ -138,7 +193,10 @@ def infer(
     trainer's autocast; the shares are gathered, so every item is computed exactly once.
     """
     rank, world = (strategy.global_rank, strategy.world_size) if strategy is not None else (0, 1)
-    share = Subset(dataset, range(rank, len(dataset), world))
+    # A streamed split (a Share) is this rank's every world-th item already.
+    share = (
+        dataset if isinstance(dataset, IterableDataset) else Subset(dataset, range(rank, len(dataset), world))
+    )
     dtype = autocast_dtype(precision, device)
     outs, labels, idx = [], [], []
     for x, y, i in loader(share, batch_size, num_workers=num_workers):
@@ -146,16 +204,28 @@ def infer(
             outs.append(fn(x.to(device)).float())
         labels.append(y.to(device))
         idx.append(i.to(device))
+    release(dataset)
     out, lab, ix = torch.cat(outs), torch.cat(labels), torch.cat(idx)
     if world > 1:  # equal shapes for all_gather: pad every share to the longest, index -1 marks padding
-        pad = -(-len(dataset) // world) - len(ix)
+        longest = int(strategy.all_gather(torch.tensor([len(ix)], device=device)).max())
+        pad = longest - len(ix)
         out = torch.cat([out, out.new_zeros(pad, *out.shape[1:])])
         lab, ix = torch.cat([lab, lab.new_zeros(pad)]), torch.cat([ix, ix.new_full((pad,), -1)])
         out, lab, ix = (strategy.all_gather(t).flatten(0, 1) for t in (out, lab, ix))
         keep = ix >= 0
         out, lab, ix = out[keep], lab[keep], ix[keep]
-    order = torch.argsort(ix)
+    order, total = torch.argsort(ix), getattr(dataset, "total_sv", None) or len(dataset)
+    if len(ix) != total or not torch.equal(ix[order].cpu(), torch.arange(total)):
+        raise RuntimeError(f"scored {len(ix)} rows of {total}, not each once")
     return out[order].cpu().numpy(), lab[order].cpu().numpy(), ix[order].cpu().numpy()
+
+
+def release(dataset) -> None:
+    """Remove a streamed dataset's local cache once it has been read (the next split gets the space)."""
+    import shutil
+
+    if (cache := getattr(dataset, "cache_dir_sv", None)) is not None:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def as_features(outputs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> TensorDataset:
@@ -198,6 +268,31 @@ class MultiCrop:
 
     def __call__(self, image) -> list[torch.Tensor]:
         return [t(image) for t in self.globals] + [self.local(image) for _ in range(self.local_crops)]
+
+
+class ExtraImages(IterableDataset):
+    """Image files as an iterable of their crops, for adapt_explora's extra images beside a streamed
+    split: each rank and loader worker reads every n-th file of a per-epoch shuffle (seed, epoch)."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable, min_side: int, seed: int):
+        self.files, self.transform, self.min_side, self.seed, self.epoch = (
+            list(files),
+            transform,
+            min_side,
+            seed,
+            0,
+        )
+
+    def __iter__(self):
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files))
+        self.epoch += 1
+        for k in order[rank * workers + worker :: world * workers]:
+            yield self.transform(load_rgb(self.files[k], self.min_side))
 
 
 class UnlabelledImages(Dataset):

@@ -63,7 +63,9 @@ class RoadworkModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         logits, labels, idx = (torch.cat(t) for t in zip(*self._val, strict=True))
         self._val.clear()
-        if self.trainer.world_size > 1:
+        if self.trainer.world_size > 1:  # shares may differ by one: pad with a repeat, dropped below
+            pad = int(self.all_gather(torch.tensor(len(idx), device=idx.device)).max()) - len(idx)
+            logits, labels, idx = (torch.cat([t, t[-1:].expand(pad)]) for t in (logits, labels, idx))
             logits, labels, idx = (self.all_gather(t).reshape(-1) for t in (logits, labels, idx))
         idx_np, first = np.unique(idx.cpu().numpy(), return_index=True)  # padded duplicates out
         logits, labels = logits[first], labels[first]

@@ -78,6 +78,6 @@ class Rescorer:
         gap = float(np.max(np.abs(ours - theirs) / (1 + np.abs(theirs)))) if len(ours) else 0.0
         if gap > self.tolerance:
             raise DataError(
-                f"--baseline {self.where}: {name} differs from what its weights compute on --dataset (relative "
-                f"gap {gap:.3g} > {self.tolerance}); the dataset or splits are not the ones train_baseline scored"
+                f"--baseline {self.where}: {name} differs from what its weights compute on --shards (relative "
+                f"gap {gap:.3g} > {self.tolerance}); the packed splits are not the ones train_baseline scored"
             )

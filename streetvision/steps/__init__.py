@@ -22,6 +22,8 @@ from streetvision.errors import StreetVisionError
 from streetvision.io import scratch, store
 from streetvision.phases import BY_STEM, PHASES, WHEN_GIVEN, producers
 
+# Commits read where they are, streamed and verified as they stream in, never downloaded whole.
+STREAMED = frozenset({"pack_shards"})
 # stem -> {input name: the phase(s) whose commit it must be, or None for a dataset}; from the registry.
 STEPS: dict[str, dict[str, str | None]] = {p.stem: p.inputs for p in PHASES}
 
@@ -77,6 +79,7 @@ def run_step(
 ):
     """Run one step on local paths or ``s3://`` URIs; returns its manifest (None on non-zero DDP ranks)."""
     from streetvision.data.dataset import local_dataset
+    from streetvision.phases import BY_STEM
 
     module = importlib.import_module(f"streetvision.steps.{stem}")
     if executor_input:
@@ -87,8 +90,11 @@ def run_step(
     check_placement(uris, out, getattr(getattr(config, "trainer", None), "checkpoint_uri", ""))
     with ExitStack() as stack:
         stack.enter_context(scratch.step_root(stem))  # every temporary file of the step, removed after it
+        in_place = BY_STEM[stem].in_place  # reads the dataset where it is: no copy
         inputs = {
-            name: stack.enter_context(
+            name: uris[name]
+            if (producer is None and in_place) or producer in STREAMED
+            else stack.enter_context(
                 local_dataset(uris[name]) if producer is None else store.staged_step(uris[name], producer)
             )
             for name, producer in producers(stem, config, given=set(uris)).items()
@@ -147,7 +153,11 @@ def start(stem: str, config, paths: dict[str, Path | None], sources: dict[str, s
         k: v for k, v in (sources or {}).items() if k in given
     }
     made_by = read_inputs(stem, config, given=set(given))
-    manifests = {name: verify_dir(given[name], producer) for name, producer in made_by.items() if producer}
+    manifests = {  # a streamed input (on the object store) by its listing; its objects as they stream in
+        name: store.committed_manifest(str(given[name]), producer) if store.is_s3(given[name])
+        else verify_dir(given[name], producer)
+        for name, producer in made_by.items() if producer
+    }  # fmt: skip
     for a, b in BY_STEM[stem].belongs:
         if a in manifests and b in manifests:
             check_lineage(f"--{a} {src[a]}", manifests[a], b, given[b], src[b], StreetVisionError)

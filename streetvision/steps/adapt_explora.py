@@ -30,7 +30,6 @@ from streetvision.io import store
 from streetvision.io.manifests import Manifest, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps import commit, start
-from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, MAX_BATCH, MAX_WORKERS, check_trainer
 
 STEP = "adapt_explora"
@@ -52,6 +51,7 @@ class DataConfig:
     image_size: int = 0  # global crops' side (0: the backbone's own); a multiple of the patch size
     local_size: int = 0  # local crops' side (0: 3/7 of the global side, rounded to the patch size)
     local_crops: int = 6
+    cache_bytes: int = 8 * 2**30  # local disk for the streamed train split
 
 
 @dataclass
@@ -143,8 +143,7 @@ def _sizes(config: Config, backbone) -> tuple[int, int, int]:
 def run(
     config: Config,
     *,
-    dataset: Path,
-    splits: Path,
+    shards: str | Path,
     out: Path,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
@@ -153,48 +152,44 @@ def run(
     """Adapt and commit; returns None on non-zero DDP ranks, which write nothing."""
     import lightning as L
 
+    from streetvision.data.packed import open_pack
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
-    from streetvision.models.data import MultiCrop, UnlabelledImages, loader
+    from streetvision.models.data import MultiCrop
+    from streetvision.models.datamodule import UnlabelledData
     from streetvision.models.trainer import build_trainer
 
-    inputs = start(STEP, config, {"dataset": dataset, "splits": splits}, sources)
-    ds, splits_manifest, parts = split_dataset(dataset, splits, inputs.src)
+    inputs = start(STEP, config, {"shards": shards}, sources)
+    pack = open_pack(shards, inputs.manifests["shards"])
+    parts = pack.parts()
     e, d = config.explora, config.data
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", module=r"lightning\.")
     L.seed_everything(config.seed, workers=True, verbose=False)
     with ExitStack() as stack:
-        files = [ds.root / i for i in parts["train"]]  # the train split only: never a held-out image
-        extra = None
+        extra, extra_files = None, []  # the train split is streamed: never a held-out image
         if e.extra_images:
             root = stack.enter_context(store.local_tree(e.extra_images, prefix="sv-extra-"))
             extra_files, extra_sha = unlabelled_images(root, f"explora.extra_images {e.extra_images}")
-            files += extra_files
             extra = {"uri": e.extra_images, "content_sha256": extra_sha, "images": str(len(extra_files))}
         a = _adapter(config, stack.enter_context(store.local_file(config.model.weights)))
-        images = UnlabelledImages(
-            files, MultiCrop(a.side, a.local, d.local_crops, a.prep["mean"], a.prep["std"]), a.side
-        )
+        crops = MultiCrop(a.side, a.local, d.local_crops, a.prep["mean"], a.prep["std"])
+        data = UnlabelledData(pack, extra_files, crops, a.side, batch_size=d.batch_size, num_workers=d.num_workers,
+                              seed=config.seed, cache_dir=Path(tempfile.mkdtemp(prefix="sv-stream-")),
+                              cache_bytes=d.cache_bytes)  # fmt: skip
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         identity = sha256_json({
             "config": to_dict(dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))),
-            "dataset": ds.content_sha256, "splits": splits_manifest.self_sha256, "extra": extra,
+            "shards": pack.manifest.self_sha256, "extra": extra,
         })  # fmt: skip
         trainer = build_trainer(config.trainer, [RandomState()], log_dir, identity, monitor=None,
                                 clip_grad=e.clip_grad or None)  # fmt: skip
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
-        trainer.fit(
-            a.module,
-            train_dataloaders=loader(
-                images, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=config.seed
-            ),
-            ckpt_path=resume[0] if resume else None,
-        )
+        trainer.fit(a.module, datamodule=data, ckpt_path=resume[0] if resume else None)
         if not trainer.is_global_zero:
             return None
         adapted = a.module.teacher.backbone.float().cpu().eval()  # DINO's teacher: the EMA, what is evaluated
-        merged, gap = merge_checked(adapted, [load_eval(f, a.prep) for f in files[:16]])
+        merged, gap = merge_checked(adapted, data.first(16, a.prep))
         history = joined_history(resume[1] if resume else "", log_dir / "metrics.csv")
     losses = _epoch_losses(history)
     with StepOutputs(out, STEP) as outputs:
@@ -215,7 +210,7 @@ def run(
             "last_epoch_loss": losses[-1] if losses else float("nan"),
             "epochs_run": trainer.current_epoch, "merge_max_abs_diff": gap,
         }  # fmt: skip
-        return commit(outputs, config, inputs.records(dataset=ds) | ({"extra_images": extra} if extra else {}),
+        return commit(outputs, config, inputs.records() | pack.lineage() | ({"extra_images": extra} if extra else {}),
                       metrics, run_id=run_id, task=task,
                       extra={"precision": str(trainer.precision), "world_size": trainer.world_size,
                              "resumed": resume is not None})  # fmt: skip

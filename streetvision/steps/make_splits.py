@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streetvision.config import read_json, require
-from streetvision.data.dataset import DataError, dataset_input, load_index
+from streetvision.config import load_config, read_json, require
+from streetvision.data.dataset import DataError, SourceConfig, dataset_input, load_index, with_content
 from streetvision.data.splits import SPLITS, SplitError, stratified_split
 from streetvision.io.manifests import Manifest, verify_dir
 from streetvision.io.outputs import StepOutputs
@@ -27,6 +27,7 @@ class SplitsConfig:
 @dataclass
 class Config:
     splits: SplitsConfig = field(default_factory=SplitsConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
     # The dataset's fingerprint when the run was submitted (Kubeflow's fingerprint step), recorded so that
     # Kubeflow's cache key changes when the dataset at the same URI does; not used otherwise.
     dataset_fingerprint: str = ""
@@ -36,6 +37,7 @@ class Config:
         ok = len(r) == len(SPLITS) and all(0 < x < 1 for x in r) and abs(sum(r) - 1.0) <= 1e-6
         require(ok, "splits.ratios", r, f"{len(SPLITS)} numbers in (0, 1) summing to 1 ({', '.join(SPLITS)})")
         require(0 <= self.splits.seed < 2**32, "splits.seed", self.splits.seed, "an integer in [0, 2^32)")
+        self.source.check()
 
 
 def run(
@@ -47,7 +49,7 @@ def run(
     run_id: str | None = None,
     task: str = "",
 ) -> Manifest:
-    ds = load_index(dataset)  # validates everything before anything is written
+    ds = load_index(dataset, config.source)  # ids and labels, validated before anything is written
     parts = stratified_split(ds.ids, ds.labels, config.splits.ratios, config.splits.seed)
     labels = ds.label_of()
     counts = {
@@ -62,7 +64,6 @@ def run(
                 "ratios": dict(zip(SPLITS, config.splits.ratios, strict=True)),
                 "counts": counts,
                 "dataset_index_sha256": ds.index_sha256,
-                "dataset_content_sha256": ds.content_sha256,
             },
         )
         inputs = {"dataset": dataset_input(ds, (sources or {}).get("dataset"))}
@@ -103,20 +104,29 @@ def load_splits(step_dir: Path) -> dict[str, list[str]]:
     return parts
 
 
-def split_dataset(dataset: Path, splits: Path, sources: dict[str, str] | None = None):
+def split_dataset(
+    dataset: Path, splits: Path, sources: dict[str, str] | None = None, source=None, *, images: bool = False
+):
     """(dataset index, manifest of splits, the four id lists) of a dataset and splits that belong
-    together: the splits are a verified make_splits commit made from this dataset's content, and every id
-    they name is in its index."""
+    together: the splits are a verified make_splits commit made from this dataset's index (its ids and
+    labels, read with ``source``, by default the settings the splits were made with), and every id they
+    name is in it. ``images``: every image file decoded first and the content identity computed
+    (:func:`streetvision.data.dataset.with_content`)."""
     src = sources or {}
     splits_manifest = verify_dir(splits, STEP)
-    ds = load_index(dataset)
-    made_from = splits_manifest.inputs.get("dataset", {}).get("content_sha256")
-    if made_from != ds.content_sha256:
+    if source is None:
+        made_with = splits_manifest.config.get("source")
+        source = load_config(SourceConfig, overrides=_overrides(made_with)) if made_with else SourceConfig()
+    ds = load_index(dataset, source)
+    made_from = splits_manifest.inputs.get("dataset", {}).get("index_sha256")
+    if made_from != ds.index_sha256:
         raise DataError(
-            f"--splits {src.get('splits', splits)} were made from dataset content {str(made_from)[:12]}, "
-            f"but --dataset {src.get('dataset', dataset)} has content {ds.content_sha256[:12]}; "
-            "make the splits from this dataset"
+            f"--splits {src.get('splits', splits)} were made from a dataset index {str(made_from)[:12]}, "
+            f"but --dataset {src.get('dataset', dataset)} has index {ds.index_sha256[:12]} (ids and labels); "
+            "make the splits from this dataset, with the same source settings"
         )
+    if images:
+        ds = with_content(ds)
     parts = load_splits(splits)
     label_of = ds.label_of()
     unknown = [i for ids in parts.values() for i in ids if i not in label_of]
@@ -126,3 +136,10 @@ def split_dataset(dataset: Path, splits: Path, sources: dict[str, str] | None = 
             "were they made from another dataset?"
         )
     return ds, splits_manifest, parts
+
+
+def _overrides(settings: dict) -> list[str]:
+    """``key=value`` overrides that rebuild a recorded source section."""
+    import json
+
+    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]

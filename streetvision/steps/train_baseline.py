@@ -28,7 +28,6 @@ from streetvision.io import store
 from streetvision.io.manifests import Manifest, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps import commit, start
-from streetvision.steps.make_splits import split_dataset
 
 STEP = "train_baseline"
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -90,6 +89,9 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 0
     image_size: int = 0  # 0: the backbone's own input size
+    # Local disk for the streamed splits' chunks (half for train, half for the split being evaluated); on
+    # Kubeflow the task's ephemeral-storage request covers it.
+    cache_bytes: int = 8 * 2**30
     # none, timm (timm's training augmentation) or challenge: random views as the subnet's validator makes
     # them, the default, since serving is judged on those (the README's bench_challenge_calibration:
     # challenge-view reward 0.578 against 0.268 for clean training on make run's demo model)
@@ -136,6 +138,7 @@ class Config:
             0 <= self.eval.challenge_views <= 64, "eval.challenge_views", self.eval.challenge_views, "0..64"
         )
         require(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"0..{MAX_WORKERS}")
+        require(2**20 <= d.cache_bytes <= 2**50, "data.cache_bytes", d.cache_bytes, "1 MiB..1 PiB")
         require(
             d.image_size == 0 or 16 <= d.image_size <= 4096, "data.image_size", d.image_size, "0 or 16..4096"
         )
@@ -174,8 +177,7 @@ def check_explora(explora: Path, config: Config, where: str) -> None:
 def run(
     config: Config,
     *,
-    dataset: Path,
-    splits: Path,
+    shards: str | Path,
     out: Path,
     explora: Path | None = None,
     sources: dict[str, str] | None = None,
@@ -191,20 +193,18 @@ def run(
     )
     if explora is None and is_step:
         with store.staged_step(weights, "adapt_explora") as staged:
-            return _train(config, dataset=dataset, splits=splits, out=out, explora=staged,
+            return _train(config, shards=shards, out=out, explora=staged,
                           sources={**(sources or {}), "explora": weights}, run_id=run_id, task=task)  # fmt: skip
-    return _train(config, dataset=dataset, splits=splits, out=out, explora=explora, sources=sources,
-                  run_id=run_id, task=task)  # fmt: skip
+    return _train(config, shards=shards, out=out, explora=explora, sources=sources, run_id=run_id, task=task)
 
 
-def _identity(config: Config, ds, splits_manifest: Manifest, explora_manifest: Manifest | None) -> str:
+def _identity(config: Config, pack, explora_manifest: Manifest | None) -> str:
     """What a checkpoint must belong to before it is resumed: this config (wherever checkpoints are
     written) and these inputs."""
     unplaced = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))
     return sha256_json({
         "config": to_dict(unplaced),
-        "dataset": ds.content_sha256,
-        "splits": splits_manifest.self_sha256,
+        "shards": pack.manifest.self_sha256,
         **({"explora": explora_manifest.self_sha256} if explora_manifest is not None else {}),
     })  # fmt: skip
 
@@ -236,9 +236,11 @@ def _score(net, data, trainer, config: Config, cached: bool):
     return results, challenged
 
 
-def _write_scores(outputs, results, challenged, parts, data, views: int) -> dict[str, dict]:
+def _write_scores(outputs, results, challenged, parts, views: int) -> dict[str, dict]:
     """Write each split's logits, labels and ids (and its challenge views' logits and rows); return the
     metrics at the selection threshold of what is not held out (val_test is evaluated once, by the export)."""
+    from streetvision.models.data import view_rows
+
     per_split = {}
     for split, (logits, labels, idx) in results.items():
         outputs.write_npy(f"logits_{split}.npy", logits.astype(np.float32))
@@ -247,7 +249,7 @@ def _write_scores(outputs, results, challenged, parts, data, views: int) -> dict
         if split != "val_test":
             per_split[split] = metrics_at(probabilities(logits), labels.astype(int), SELECTION_THRESHOLD)
     for split, (logits, labels, idx) in challenged.items():
-        rows = data.challenge_views(split, views).rows()[idx]
+        rows = view_rows(len(parts[split]), views)[idx]
         outputs.write_npy(f"logits_{split}_challenge.npy", logits.astype(np.float32))
         outputs.write_npy(f"views_{split}_challenge.npy", rows.astype(np.int64))
         if split == "val_calib":
@@ -260,8 +262,7 @@ def _write_scores(outputs, results, challenged, parts, data, views: int) -> dict
 def _train(
     config: Config,
     *,
-    dataset: Path,
-    splits: Path,
+    shards: str | Path,
     out: Path,
     explora: Path | None,
     sources: dict[str, str] | None,
@@ -270,14 +271,16 @@ def _train(
 ) -> Manifest | None:
     import lightning as L
 
+    from streetvision.data.packed import open_pack
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
     from streetvision.models.datamodule import FeatureCache, RoadworkData
     from streetvision.models.lightning import BestWeights, RoadworkModule
     from streetvision.models.network import decode_side
     from streetvision.models.trainer import build_trainer
 
-    inputs = start(STEP, config, {"dataset": dataset, "splits": splits, "explora": explora}, sources)
-    ds, splits_manifest, parts = split_dataset(dataset, splits, inputs.src)
+    inputs = start(STEP, config, {"shards": shards, "explora": explora}, sources)
+    pack = open_pack(shards, inputs.manifests["shards"])
+    parts = pack.parts()
     if explora is not None:
         check_explora(explora, config, inputs.src["explora"])
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -288,14 +291,16 @@ def _train(
     net, arch, prep = _network(config, explora)
     cached = config.model.freeze_backbone and config.data.augment == "none" and config.trainer.cache_features
     d, m = config.data, config.model
-    data = RoadworkData(ds.root, parts, ds.label_of(), prep, decode_side(prep), batch_size=d.batch_size,
-                        num_workers=d.num_workers, augment=d.augment, cache=cached, seed=config.seed)  # fmt: skip
+    streams = Path(tempfile.mkdtemp(prefix="sv-stream-"))  # in the step's temporary root, removed after it
+    data = RoadworkData(pack, prep, decode_side(prep), batch_size=d.batch_size, num_workers=d.num_workers,
+                        augment=d.augment, cache=cached, seed=config.seed, cache_dir=streams,
+                        cache_bytes=d.cache_bytes)  # fmt: skip
     module = RoadworkModule(net, lr=m.lr, weight_decay=m.weight_decay, warmup_epochs=m.warmup_epochs,
                             freeze_backbone=m.freeze_backbone, features_input=cached)  # fmt: skip
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         best = BestWeights()
-        identity = _identity(config, ds, splits_manifest, inputs.manifests.get("explora"))
+        identity = _identity(config, pack, inputs.manifests.get("explora"))
         trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity)
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
@@ -312,7 +317,7 @@ def _train(
                 "best_epoch": best.best_epoch,
                 "epochs_run": trainer.current_epoch,
             }
-            per_split = _write_scores(outputs, results, challenged, parts, data, config.eval.challenge_views)
+            per_split = _write_scores(outputs, results, challenged, parts, config.eval.challenge_views)
             for split, at in per_split.items():
                 keys = (
                     ("mcc", "accuracy") if split.endswith("_challenge") else ("mcc", "accuracy", "fnr", "fpr")
@@ -334,5 +339,11 @@ def _train(
             extra = {"feature_cache": cached, "precision": str(trainer.precision), "world_size": trainer.world_size,
                      "resumed": resume is not None}  # fmt: skip
             return commit(
-                outputs, config, inputs.records(dataset=ds), metrics, run_id=run_id, task=task, extra=extra
+                outputs,
+                config,
+                inputs.records() | pack.lineage(),
+                metrics,
+                run_id=run_id,
+                task=task,
+                extra=extra,
             )

@@ -31,7 +31,6 @@ from streetvision.eval.views import VIEWS, gate_file
 from streetvision.io.manifests import Manifest, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps import commit, start
-from streetvision.steps.make_splits import split_dataset
 from streetvision.steps.train_baseline import (
     CHALLENGE_SPLITS,
     EVAL_SPLITS,
@@ -59,6 +58,7 @@ class GateConfig:
 class DataConfig:
     batch_size: int = 32  # images per backbone batch
     num_workers: int = 0
+    cache_bytes: int = 8 * 2**30  # local disk for the split being streamed
 
 
 @dataclass
@@ -91,6 +91,7 @@ class Config:
         require(1 <= g.train_views <= 64, "gate.train_views", g.train_views, "1..64")
         require(1 <= d.batch_size <= MAX_BATCH, "data.batch_size", d.batch_size, f"1..{MAX_BATCH}")
         require(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"0..{MAX_WORKERS}")
+        require(2**20 <= d.cache_bytes <= 2**50, "data.cache_bytes", d.cache_bytes, "1 MiB..1 PiB")
         check_trainer(t)
         require(t.patience >= 0, "trainer.patience", t.patience, "0 or more")
         require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2^32)")
@@ -114,8 +115,7 @@ def run(
     config: Config,
     *,
     baseline: Path,
-    dataset: Path,
-    splits: Path,
+    shards: str | Path,
     out: Path,
     sources: dict[str, str] | None = None,
     run_id: str | None = None,
@@ -123,6 +123,7 @@ def run(
 ) -> Manifest:
     import lightning as L
 
+    from streetvision.data.packed import open_pack
     from streetvision.models.datamodule import RoadworkData
     from streetvision.models.gate import MONITOR, gate_scores
     from streetvision.models.lightning import BestWeights
@@ -130,9 +131,10 @@ def run(
     from streetvision.models.rescore import Rescorer
     from streetvision.models.trainer import build_trainer
 
-    inputs = start(STEP, config, {"baseline": baseline, "dataset": dataset, "splits": splits}, sources)
+    inputs = start(STEP, config, {"baseline": baseline, "shards": shards}, sources)
     src, p1 = inputs.src, inputs.manifests["baseline"]
-    ds, _, parts = split_dataset(dataset, splits, src)
+    pack = open_pack(shards, inputs.manifests["shards"])
+    parts = pack.parts()
     info = read_json(baseline / "model.json", DataError)
     p1_seed, p1_views = _baseline_config(p1, src["baseline"])
     _check_rows(baseline, parts, src["baseline"])
@@ -148,9 +150,10 @@ def run(
         device, precision = trainer.strategy.root_device, str(trainer.precision)
         net = load_network(info["backbone"], dropout=info["dropout"], arch=info["architecture"],
                            weights=baseline / "model.safetensors").to(device)  # fmt: skip
-        data = RoadworkData(ds.root, parts, ds.label_of(), info["preprocessing"], int(info["decode_min_side"]),
+        data = RoadworkData(pack, info["preprocessing"], int(info["decode_min_side"]),
                             batch_size=config.data.batch_size, num_workers=config.data.num_workers,
-                            augment="none", cache=False, seed=p1_seed)  # fmt: skip
+                            augment="none", cache=False, seed=p1_seed, cache_dir=Path(tempfile.mkdtemp(prefix="sv-stream-")),
+                            cache_bytes=config.data.cache_bytes)  # fmt: skip
         rescore = Rescorer(net, data, baseline, device=device, precision=precision,
                            baseline_precision=p1.extra.get("precision", "32-true"), batch_size=config.data.batch_size,
                            num_workers=config.data.num_workers, where=src["baseline"])  # fmt: skip
@@ -180,7 +183,7 @@ def run(
         outputs.write_text("history.csv", history)
         outputs.write_json("metrics.json", {"val_select": report, "threshold": threshold})
         outputs.write_text("report.md", _markdown(report, threshold, g.views, len(fit["train"].labels)))
-        return commit(outputs, config, inputs.records(dataset=ds), metrics, run_id=run_id, task=task,
+        return commit(outputs, config, inputs.records() | pack.lineage(), metrics, run_id=run_id, task=task,
                       extra={"precision": precision})  # fmt: skip
 
 
@@ -233,9 +236,7 @@ def _check_rows(baseline: Path, parts: dict[str, list[str]], where: str) -> None
 
 def _views(data, split: str, views: int, seed: int):
     """``views`` seeded challenge views of every image of a split the gate fits on."""
-    from streetvision.models.data import ChallengeViews
-
-    return ChallengeViews(data.images(split), views, seed)
+    return data.challenge_views(split, views, seed)
 
 
 def _gate_rows(r, threshold: float):
