@@ -136,7 +136,8 @@ def test_two_ranks_stream_disjoint_shares_through_a_cache_20x_smaller(big_pack, 
     cache = train_bytes // 20
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()), str(HERE / "stream_ranks.py"), uri, str(tmp_path),
-                        str(cache)], capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
+                        str(cache)], capture_output=True, text=True,
+                       env={**env, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]

@@ -174,7 +174,7 @@ def run(
         a = _adapter(config, stack.enter_context(store.local_file(config.model.weights)))
         crops = MultiCrop(a.side, a.local, d.local_crops, a.prep["mean"], a.prep["std"])
         data = UnlabelledData(pack, extra_files, crops, a.side, batch_size=d.batch_size, num_workers=d.num_workers,
-                              seed=config.seed, cache_dir=Path(tempfile.mkdtemp(prefix="sv-stream-")),
+                              seed=config.seed, cache_dir=Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-stream-"))),
                               cache_bytes=d.cache_bytes)  # fmt: skip
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         identity = sha256_json({

@@ -84,14 +84,15 @@ def run(
     position = {i: p for p, i in enumerate(ds.ids)}
     wanted = [position[i] for i in split_of]
     p = config.pack
-    scratch = Path(tempfile.mkdtemp(prefix="sv-pack-"))
+    scratch_dir = tempfile.TemporaryDirectory(prefix="sv-pack-")  # the chunk being written, per split
+    scratch = Path(scratch_dir.name)
     writers = _writers(parts, scratch, p.chunk_bytes)
     samples = {name: {"ids": [], "labels": []} for name in parts}
     hashes, bad, stored, decode_s = {}, [], 0, 0.0
     progress = Progress("pack_shards", len(wanted))
     started = time.perf_counter()
     procs = p.workers or os.cpu_count() or 1
-    with StepOutputs(out, STEP) as outputs, _decoders(procs, len(wanted)) as decode:
+    with scratch_dir, StepOutputs(out, STEP) as outputs, _decoders(procs, len(wanted)) as decode:
         for batch in _batches(_read(ds, wanted, progress), 32 * procs):  # a bounded window in memory
             done = decode([(data or b"", p.max_side, p.quality) for _, data in batch])
             for (pos, _), (sha, data, seconds) in zip(batch, done, strict=True):

@@ -291,13 +291,14 @@ def _train(
     net, arch, prep = _network(config, explora)
     cached = config.model.freeze_backbone and config.data.augment == "none" and config.trainer.cache_features
     d, m = config.data, config.model
-    streams = Path(tempfile.mkdtemp(prefix="sv-stream-"))  # in the step's temporary root, removed after it
+    streams = tempfile.TemporaryDirectory(prefix="sv-stream-")  # the stream cache, removed with the stack
     data = RoadworkData(pack, prep, decode_side(prep), batch_size=d.batch_size, num_workers=d.num_workers,
-                        augment=d.augment, cache=cached, seed=config.seed, cache_dir=streams,
+                        augment=d.augment, cache=cached, seed=config.seed, cache_dir=Path(streams.name),
                         cache_bytes=d.cache_bytes)  # fmt: skip
     module = RoadworkModule(net, lr=m.lr, weight_decay=m.weight_decay, warmup_epochs=m.warmup_epochs,
                             freeze_backbone=m.freeze_backbone, features_input=cached)  # fmt: skip
     with ExitStack() as stack:
+        stack.enter_context(streams)
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         best = BestWeights()
         identity = _identity(config, pack, inputs.manifests.get("explora"))

@@ -152,7 +152,7 @@ def run(
                            weights=baseline / "model.safetensors").to(device)  # fmt: skip
         data = RoadworkData(pack, info["preprocessing"], int(info["decode_min_side"]),
                             batch_size=config.data.batch_size, num_workers=config.data.num_workers,
-                            augment="none", cache=False, seed=p1_seed, cache_dir=Path(tempfile.mkdtemp(prefix="sv-stream-")),
+                            augment="none", cache=False, seed=p1_seed, cache_dir=Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-stream-"))),
                             cache_bytes=config.data.cache_bytes)  # fmt: skip
         rescore = Rescorer(net, data, baseline, device=device, precision=precision,
                            baseline_precision=p1.extra.get("precision", "32-true"), batch_size=config.data.batch_size,
