@@ -59,8 +59,12 @@ EXPECTED = {
 
 
 def test_cli_run_commits_every_output_with_lineage(demo_dataset, demo_splits, demo_pack, tmp_path):
+    """With loader workers too: each worker ends its share of a split on a partial batch of its own, and
+    every image is still scored in every validation (a length-bound loop once stopped short of them)."""
+    import csv
+
     out = tmp_path / "p1"
-    r = cli_train(demo_pack, out, *TINY)
+    r = cli_train(demo_pack, out, *TINY, "data.num_workers=2")
     assert r.returncode == 0, r.stderr
     m = verify_dir(out)
     assert set(m.outputs) == EXPECTED
@@ -76,6 +80,8 @@ def test_cli_run_commits_every_output_with_lineage(demo_dataset, demo_splits, de
     model = json.loads((out / "model.json").read_text())
     assert model["preprocessing"]["input_size"] == [3, 64, 64] and model["class_names"][1] == "roadwork"
     assert "val_select_mcc" in m.metrics and "val_test_mcc" not in m.metrics
+    validation = [r for r in csv.DictReader((out / "history.csv").open()) if r["val_select_n"]]
+    assert len(validation) == 2 and all(float(r["val_select_n"]) == len(splits["val_select"]) for r in validation)
 
 
 def test_same_seed_twice_gives_identical_weights_on_cpu(demo_dataset, demo_splits, demo_pack, tmp_path):

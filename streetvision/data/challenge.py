@@ -103,14 +103,14 @@ def draw(rng: np.random.Generator, width: int, height: int, level: int | None = 
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb @ np.array([0.299, 0.587, 0.114])
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=rgb.dtype)
 
 
 def saturation(rgb: np.ndarray, keep: float) -> np.ndarray:
     """Scale the chroma (Cb, Cr) by ``keep`` around grey, luma unchanged."""
-    x = rgb.astype(np.float64)
+    x = rgb.astype(np.float32)
     y = _luma(x)[..., None]
-    return np.clip(y + keep * (x - y), 0, 255).astype(np.uint8)
+    return np.clip(y + np.float32(keep) * (x - y), 0, 255).astype(np.uint8)
 
 
 def contrast(rgb: np.ndarray, factor: float) -> np.ndarray:
@@ -125,13 +125,15 @@ def downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
 
 def noise(rgb: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian noise of ``variance`` added to Y, Cb and Cr on their [0, 1] video-range scales (219 and
-    224 levels), converted back to RGB with the BT.601 coefficients."""
+    224 levels), converted back to RGB with the BT.601 coefficients. (Single precision: a training epoch
+    draws one of these for every level-3 view.)"""
     sigma = math.sqrt(variance) * 255.0
-    ny = rng.normal(0.0, sigma * 255 / 219, rgb.shape[:2])
-    ncb = rng.normal(0.0, sigma * 255 / 224, rgb.shape[:2])
-    ncr = rng.normal(0.0, sigma * 255 / 224, rgb.shape[:2])
+    ny, ncb, ncr = rng.standard_normal((3, *rgb.shape[:2]), dtype=np.float32)
+    ny *= np.float32(sigma * 255 / 219)
+    ncb *= np.float32(sigma * 255 / 224)
+    ncr *= np.float32(sigma * 255 / 224)
     delta = np.stack([ny + 1.403 * ncr, ny - 0.714 * ncr - 0.344 * ncb, ny + 1.773 * ncb], axis=-1)
-    return np.clip(rgb.astype(np.float64) + delta, 0, 255).astype(np.uint8)
+    return np.clip(rgb.astype(np.float32) + delta, 0, 255).astype(np.uint8)
 
 
 def gaussian_kernel(size: int) -> np.ndarray:
@@ -142,12 +144,18 @@ def gaussian_kernel(size: int) -> np.ndarray:
 
 
 def blur(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Separable Gaussian blur with a ``size`` kernel, sigma ``size / 6``, mirrored borders."""
-    k, r = gaussian_kernel(size), size // 2
-    x = np.pad(rgb.astype(np.float64), ((r, r), (r, r), (0, 0)), mode="reflect")
-    x = sum(k[i] * x[i : i + rgb.shape[0]] for i in range(size))
-    x = sum(k[i] * x[:, i : i + rgb.shape[1]] for i in range(size))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    """Separable Gaussian blur with a ``size`` kernel, sigma ``size / 6``, mirrored borders (single
+    precision, accumulated in place)."""
+    k, r = gaussian_kernel(size).astype(np.float32), size // 2
+    h, w = rgb.shape[:2]
+    x = np.pad(rgb, ((r, r), (r, r), (0, 0)), mode="reflect").astype(np.float32)
+    rows = x[:h] * k[0]
+    for i in range(1, size):
+        rows += x[i : i + h] * k[i]
+    out = rows[:, :w] * k[0]
+    for i in range(1, size):
+        out += rows[:, i : i + w] * k[i]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def apply(image: Image.Image, d: Draw) -> Image.Image:

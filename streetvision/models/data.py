@@ -73,8 +73,8 @@ class Share(IterableDataset):
         self.dataset, self.rank, self.world = dataset, rank, world
         self.cache_dir_sv, self.total_sv = dataset.cache_dir_sv, total
 
-    def __len__(self) -> int:
-        return len(range(self.rank, self.total_sv, self.world))
+    # No __len__: with loader workers each worker ends on a partial batch of its own, so a loop that stops
+    # after len // batch batches (Lightning's, when it can take a length) would leave images unscored.
 
     def __iter__(self):
         return (item for item in self.dataset if item is not None)

@@ -69,6 +69,9 @@ class RoadworkModule(L.LightningModule):
             logits, labels, idx = (self.all_gather(t).reshape(-1) for t in (logits, labels, idx))
         idx_np, first = np.unique(idx.cpu().numpy(), return_index=True)  # padded duplicates out
         logits, labels = logits[first], labels[first]
+        data = self.trainer.datamodule
+        if data is not None and len(idx_np) != len(data.labels("val_select")):  # selection sees all of it
+            raise RuntimeError(f"validation scored {len(idx_np)} of {len(data.labels('val_select'))} images")
         metrics = metrics_at(
             probabilities(logits.cpu().numpy()), labels.cpu().numpy().astype(int), SELECTION_THRESHOLD
         )
