@@ -81,7 +81,9 @@ def test_cli_run_commits_every_output_with_lineage(demo_dataset, demo_splits, de
     assert model["preprocessing"]["input_size"] == [3, 64, 64] and model["class_names"][1] == "roadwork"
     assert "val_select_mcc" in m.metrics and "val_test_mcc" not in m.metrics
     validation = [r for r in csv.DictReader((out / "history.csv").open()) if r["val_select_n"]]
-    assert len(validation) == 2 and all(float(r["val_select_n"]) == len(splits["val_select"]) for r in validation)
+    assert len(validation) == 2 and all(
+        float(r["val_select_n"]) == len(splits["val_select"]) for r in validation
+    )
 
 
 def test_same_seed_twice_gives_identical_weights_on_cpu(demo_dataset, demo_splits, demo_pack, tmp_path):
