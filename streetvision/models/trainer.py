@@ -35,15 +35,20 @@ def build_trainer(
     monitor: str | None = MONITOR,
     mode: str = "max",
     clip_grad: float | None = None,
+    workers: int = 0,
 ):
     """A Trainer for ``t`` (a step's trainer config: max_epochs, patience, accelerator, devices, strategy,
     precision, checkpoint_uri): bf16 autocast on GPU, deterministic on CPU; early stopping on ``monitor``
     (none when None); gradients clipped to norm ``clip_grad``; per-epoch metrics to a CSVLogger (and
     TensorBoard when installed) under ``log_dir``; a progress bar on a terminal, one line per epoch
-    elsewhere."""
+    elsewhere. ``workers``: the loaders' worker processes; on the CPU the trainer's own threads leave them
+    their cores (on 2 cores with one worker, the challenge views of the next batch are made while this
+    one trains)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
+    if workers and not on_gpu:
+        torch.set_num_threads(max(1, torch.get_num_threads() - workers))
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
     try:
         return L.Trainer(

@@ -182,7 +182,7 @@ def run(
             "shards": pack.manifest.self_sha256, "extra": extra,
         })  # fmt: skip
         trainer = build_trainer(config.trainer, [RandomState()], log_dir, identity, monitor=None,
-                                clip_grad=e.clip_grad or None)  # fmt: skip
+                                clip_grad=e.clip_grad or None, workers=config.data.num_workers)  # fmt: skip
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(a.module, datamodule=data, ckpt_path=resume[0] if resume else None)

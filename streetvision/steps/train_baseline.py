@@ -302,7 +302,8 @@ def _train(
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         best = BestWeights()
         identity = _identity(config, pack, inputs.manifests.get("explora"))
-        trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity)
+        trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity,
+                                workers=d.num_workers)
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
