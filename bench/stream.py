@@ -182,6 +182,158 @@ def bench_stream_throughput() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _folder_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass  # removed meanwhile (a cache eviction, a finished download)
+    return total
+
+
+def bench_stream_at_scale() -> None:
+    """A dataset 20x the stream cache, as a real one is to a pod's disk: 20,000 generated 64 px JPEGs packed
+    to the local S3, then train_baseline (1 epoch, test_vit, every split streamed) with data.cache_bytes a
+    twentieth of the pack, its whole temporary folder sampled every 20 ms. Reports the peak against the
+    cache plus the chunks in flight, and checks one streamed epoch of the train split for every sample once."""
+    import threading
+
+    sys.path.insert(0, str(Path("tests").resolve()))
+    import seaweed
+    from PIL import Image
+
+    from streetvision.data import packed
+    from streetvision.models.datamodule import EpochLoader
+
+    n, chunk_bytes = 20_000, 256 * 1024
+    WORK.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=WORK))
+    server = seaweed.start(tmp / "weed")
+    try:
+        os.environ.update(server.env())
+        from streetvision.io import store
+
+        store.client.cache_clear()
+        data, rng = tmp / "data", np.random.default_rng(0)
+        (data / "images").mkdir(parents=True)
+        rows = ["image,label"]
+        for i in range(n):  # a class-dependent tint in noise: small, distinct JPEGs
+            label = i % 2
+            pixels = rng.integers(0, 200, (64, 64, 3), dtype=np.uint8)
+            pixels[..., label] += 55
+            Image.fromarray(pixels).save(data / "images" / f"{i:05d}.jpg", quality=85)
+            rows.append(f"images/{i:05d}.jpg,{label}")
+        (data / "labels.csv").write_text("\n".join(rows) + "\n")
+        dataset_bytes = sum(p.stat().st_size for p in (data / "images").iterdir())
+        splits = _splits(data, tmp / "splits")
+        uri = f"s3://{server.bucket}/pack"
+        t_pack = _pack(data, splits, uri, f"pack.chunk_bytes={chunk_bytes}", env=dict(os.environ))
+        pack = packed.open_pack(uri)
+        chunk_sizes = [o["size"] for name, o in pack.manifest.outputs.items() if "/chunk-" in name]
+        pack_bytes, chunk = sum(chunk_sizes), max(chunk_sizes)
+        cache = pack_bytes // 20
+        print(f"scale: {n} images ({dataset_bytes / 1e6:.1f} MB as JPEGs) packed to S3 in {t_pack:.1f} s: "
+              f"{pack_bytes / 1e6:.1f} MB in {len(chunk_sizes)} chunks of at most {chunk / 1e3:.0f} kB; "
+              f"data.cache_bytes {cache / 1e6:.2f} MB ({pack_bytes / cache:.0f}x smaller)", flush=True)  # fmt: skip
+
+        steps = tmp / "step-tmp"
+        steps.mkdir()
+        peak, done = [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _folder_bytes(steps))
+                done.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "streetvision", "train-baseline", "--shards", uri,
+                            "--out", f"s3://{server.bucket}/train_baseline", "model.backbone=test_vit",
+                            "model.pretrained=false", "model.freeze_backbone=false", "data.image_size=32",
+                            "data.batch_size=64", "data.augment=none", "eval.challenge_views=0",
+                            "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.devices=1",
+                            f"data.cache_bytes={cache}"], capture_output=True, text=True,
+                           env={**os.environ, "TMPDIR": str(steps)})  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        if r.returncode != 0:
+            raise SystemExit(f"scale: train_baseline failed: {r.stderr[-2000:]}")
+        committed = store.committed_manifest(f"s3://{server.bucket}/train_baseline", "train_baseline")
+        scored = committed.metrics
+        print(f"scale: train_baseline streamed {n} images in {elapsed:.1f} s (1 epoch, every split scored); "
+              f"peak of its temporary folder {peak[0] / 1e6:.2f} MB; val_select MCC {scored['val_select_mcc']:.3f}",
+              flush=True)  # fmt: skip
+        bound = cache + 4 * chunk  # the cache, and a chunk in flight per split being read and being evicted
+        report("scale: peak disk of the training step vs data.cache_bytes + 4 chunks (one of the pack 20x the cache)",
+               peak[0], bound, "<= 1", peak[0] <= bound, unit="B")  # fmt: skip
+
+        stream = packed.streamed(pack, "train", packed.Decode(lambda im: 0, 16), cache_dir=tmp / "epoch",
+                                 cache_bytes=cache // 2, shuffle=True, seed=0)  # fmt: skip
+        seen = [int(i) for _, _, batch in EpochLoader(stream, {"epochs": 0}, batch_size=64) for i in batch]
+        total = len(pack.ids("train"))
+        report("scale: one streamed epoch of the train split, distinct samples seen vs samples", len(set(seen)),
+               total, "== 1 (each once)", len(seen) == len(set(seen)) == total, unit="")  # fmt: skip
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_packed_vs_originals_mcc() -> None:
+    """Validator-view MCC on val_test of the same training (same seed, make run's demo profile) from a pack at
+    the default max_side (512) and from one keeping the original bytes, on 1024 px demo images: the paired
+    difference with its standard error (a bootstrap over val_test's images, their views resampled together)."""
+    from streetvision.eval.metrics import compute_mcc
+    from streetvision.eval.sweep import probabilities
+
+    root = WORK / "maxside"
+    data = root / "data"
+    if not (data / "labels.csv").exists():
+        from streetvision.data.demo import write_demo_dataset
+
+        write_demo_dataset(data, n=960, seed=0, size=1024)
+    splits = _splits(data, root / "splits")
+    train = ["model.backbone=test_efficientnet", "model.pretrained=false", "model.freeze_backbone=false",
+             "model.lr=0.003", "data.image_size=96", "data.num_workers=1", "trainer.max_epochs=10",
+             "trainer.patience=4", "trainer.accelerator=cpu", "trainer.devices=1"]  # fmt: skip
+    scores = {}
+    for label, max_side in (("max_side 512 (default)", "512"), ("original bytes", "0")):
+        pack, out = root / f"pack-{max_side}", root / f"train-{max_side}"
+        shutil.rmtree(pack, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        _pack(data, splits, str(pack), f"pack.max_side={max_side}")
+        subprocess.run([sys.executable, "-m", "streetvision", "train-baseline", "--shards", str(pack),
+                        "--out", str(out), *train], check=True, capture_output=True)  # fmt: skip
+        rows = np.load(out / "views_val_test_challenge.npy")[:, 0]
+        p = probabilities(np.load(out / "logits_val_test_challenge.npy"))
+        labels = np.load(out / "labels_val_test.npy").astype(int)[rows]
+        scores[label] = (rows, (p >= 0.5).astype(int), labels)
+        print(f"maxside: {label}: packed {json_metric(pack, 'bytes_per_image') / 1e3:.0f} kB an image; val_test "
+              f"challenge-view MCC {compute_mcc(labels, scores[label][1]):.3f}", flush=True)  # fmt: skip
+    (rows, a, y), (_, b, _) = scores.values()
+    diff = compute_mcc(y, a) - compute_mcc(y, b)
+    images = np.unique(rows)
+    by_image = [np.flatnonzero(rows == i) for i in images]
+    rng, boot = np.random.default_rng(0), []
+    for _ in range(1000):
+        take = np.concatenate([by_image[k] for k in rng.integers(0, len(images), len(images))])
+        boot.append(compute_mcc(y[take], a[take]) - compute_mcc(y[take], b[take]))
+    se = float(np.std(boot))
+    print(f"maxside: MCC difference (512 - original) {diff:+.3f}, standard error {se:.3f} over "
+          f"{len(images)} val_test images x {len(rows) // len(images)} views", flush=True)  # fmt: skip
+    report("maxside: |MCC difference| vs 2 standard errors (within noise)", abs(diff), 2 * se, "<= 1",
+           abs(diff) <= 2 * se, unit="")  # fmt: skip
+
+
+def json_metric(step: Path, key: str) -> float:
+    import json
+
+    return json.loads((step / "manifest.json").read_text())["metrics"][key]
+
+
 def _local_copy(uri: str, local: Path) -> Path:
     from streetvision.io import store
 
@@ -189,4 +341,9 @@ def _local_copy(uri: str, local: Path) -> Path:
     return local
 
 
-BENCHMARKS = [bench_pack_phone_jpegs, bench_stream_throughput]
+BENCHMARKS = [
+    bench_pack_phone_jpegs,
+    bench_stream_throughput,
+    bench_stream_at_scale,
+    bench_packed_vs_originals_mcc,
+]

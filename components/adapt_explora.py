@@ -6,7 +6,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 
 @dsl.container_component
 def adapt_explora(
-    shards: dsl.Input[dsl.Artifact],
+    shards_uri: str,
     explora: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     backbone: str = EXPLORA.model.backbone,
@@ -27,7 +27,7 @@ def adapt_explora(
     Q and V elsewhere; the adapters are merged afterwards. Labels and the other splits are never read.
 
     Args:
-        shards: pack_shards output (only its train split's images are read, streamed).
+        shards_uri: URI of the pack_shards output (only its train split's images are read, streamed).
         backbone: timm ViT name (DINOv2 by default).
         pretrained: Start from the hub's pretrained weights.
         weights_uri: Backbone weights file (local path or s3:// URI) used instead of the hub.
@@ -51,7 +51,7 @@ def adapt_explora(
         command=[*ENTRYPOINT, "adapt-explora"],
         args=[
             "--shards",
-            shards.path,
+            shards_uri,
             "--out",
             explora.path,
             *KFP_RUN,

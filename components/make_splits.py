@@ -6,7 +6,7 @@ from components.images import BASE_IMAGE, ENTRYPOINT, KFP_RUN
 
 @dsl.container_component
 def make_splits(
-    dataset: dsl.Input[dsl.Dataset],
+    dataset_uri: str,
     splits: dsl.Output[dsl.Artifact],
     seed: int = SPLITS.seed,
     ratios: str = SPLIT_RATIOS,
@@ -15,7 +15,8 @@ def make_splits(
     """make_splits: stratified, seeded split of a dataset into train / val_select / val_calib / val_test.
 
     Args:
-        dataset: Folder with labels.csv (image,label; 1 = roadwork) and the images it lists.
+        dataset_uri: The dataset's s3:// prefix (labels.csv, parquet shards or a folder per class), read in
+            place: only its index (ids and labels), never an image.
         seed: Seed of the per-class shuffle.
         ratios: Shares of train, val_select, val_calib, val_test, as a list summing to 1.
         dataset_fingerprint: The dataset_fingerprint step's output, recorded in the config so that the cache
@@ -29,7 +30,7 @@ def make_splits(
         command=[*ENTRYPOINT, "make-splits"],
         args=[
             "--dataset",
-            dataset.path,
+            dataset_uri,
             "--out",
             splits.path,
             *KFP_RUN,

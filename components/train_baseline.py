@@ -8,7 +8,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 
 @dsl.container_component
 def train_baseline(
-    shards: dsl.Input[dsl.Artifact],
+    shards_uri: str,
     baseline: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     backbone: str = TRAIN.model.backbone,
@@ -28,7 +28,8 @@ def train_baseline(
     """train_baseline: train a timm backbone + head with Lightning, selected and early-stopped on val_select MCC.
 
     Args:
-        shards: pack_shards output: the packed splits, streamed through a bounded local cache.
+        shards_uri: URI of the pack_shards output (its shards_uri): the packed splits, streamed through a
+            bounded local cache, never copied whole.
         backbone: timm model name.
         pretrained: Load the hub's pretrained weights for the backbone.
         weights_uri: Backbone weights file (local path or s3:// URI) used instead of the hub.
@@ -55,7 +56,7 @@ def train_baseline(
         command=[*ENTRYPOINT, "train-baseline"],
         args=[
             "--shards",
-            shards.path,
+            shards_uri,
             dsl.IfPresentPlaceholder(input_name="explora", then=["--explora", explora.path]),
             "--out",
             baseline.path,

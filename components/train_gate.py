@@ -7,7 +7,7 @@ from components.images import ENTRYPOINT, KFP_RUN, TRAIN_IMAGE
 @dsl.container_component
 def train_gate(
     baseline: dsl.Input[dsl.Model],
-    shards: dsl.Input[dsl.Artifact],
+    shards_uri: str,
     gate: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.Markdown],
@@ -25,7 +25,7 @@ def train_gate(
 
     Args:
         baseline: train_baseline output.
-        shards: The pack_shards output train_baseline was trained on.
+        shards_uri: URI of the pack_shards output train_baseline was trained on (streamed).
         views: What the gate learns on: challenge (validator-style views of train and val_select) or clean.
         train_views: Challenge views per train and val_select image.
         hidden: Hidden units of the MLP.
@@ -46,7 +46,7 @@ def train_gate(
             "--baseline",
             baseline.path,
             "--shards",
-            shards.path,
+            shards_uri,
             "--out",
             gate.path,
             *KFP_RUN,

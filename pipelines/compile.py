@@ -5,7 +5,7 @@ Every shipped variant (``pipelines.streetvision.VARIANTS``: ``streetvision``, ``
 an ``--output`` compiles one.
 
 Platform options (off by default): ``--gpus N``, ``--node-selector key=value``, ``--toleration
-key=value:effect``, ``--s3-secret NAME``, ``--train-cpu``/``--train-memory``/``--step-cpu``/``--step-memory``
+key=value:effect``, ``--s3-secret NAME``, ``--scratch-class STORAGECLASS``, ``--train-cpu``/``--train-memory``/``--step-cpu``/``--step-memory``
 (requests; memory limits equal them), ``--legacy-platform-spec`` (for KFP backends older than the SDK).
 Image references come from components/images.py (environment overrides ``STREETVISION_REGISTRY``,
 ``STREETVISION_TAG``, or digests in ``STREETVISION_BASE_IMAGE`` / ``STREETVISION_TRAIN_IMAGE``).
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
     p.add_argument("--s3-secret", default=PlatformOptions().s3_secret)
+    p.add_argument("--scratch-class", default="", metavar="STORAGECLASS",
+                   help="the steps' temporary folders on generic ephemeral volumes of this class ('default': "
+                   "the cluster's), a storage request the scheduler honours; default: size-limited emptyDirs")  # fmt: skip
     d = PlatformOptions()
     for name in ("train_cpu", "train_memory", "step_cpu", "step_memory"):
         p.add_argument(
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     options = PlatformOptions(
         s3_secret=a.s3_secret,
+        scratch_class=a.scratch_class,
         gpus=a.gpus,
         node_selector=dict(s.split("=", 1) for s in a.node_selector),
         tolerations=[_toleration(t) for t in a.toleration],

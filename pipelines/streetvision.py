@@ -49,6 +49,10 @@ class PlatformOptions:
     tolerations: list[dict[str, str]] = field(default_factory=list)  # {key, operator, value, effect}
     # Requests per pod; memory limits equal the requests (a pod that outgrows them is told so plainly
     # instead of starving its node) and CPU is not limited (a CPU limit only throttles).
+    # Where a step's temporary folder lives (its stream cache, its packing window): "" an emptyDir with
+    # the phase's size as its limit; a StorageClass name ("default": the cluster's) a generic ephemeral
+    # volume, a per-pod claim of that size the scheduler and the provisioner honour.
+    scratch_class: str = ""
     train_cpu: str = "4"
     train_memory: str = "16G"
     step_cpu: str = "1"
@@ -209,9 +213,15 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
         that streams or packs gets an emptyDir of its scratch size as its temporary folder."""
         _with_credentials(task, options)
         if phase is not None and phase.scratch:
-            kubernetes.empty_dir_mount(
-                task, volume_name="scratch", mount_path=SCRATCH, size_limit=phase.scratch
-            )
+            if options.scratch_class:
+                kubernetes.add_ephemeral_volume(
+                    task, volume_name="scratch", mount_path=SCRATCH, access_modes=["ReadWriteOnce"],
+                    size=phase.scratch, storage_class_name=None if options.scratch_class == "default" else options.scratch_class,
+                )  # fmt: skip
+            else:
+                kubernetes.empty_dir_mount(
+                    task, volume_name="scratch", mount_path=SCRATCH, size_limit=phase.scratch
+                )
             task.set_env_variable("TMPDIR", SCRATCH)
         if phase is not None and phase.gpu:
             return _on_training_nodes(task, options)
@@ -221,20 +231,19 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
 
     def pipeline(*channels):
         values = dict(zip(signature.parameters, channels, strict=True))
-        dataset = dsl.importer(artifact_uri=values["dataset_uri"], artifact_class=dsl.Dataset, reimport=False)
-        dataset.set_display_name("dataset")
-        # The importer does not look at the data: a dataset rewritten in place keeps its URI. A never-cached
-        # fingerprint of its listing feeds make_splits, so the cache key of every step follows the content.
+        # The dataset goes by its URI (phases read it in place; an artifact would be copied into every pod
+        # that reads it). A rewritten dataset keeps its URI: a never-cached fingerprint of its listing feeds
+        # make_splits, so the cache key of every step follows the content.
         fingerprint = place(dataset_fingerprint(dataset_uri=values["dataset_uri"]))
         fingerprint.set_caching_options(False)
         fingerprint.set_display_name("dataset-fingerprint")
-        made = {}
+        made, uris = {}, {None: values["dataset_uri"]}  # phase -> its artifact; its URI, where streamed
         for stem in p.phases:
             phase = BY_STEM[stem]
-            kwargs = {
-                name: dataset.output if producer is None else made[producer]
+            kwargs = dict(
+                (f"{name}_uri", uris[producer]) if phase.by_uri(name) else (name, made[producer])
                 for name, producer in p.inputs[stem].items()
-            }
+            )
             if stem == "make_splits":
                 kwargs["dataset_fingerprint"] = fingerprint.outputs["fingerprint"]
             kwargs.update(p.constants[stem])
@@ -248,6 +257,8 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
                 # each step by botocore.
                 task.set_retry(num_retries=1, backoff_duration="10s")
             made[stem] = task.outputs[phase.artifact]
+            if phase.streamed:
+                uris[stem] = task.outputs[f"{phase.artifact}_uri"]
 
     pipeline.__signature__ = signature
     pipeline.__doc__ = f"StreetVision pipeline: {' -> '.join(p.phases)}.\n\n{args_doc}\n"

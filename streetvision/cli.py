@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KFP_MINIO = "minio://"  # how Kubeflow's default artifact store names its objects (bucket/key, S3 API)
 LOCATIONS = ("out", "dataset", "path", "bundle", "checkpoint_root", *{n for p in PHASES for n in p.inputs})
 
 
@@ -120,6 +121,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     for name in LOCATIONS:
         if isinstance(value := getattr(args, name, None), str):
+            if value.startswith(KFP_MINIO):  # a Kubeflow artifact in its MinIO: an S3 object like any other
+                setattr(args, name, value := "s3://" + value[len(KFP_MINIO) :])
             check_location(value, "the path" if name == "path" else f"--{name.replace('_', '-')}")
     if cmd == "verify":
         from streetvision.verify import verify_path

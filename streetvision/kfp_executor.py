@@ -4,7 +4,8 @@ Components pass ``{{$}}`` (the executor input) as ``--executor-input``. After a 
 module writes the executor output (``outputs.outputFile``) so the Kubeflow UI shows the step's results:
 Metrics scalars, ClassificationMetrics (confusion matrix and ROC, in the shapes the KFP SDK's
 ``ClassificationMetrics.log_confusion_matrix`` / ``log_roc_curve`` produce), and a Markdown report.
-Every declared output artifact is listed. It needs no KFP install: the base image carries no kfp.
+Every declared output artifact is listed, and an output parameter ``<artifact>_uri`` carries that
+artifact's URI (a streamed phase's readers take it instead of the artifact). It needs no KFP install: the base image carries no kfp.
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ def write_executor_output(executor_input: str, out: Path, manifest: Manifest | N
         artifacts[name] = {
             "artifacts": [{"name": runtime.get("name", name), "uri": runtime["uri"], "metadata": metadata}]
         }
+    # A streamed output's URI, for its readers to stream from (an artifact input would be copied whole).
+    uris = {
+        name: entry["artifacts"][0]["uri"] for name, entry in data["outputs"].get("artifacts", {}).items()
+    }
+    parameters = {name: uris[name[: -len("_uri")]] for name in data["outputs"].get("parameters", {})
+                  if name.endswith("_uri") and name[: -len("_uri")] in uris}  # fmt: skip
     output_file = Path(data["outputs"]["outputFile"])
-    atomic.write_json(output_file, {"artifacts": artifacts})
+    atomic.write_json(output_file, {"artifacts": artifacts, "parameterValues": parameters})
     return output_file

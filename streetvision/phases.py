@@ -54,8 +54,14 @@ class Phase:
     # input b as its own b (the policy was swept on this train_baseline). A dataset and splits are checked by
     # content (``make_splits.split_dataset``).
     belongs: tuple[tuple[str, str], ...] = ()
-    # Reads the dataset where it is (its index, ranged reads of what it needs), never a local copy of it.
+    # Reads the dataset where it is (its index, ranged reads of what it needs), never a local copy of it:
+    # on Kubeflow it takes the dataset's URI as a parameter (``dataset_uri``), which the launcher does not
+    # download (it copies every input artifact into the pod before the command starts).
     in_place: bool = False
+    # Its output is read where it is, streamed and verified as it streams in, never copied whole: on
+    # Kubeflow the step commits straight to its artifact's URI and hands that URI on as the output parameter
+    # ``<artifact>_uri``, which its readers take as the parameter ``<input>_uri`` instead of the artifact.
+    streamed: bool = False
     gpu: bool = False  # trains or scores a network: placed on the training nodes, with the GPUs asked for
     # Local disk it needs beyond its outputs (a streaming cache, a packing window): on Kubeflow an emptyDir
     # of this size holds its temporary folder.
@@ -64,6 +70,14 @@ class Phase:
     @property
     def command(self) -> str:
         return self.stem.replace("_", "-")
+
+    def by_uri(self, name: str) -> bool:
+        """Whether input ``name`` is passed by its URI on Kubeflow (a dataset read in place, or a streamed
+        phase's output), as the component parameter ``<name>_uri``, rather than as an artifact."""
+        made_by = self.inputs[name]
+        if made_by is None:
+            return self.in_place
+        return isinstance(made_by, str) and BY_STEM[made_by].streamed
 
     @property
     def artifact(self) -> str:
@@ -91,6 +105,7 @@ PHASES: tuple[Phase, ...] = (
         {"metrics": "system.Metrics"},
         input_help={"splits": "make_splits output: the splits to pack, made from this dataset"},
         in_place=True,
+        streamed=True,
         scratch="4Gi",  # a chunk per split being written and the window of images being decoded
     ),
     Phase(
@@ -204,7 +219,7 @@ SHARED: tuple[Shared, ...] = (
     *(Shared(key, dict.fromkeys(_TRAINING, key)) for key in ("model.pretrained", "model.weights", "data.image_size")),
     *(Shared(key, dict.fromkeys((*_TRAINING, "train_gate"), key))
       for key in ("data.batch_size", "data.num_workers", "trainer.accelerator", "trainer.precision")),
-    *(Shared(key, dict.fromkeys(_TRAINING, key)) for key in ("trainer.devices", "trainer.strategy")),
+    *(Shared(key, dict.fromkeys(_TRAINING, key)) for key in ("trainer.devices", "trainer.num_nodes", "trainer.strategy")),
 )  # fmt: skip
 SHARED_BY_NAME = {s.name: s for s in SHARED}
 

@@ -14,8 +14,15 @@ from typing import Any
 import yaml
 
 PLACEHOLDER = re.compile(
-    r"\{\{\$\.(inputs|outputs)\.(artifacts|parameters)\['([^']+)'\](?:\.(path|uri))?\}\}"
+    r"\{\{\$\.(inputs|outputs)\.(artifacts|parameters)\['([^']+)'\](?:\.(path|uri|output_file))?\}\}"
 )
+MOUNTS = {"gs://": "/gcs/", "minio://": "/minio/", "s3://": "/s3/"}  # the launcher's LocalPathForURI
+
+
+def local_path(uri: str) -> str:
+    """Where the launcher puts an artifact of this URI in the pod (what ``.path`` is)."""
+    scheme = next((s for s in MOUNTS if uri.startswith(s)), None)
+    return MOUNTS[scheme] + uri[len(scheme) :] if scheme else uri
 
 
 def load_component(path: Path) -> dict[str, Any]:
@@ -43,8 +50,11 @@ def command_line(
     outputs_root: Path,
     parameters: dict[str, Any] | None = None,
     task: str = "task",
+    output_uris: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """(argv, executor_input) with every placeholder replaced as the launcher would."""
+    """(argv, executor_input) with every placeholder replaced as the launcher would. ``output_uris``: an
+    output artifact's URI as a cluster's pipeline root makes it (``s3://...``; default: a folder under
+    ``outputs_root``, as kfp.local makes it); its ``.path`` is then the launcher's mount of it."""
     spec = component["spec"]
     params = {
         k: v.get("defaultValue") for k, v in spec.get("inputDefinitions", {}).get("parameters", {}).items()
@@ -52,7 +62,8 @@ def command_line(
     params |= parameters or {}
     out_defs = spec.get("outputDefinitions", {}).get("artifacts", {})
     in_defs = spec.get("inputDefinitions", {}).get("artifacts", {})
-    out_paths = {name: outputs_root / name for name in out_defs}
+    out_uris = {name: str(outputs_root / name) for name in out_defs} | (output_uris or {})
+    out_params = spec.get("outputDefinitions", {}).get("parameters", {})
     executor_input = {
         "inputs": {
             "artifacts": {
@@ -68,9 +79,10 @@ def command_line(
         },
         "outputs": {
             "artifacts": {
-                n: {"artifacts": [{"name": n, "uri": str(out_paths[n]), "type": d["artifactType"]}]}
+                n: {"artifacts": [{"name": n, "uri": out_uris[n], "type": d["artifactType"]}]}
                 for n, d in out_defs.items()
             },
+            "parameters": {n: {"outputFile": str(outputs_root / "parameters" / n)} for n in out_params},
             "outputFile": str(outputs_root / "executor_output.json"),
         },
     }
@@ -81,10 +93,14 @@ def command_line(
         text = text.replace("{{$.pipeline_job_uuid}}", JOB_ID).replace("{{$.pipeline_task_name}}", task)
 
         def one(m: re.Match) -> str:
-            direction, kind, name, _ = m.groups()
+            direction, kind, name, attribute = m.groups()
             if kind == "parameters":
+                if direction == "outputs":
+                    return executor_input["outputs"]["parameters"][name]["outputFile"]
                 return _param_text(params[name])
-            return str(inputs[name] if direction == "inputs" else out_paths[name])
+            if direction == "inputs":
+                return str(inputs[name])
+            return out_uris[name] if attribute == "uri" else local_path(out_uris[name])
 
         return PLACEHOLDER.sub(one, text)
 
@@ -108,6 +124,5 @@ def command_line(
 
     container = component["container"]
     argv = [part for a in [*container["command"], *container.get("args", [])] for part in resolve(a)]
-    for p in out_paths.values():
-        p.parent.mkdir(parents=True, exist_ok=True)
+    outputs_root.mkdir(parents=True, exist_ok=True)  # the launcher makes each output's parent folder
     return argv, executor_input

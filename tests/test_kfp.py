@@ -1,6 +1,7 @@
 """Kubeflow: the committed YAML is what the code compiles to, parses strictly, and wires the phases;
 each component's compiled command line runs the real step (contract tests)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from kfp_launcher import JOB_ID, command_line, load_component
 
 from pipelines.streetvision import VARIANTS, compile_plan
+from streetvision.io import store
 from streetvision.io.manifests import input_record, verify_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +105,7 @@ def test_each_variant_is_wired_as_the_phase_declaration_says(specs):
         variant = VARIANTS[name]
         plan = compile_plan(variant)
         tasks = tasks_by_phase(pipeline)
-        assert set(tasks) == {"importer", "dataset-fingerprint", *(s.replace("_", "-") for s in plan.phases)}
+        assert set(tasks) == {"dataset-fingerprint", *(s.replace("_", "-") for s in plan.phases)}
         executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
         for stem in plan.phases:
             p, task = BY_STEM[stem], tasks[stem.replace("_", "-")]
@@ -115,17 +117,31 @@ def test_each_variant_is_wired_as_the_phase_declaration_says(specs):
                     continue
                 optional_given.setdefault((stem, input_name), set()).add(True)
                 made = plan.inputs[stem][input_name]
-                expected = (
-                    ("importer", "artifact")
-                    if made is None
-                    else (made.replace("_", "-"), BY_STEM[made].artifact)
+                if p.by_uri(
+                    input_name
+                ):  # by its URI: the pipeline's dataset_uri, or the producer's <artifact>_uri
+                    assert input_name not in task.inputs.artifacts, (name, stem, input_name)
+                    given = task.inputs.parameters[f"{input_name}_uri"]
+                    source = given.task_output_parameter
+                    assert (
+                        given.component_input_parameter == "dataset_uri"
+                        if made is None
+                        else (source.producer_task, source.output_parameter_key)
+                        == (made.replace("_", "-"), f"{BY_STEM[made].artifact}_uri")
+                    ), (name, stem, input_name)
+                    continue
+                assert producer(task, input_name) == (made.replace("_", "-"), BY_STEM[made].artifact), (
+                    name,
+                    stem,
                 )
-                assert producer(task, input_name) == expected, (name, stem, input_name)
                 if made is not None:
                     assert made in (made_by.by_value.values() if isinstance(made_by, Choice) else (made_by,))
             component = pipeline.components[task.component_ref.name]
             outputs = component.output_definitions.artifacts
             assert set(outputs) == {p.artifact, *p.ui}, stem
+            assert set(component.output_definitions.parameters) == (
+                {f"{p.artifact}_uri"} if p.streamed else set()
+            )
             assert all(outputs[o].artifact_type.schema_title == schema for o, schema in p.ui.items()), stem
             container = executors[component.executor_label]["container"]
             assert container["image"] == {"base": BASE_IMAGE, "train": TRAIN_IMAGE}[p.image], stem
@@ -242,12 +258,36 @@ def test_gpu_and_node_placement_are_compile_options(tmp_path):
         assert executors[name]["container"]["resources"]["accelerator"]["resourceCount"] == "1", name
         assert k8s[name]["nodeSelector"]["labels"] == {"pool": "gpu"}, name
         assert k8s[name]["tolerations"][0]["effect"] == "NoSchedule", name
-    for name in set(executors) - set(trains) - {"exec-importer"}:  # packing decodes images: no GPU
+    for name in set(executors) - set(trains):  # packing decodes images: no GPU
         assert "accelerator" not in executors[name]["container"].get("resources", {}), name
         assert "nodeSelector" not in k8s.get(name, {}), name
     for name in ("exec-pack-shards", *trains):  # their temporary folder (the stream cache) on an emptyDir
         assert k8s[name]["emptyDirMounts"][0]["mountPath"] == "/scratch", name
         assert {"name": "TMPDIR", "value": "/scratch"} in executors[name]["container"]["env"], name
+
+
+def test_scratch_folders_can_be_claims_the_scheduler_reserves(tmp_path):
+    """An emptyDir's size limit only evicts; with --scratch-class each streaming or packing task's
+    temporary folder is a generic ephemeral volume, a claim of that size made before the pod is placed."""
+    from pipelines import compile as compile_module
+
+    out = tmp_path / "p.yaml"
+    argv = ["--scratch-class", "fast-local", "--output", str(out), "--components-dir", str(tmp_path / "c")]
+    assert compile_module.main(argv) == 0
+    k8s = list(yaml.safe_load_all(out.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"][
+        "executors"
+    ]
+    for name, size in (("exec-pack-shards", "4Gi"), ("exec-train-baseline", "10Gi")):
+        (volume,) = k8s[name]["genericEphemeralVolume"]
+        assert (volume["mountPath"], volume["size"], volume["storageClassName"]) == (
+            "/scratch",
+            size,
+            "fast-local",
+        )
+        assert "emptyDirMounts" not in k8s[name]
+    assert "genericEphemeralVolume" not in k8s["exec-sweep-thresholds"]
+    with pytest.raises(SystemExit, match="no legacy form for genericEphemeralVolume"):
+        compile_module.main([*argv, "--legacy-platform-spec"])
 
 
 def test_component_descriptions_come_from_the_docstrings():
@@ -257,10 +297,15 @@ def test_component_descriptions_come_from_the_docstrings():
     assert comp["container"]["command"][:3] == ["python", "-m", "streetvision"]
 
 
-def run_component(stem, inputs, tmp_path, parameters=None):
+def run_component(stem, inputs, tmp_path, parameters=None, output_uris=None):
     component = load_component(ROOT / "components" / f"{stem}.yaml")
     argv, executor_input = command_line(
-        component, inputs, tmp_path / "outputs", parameters, task=stem.replace("_", "-")
+        component,
+        inputs,
+        tmp_path / "outputs",
+        parameters,
+        task=stem.replace("_", "-"),
+        output_uris=output_uris,
     )
     assert argv[:3] == ["python", "-m", "streetvision"]
     r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True)
@@ -270,11 +315,13 @@ def run_component(stem, inputs, tmp_path, parameters=None):
     json_format.ParseDict(out, pipeline_spec_pb2.ExecutorOutput())
     declared = set(component["spec"]["outputDefinitions"]["artifacts"])
     assert set(out["artifacts"]) == declared, "every declared output is listed in the executor output"
+    parameters = set(component["spec"]["outputDefinitions"].get("parameters", {}))
+    assert set(out["parameterValues"]) == parameters, "and every declared output parameter"
     return out, tmp_path / "outputs"
 
 
 def test_make_splits_component_runs_its_compiled_command(demo_dataset, tmp_path):
-    out, root = run_component("make_splits", {"dataset": demo_dataset}, tmp_path, {"seed": 3})
+    out, root = run_component("make_splits", {}, tmp_path, {"dataset_uri": str(demo_dataset), "seed": 3})
     m = verify_dir(root / "splits")
     assert m.config["splits"]["seed"] == 3
     assert m.run_id == JOB_ID and m.task == "make-splits"  # the manifest leads back to its Kubeflow run
@@ -282,14 +329,36 @@ def test_make_splits_component_runs_its_compiled_command(demo_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_pack_shards_component_runs_its_compiled_command(demo_dataset, demo_splits, tmp_path):
-    out, root = run_component("pack_shards", {"dataset": demo_dataset, "splits": demo_splits}, tmp_path,
-                              {"max_side": 64})  # fmt: skip
-    m = verify_dir(root / "shards", "pack_shards")
+def test_the_dataset_and_the_pack_go_by_uri_and_are_never_copied_into_a_pod(
+    s3, demo_dataset, demo_splits, tmp_path, monkeypatch
+):
+    """On a cluster the launcher copies every input artifact into the pod before the command starts, and
+    uploads what the command leaves at an output's mount. So the dataset is a URI parameter, pack_shards
+    commits straight to its artifact's URI (leaving nothing at the mount) and hands the URI on as a
+    parameter, and train_baseline streams from it (here in the minio:// form of Kubeflow's default store)."""
+    from kfp_launcher import local_path
+
+    store.upload_tree(demo_dataset, f"{s3}/data")
+    shards = f"{s3}/pipeline-root/run/pack-shards/shards"
+    out, root = run_component("pack_shards", {"splits": demo_splits}, tmp_path / "p",
+                              {"dataset_uri": f"{s3}/data", "max_side": 64}, {"shards": shards})  # fmt: skip
+    m = store.committed_manifest(shards, "pack_shards")
     assert m.config["pack"]["max_side"] == 64 and m.task == "pack-shards"
+    assert not Path(local_path(shards)).exists(), "the launcher would upload (and the pod hold) a copy"
+    assert out["parameterValues"] == {"shards_uri": shards}
     assert out["artifacts"]["metrics"]["artifacts"][0]["metadata"]["images"] == 80
+    for name, component in (("make_splits", "make_splits"), ("pack_shards", "pack_shards"),
+                            ("train_baseline", "train_baseline")):  # fmt: skip
+        spec = load_component(ROOT / "components" / f"{component}.yaml")["spec"]
+        assert set(spec.get("inputDefinitions", {}).get("artifacts", {})) <= {"splits", "explora"}, name
+    params = {"shards_uri": shards.replace("s3://", "minio://"), "backbone": "test_vit", "pretrained": False,
+              "freeze_backbone": False, "epochs": 1, "batch_size": 16, "image_size": 32, "challenge_views": 0}  # fmt: skip
+    _, troot = run_component("train_baseline", {}, tmp_path / "t", params)
+    committed = hashlib.sha256(store.read_bytes(f"{shards}/manifest.json")).hexdigest()
+    assert verify_dir(troot / "baseline").inputs["shards"]["manifest_sha256"] == committed
 
 
+@pytest.mark.slow
 def test_train_baseline_component_runs_its_compiled_command(demo_pack, tmp_path):
     params = {
         "backbone": "test_vit",
@@ -300,7 +369,7 @@ def test_train_baseline_component_runs_its_compiled_command(demo_pack, tmp_path)
         "image_size": 32,
         "checkpoint_root": str(tmp_path / "checkpoints"),
     }
-    out, root = run_component("train_baseline", {"shards": demo_pack}, tmp_path, params)
+    out, root = run_component("train_baseline", {}, tmp_path, params | {"shards_uri": str(demo_pack)})
     m = verify_dir(root / "baseline")
     assert m.config["model"]["backbone"] == "test_vit" and m.config["trainer"]["max_epochs"] == 1
     # Checkpoints go under the run's id, which a retried task shares: it resumes there.
@@ -316,15 +385,14 @@ def test_adapt_explora_component_runs_its_compiled_command_and_train_baseline_ta
 ):
     params = {"backbone": "test_vit", "pretrained": False, "epochs": 1, "batch_size": 16, "image_size": 32,
               "rank": 2, "checkpoint_root": str(tmp_path / "checkpoints")}  # fmt: skip
-    out, root = run_component("adapt_explora", {"shards": demo_pack}, tmp_path / "a", params)
+    out, root = run_component("adapt_explora", {}, tmp_path / "a", params | {"shards_uri": str(demo_pack)})
     m = verify_dir(root / "explora", "adapt_explora")
     assert m.config["explora"]["rank"] == 2 and m.config["trainer"]["max_epochs"] == 1
     assert (tmp_path / "checkpoints" / JOB_ID / "adapt-explora" / "last.safetensors").is_file()
     assert "trainable_parameters" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     train = {"backbone": "test_vit", "pretrained": False, "freeze_backbone": False, "epochs": 1, "image_size": 32,
-             "challenge_views": 0}  # fmt: skip
-    inputs = {"shards": demo_pack, "explora": root / "explora"}
-    _, troot = run_component("train_baseline", inputs, tmp_path / "t", train)
+             "challenge_views": 0, "shards_uri": str(demo_pack)}  # fmt: skip
+    _, troot = run_component("train_baseline", {"explora": root / "explora"}, tmp_path / "t", train)
     assert (
         verify_dir(troot / "baseline").inputs["explora"]["manifest_sha256"]
         == input_record(root / "explora")["manifest_sha256"]
@@ -333,8 +401,8 @@ def test_adapt_explora_component_runs_its_compiled_command_and_train_baseline_ta
 
 @pytest.mark.slow
 def test_train_gate_component_runs_its_compiled_command_and_phase_5_answers_by_it(trained, tmp_path):
-    inputs = {"baseline": trained["baseline"], "shards": trained["shards"]}
-    out, root = run_component("train_gate", inputs, tmp_path / "g", {"epochs": 2, "train_views": 1})
+    out, root = run_component("train_gate", {"baseline": trained["baseline"]}, tmp_path / "g",
+                              {"epochs": 2, "train_views": 1, "shards_uri": str(trained["shards"])})  # fmt: skip
     verify_dir(root / "gate", "train_gate")
     assert "val_select_gate_auroc" in out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert (root / "report").read_text().startswith("# Learned gate")
@@ -413,8 +481,6 @@ def test_every_step_requests_cpu_and_memory_and_limits_memory(spec):
     from components.images import TRAIN_IMAGE
 
     for name, executor in executors.items():
-        if "container" not in executor:
-            continue  # the importer
         cpu, memory = ("4", "16G") if executor["container"]["image"] == TRAIN_IMAGE else ("1", "2G")
         r = executor["container"]["resources"]
         requested = (r["resourceCpuRequest"], r["resourceMemoryRequest"], r["resourceMemoryLimit"])

@@ -47,9 +47,8 @@ def _tasks(spec):
             if "dag" in component:
                 yield from walk(component["dag"], bound)
                 continue
-            container = executors[component["executorLabel"]].get("container")
-            if container is not None:  # not the dataset importer
-                yield container["command"][-1].replace("-", "_"), dict(_arguments(container["args"], bound))
+            container = executors[component["executorLabel"]]["container"]
+            yield container["command"][-1].replace("-", "_"), dict(_arguments(container["args"], bound))
 
     yield from walk(root["dag"], {name: name for name in root["inputDefinitions"]["parameters"]})
 

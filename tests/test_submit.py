@@ -79,14 +79,19 @@ def test_submit_sends_the_pipeline_parameters_and_service_account(kfp_api, capsy
     assert run["service_account"] == "streetvision-pipeline-runner"
     caching = _caching(run)
     assert not caching.pop("dataset-fingerprint") and all(caching.values())
-    assert set(caching) == {"importer", "make-splits", "pack-shards", "train-baseline", "sweep-thresholds",
-                            "export-bundle"}  # fmt: skip
+    assert set(caching) == {
+        "make-splits",
+        "pack-shards",
+        "train-baseline",
+        "sweep-thresholds",
+        "export-bundle",
+    }
 
 
 def test_no_cache_turns_caching_off_for_every_step(kfp_api):
     assert submit.main(["--no-cache", "dataset_uri=s3://b/roadwork"]) == 0
     caching = _caching(_run(kfp_api))
-    assert len(caching) == 7 and not any(caching.values())  # the importer, the fingerprint and five phases
+    assert len(caching) == 6 and not any(caching.values())  # the fingerprint and five phases
 
 
 def test_submit_refuses_a_missing_dataset_or_endpoint(kfp_api, monkeypatch, capsys):

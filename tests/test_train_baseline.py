@@ -406,23 +406,33 @@ def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
     assert lrs == pytest.approx(expected, abs=1e-9)
 
 
-def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identical_weights(
+def test_a_training_killed_mid_epoch_resumes_from_its_checkpoint_to_identical_weights(
     demo_dataset, demo_splits, demo_pack, tmp_path
 ):
-    """Preemption: SIGKILL once a checkpoint exists, rerun the same command, get the uninterrupted result."""
+    """Preemption: SIGKILL while a mid-epoch checkpoint is the last one (the streamed loader's position is
+    in it), rerun the same command, get the uninterrupted result bit for bit."""
     import csv
+    import signal
     import time
 
     import torch
 
     from streetvision.models.checkpoint import CHECKPOINT, load
 
-    settings = [*TINY, "trainer.max_epochs=6", "trainer.patience=10"]
+    steps = 12  # 48 train images in batches of 4; a checkpoint every 5 steps: most of them mid-epoch
+    settings = [*TINY, "trainer.max_epochs=4", "trainer.patience=10", "data.batch_size=4",
+                "trainer.checkpoint_every_n_steps=5"]  # fmt: skip
     ckpt = tmp_path / "ck"
 
     def argv(out, ckpt):
         return [sys.executable, "-m", "streetvision", "train-baseline", "--shards", str(demo_pack),
                 "--out", str(out), *settings, f"trainer.checkpoint_uri={ckpt}"]  # fmt: skip
+
+    def mid_epoch() -> bool:
+        if not (ckpt / CHECKPOINT).exists():
+            return False
+        c = load(ckpt / CHECKPOINT)
+        return c["epoch"] >= 1 and c["global_step"] % steps != 0
 
     whole = subprocess.run(argv(tmp_path / "whole", tmp_path / "ck-whole"), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -432,20 +442,24 @@ def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identic
         argv(tmp_path / "resumed", ckpt), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     deadline = time.time() + 120
-    while not ((ckpt / CHECKPOINT).exists() and load(ckpt / CHECKPOINT)["epoch"] >= 1):
+    while True:  # stopped while a mid-epoch checkpoint is the last: then killed
         assert time.time() < deadline and proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.01)
+        if mid_epoch():
+            proc.send_signal(signal.SIGSTOP)
+            if mid_epoch():
+                break
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.005)
     proc.kill()
     proc.wait()
     assert not (tmp_path / "resumed" / MANIFEST).exists()
-    killed_at = load(ckpt / CHECKPOINT)["epoch"]
+    killed = load(ckpt / CHECKPOINT)
     resumed = subprocess.run(argv(tmp_path / "resumed", ckpt), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = verify_dir(tmp_path / "whole"), verify_dir(tmp_path / "resumed")
-    assert b.extra["resumed"] and not a.extra["resumed"] and killed_at < 5
-    assert (
-        f"resuming from the checkpoint at {ckpt} (after epoch {killed_at})" in resumed.stdout
-    )  # and says so
+    assert b.extra["resumed"] and not a.extra["resumed"] and killed["epoch"] < 3
+    said = f"resuming from the checkpoint at {ckpt} (epoch {killed['epoch']}, optimizer step {killed['global_step']})"
+    assert said in resumed.stdout  # and says so
     for name in ("model.safetensors", "logits_val_calib.npy", "logits_val_test.npy"):
         assert a.outputs[name]["sha256"] == b.outputs[name]["sha256"], name
     assert (
@@ -455,7 +469,7 @@ def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identic
     # The last epoch's weights and optimizer state too (the best epoch may come before the kill), and a
     # history without a gap: every epoch's training loss, bit for bit.
     last_a, last_b = load(tmp_path / "ck-whole" / CHECKPOINT), load(ckpt / CHECKPOINT)
-    assert last_a["epoch"] == last_b["epoch"] == 5
+    assert last_a["epoch"] == last_b["epoch"] == 3
     for key, tensor in last_a["state_dict"].items():
         assert torch.equal(tensor, last_b["state_dict"][key]), key
     stopping_a, stopping_b = (
@@ -471,7 +485,7 @@ def test_a_training_killed_after_an_epoch_resumes_from_its_checkpoint_to_identic
     def losses(out):
         return [r["train_loss"] for r in csv.DictReader((out / "history.csv").open())]
 
-    assert losses(tmp_path / "whole") == losses(tmp_path / "resumed") and len(losses(tmp_path / "whole")) == 6
+    assert losses(tmp_path / "whole") == losses(tmp_path / "resumed") and len(losses(tmp_path / "whole")) == 4
 
 
 def test_a_checkpoint_of_another_training_is_never_resumed(demo_dataset, demo_splits, demo_pack, tmp_path):

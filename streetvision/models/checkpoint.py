@@ -134,13 +134,32 @@ class RandomState(L.Callback):
             self._pending = None
 
 
+class LoaderPosition(L.Callback):
+    """Loads the train loader's saved position (litdata's state) when a training resumes mid-epoch.
+
+    Lightning loads it only into a loader it builds after restoring the checkpoint; a schedule that reads
+    ``trainer.estimated_stepping_batches`` while the optimizers are configured builds the loader before,
+    and the position was dropped (a resumed epoch started over, in the next epoch's order).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop._load_combined_loader_states()  # a no-op unless restarting mid-epoch with states
+
+
 class EpochCheckpoint(Checkpoint):
     """After every epoch, Lightning's full checkpoint to ``uri/last.safetensors``: replaced atomically in
     a folder, uploaded whole (one PUT or multipart completion) to the object store. A ``Checkpoint``, so
-    Lightning runs it after every other callback's end-of-epoch work (early stopping included)."""
+    Lightning runs it after every other callback's end-of-epoch work (early stopping included). With
+    ``every_n_steps``, also after every n-th optimizer step inside an epoch: the streamed loader's position
+    is in it (litdata's state), so a resumed training continues the epoch where it stopped."""
 
-    def __init__(self, uri: str):
-        self.uri = uri
+    def __init__(self, uri: str, every_n_steps: int = 0):
+        self.uri, self.every_n_steps = uri, every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        last = batch_idx + 1 >= trainer.num_training_batches  # the epoch's end has its own, after validation
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not last:
+            self._save(trainer)
 
     def save_history(self, trainer: L.Trainer) -> None:
         trainer.logger.save()
@@ -149,6 +168,9 @@ class EpochCheckpoint(Checkpoint):
             store.write_bytes(store.join(self.uri, HISTORY), rows.read_bytes())
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
         with tempfile.TemporaryDirectory(prefix="sv-ckpt-") as tmp:
             local = Path(tmp) / CHECKPOINT if store.is_s3(self.uri) else Path(self.uri) / CHECKPOINT
             if trainer.is_global_zero:  # history first: a resume keeps the rows its checkpoint covers
@@ -173,8 +195,12 @@ def resume_from(uri: str, identity: str, local_dir: Path) -> tuple[Path, str] | 
             f"the checkpoint at {uri} belongs to another training (other config or inputs); starting afresh"
         )
         return None
-    epoch = json.loads(header[_META])["epoch"]
-    print(f"resuming from the checkpoint at {uri} (after epoch {epoch})", flush=True)
+    meta = json.loads(header[_META])
+    epoch = meta["epoch"]
+    print(
+        f"resuming from the checkpoint at {uri} (epoch {epoch}, optimizer step {meta['global_step']})",
+        flush=True,
+    )
     history = store.join(uri, HISTORY)
     text = store.read_bytes(history).decode() if store.exists(history) else ""
     # The history is saved just before its checkpoint: keep the rows of the epochs the checkpoint holds.

@@ -39,12 +39,27 @@ class EpochLoader(StreamingDataLoader):
     def __init__(self, dataset, counter: dict, **kwargs):
         super().__init__(dataset, **kwargs)
         self.counter = counter
+        self._resuming = False
+
+    def load_state_dict(self, obj: dict) -> None:
+        super().load_state_dict(obj)
+        self._resuming = True  # the next epoch continues the saved one; those after it start afresh
 
     def __iter__(self):
+        return self._epoch()
+
+    def _epoch(self):
+        # A generator: this runs at the first batch, after Lightning may have loaded a saved position
+        # (it creates the iterator before it restores a checkpoint).
+        # litdata clears ``restore`` only when an epoch is read to its very end, which Lightning, stopping
+        # at the epoch's batch count, does not always do: the epoch after a resumed one came out empty.
+        if self.restore and not self._resuming:
+            self.restore = False
+        self._resuming = False
         if not self.restore:
             self.current_epoch = self.counter["epochs"]  # litdata adds one as the epoch starts
         self.counter["epochs"] = self.current_epoch + (0 if self.restore else 1)
-        return super().__iter__()
+        yield from super().__iter__()
 
 
 class _Epochs:

@@ -42,6 +42,14 @@ class RoadworkModule(L.LightningModule):
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._train: list[tuple[torch.Tensor, int]] = []
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The epoch's losses so far: a training resumed mid-epoch reports the whole epoch's mean, as one
+        # that was never stopped does.
+        checkpoint["epoch_train_losses"] = [[t, n] for t, n in self._train]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._train = [(t, int(n)) for t, n in checkpoint.get("epoch_train_losses", [])]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.head(x) if self.features_input else self.net(x)
 
@@ -80,7 +88,9 @@ class RoadworkModule(L.LightningModule):
         self.log("val_select_accuracy", metrics["accuracy"], sync_dist=False)
         self.log("val_select_n", float(len(idx_np)), sync_dist=False)
         if self._train:  # the epoch's mean training loss, in the same log row as its validation
-            total = torch.stack([t for t, _ in self._train]).sum() / sum(n for _, n in self._train)
+            total = torch.stack([t.to(self.device) for t, _ in self._train]).sum() / sum(
+                n for _, n in self._train
+            )
             self.log("train_loss", total, sync_dist=True)
             self._train.clear()
 

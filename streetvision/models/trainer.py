@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from streetvision.errors import StreetVisionError
-from streetvision.models.checkpoint import EpochCheckpoint, SafetensorsCheckpointIO
+from streetvision.models.checkpoint import EpochCheckpoint, LoaderPosition, SafetensorsCheckpointIO
 from streetvision.models.lightning import MONITOR, EpochLog
 
 
@@ -24,6 +25,14 @@ def devices(spec: str):
     if spec.startswith("["):
         return [int(v) for v in spec.strip("[]").split(",") if v.strip()]
     return spec
+
+
+def launched_by_torchrun() -> tuple[int, int] | None:
+    """(nodes, processes per node) when torchrun started this process, as it does in every pod of a
+    Kubeflow Trainer TrainJob (from the ``PET_*`` variables it reads as its flags' defaults), else None."""
+    if not torch.distributed.is_torchelastic_launched():
+        return None
+    return int(os.environ["GROUP_WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
 
 
 def build_trainer(
@@ -47,6 +56,14 @@ def build_trainer(
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
+    nodes, per_node, strategy = getattr(t, "num_nodes", 0) or 1, devices(t.devices), t.strategy
+    if (elastic := launched_by_torchrun()) is not None:
+        # torchrun's world: nodes and processes per node unless set (a mismatch fails in one line below);
+        # litdata counts nodes by GPUs per node, which a CPU node has none of.
+        nodes = getattr(t, "num_nodes", 0) or elastic[0]
+        per_node = elastic[1] if t.devices.strip() == "auto" else per_node
+        strategy = "ddp" if strategy == "auto" and elastic[0] * elastic[1] > 1 else strategy
+        os.environ.setdefault("NNODES", str(elastic[0]))
     if workers and not on_gpu:
         torch.set_num_threads(max(1, torch.get_num_threads() - workers))
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
@@ -54,15 +71,23 @@ def build_trainer(
         return L.Trainer(
             max_epochs=t.max_epochs,
             accelerator=t.accelerator,
-            devices=devices(t.devices),
-            strategy=t.strategy,
+            devices=per_node,
+            num_nodes=nodes,
+            strategy=strategy,
             precision=precision,
             deterministic=not on_gpu,
             gradient_clip_val=clip_grad,
             callbacks=[
                 *([EarlyStopping(monitor, mode=mode, patience=t.patience)] if monitor else []),
                 *callbacks,
-                *([EpochCheckpoint(t.checkpoint_uri)] if t.checkpoint_uri else []),
+                *(
+                    [
+                        EpochCheckpoint(t.checkpoint_uri, getattr(t, "checkpoint_every_n_steps", 0)),
+                        LoaderPosition(),
+                    ]
+                    if t.checkpoint_uri
+                    else []
+                ),
                 *([] if sys.stderr.isatty() else [EpochLog()]),
             ],
             plugins=[SafetensorsCheckpointIO(identity)],
@@ -76,10 +101,11 @@ def build_trainer(
             num_sanity_val_steps=0,
             log_every_n_steps=1,  # metrics are logged per epoch only; this keeps short epochs from warning
         )
-    except MisconfigurationException as e:  # hardware that is not there, a strategy not installed
+    except (MisconfigurationException, ValueError) as e:  # hardware that is not there, a strategy not
+        # installed, nodes x devices that are not torchrun's world
         raise StreetVisionError(
-            f"trainer.accelerator={t.accelerator} trainer.devices={t.devices} trainer.strategy={t.strategy}: "
-            f"{str(e).splitlines()[0]}"
+            f"trainer.accelerator={t.accelerator} trainer.devices={t.devices} trainer.num_nodes="
+            f"{getattr(t, 'num_nodes', 0)} trainer.strategy={t.strategy}: {str(e).splitlines()[0]}"
         ) from None
 
 

@@ -22,8 +22,6 @@ from streetvision.errors import StreetVisionError
 from streetvision.io import scratch, store
 from streetvision.phases import BY_STEM, PHASES, WHEN_GIVEN, producers
 
-# Commits read where they are, streamed and verified as they stream in, never downloaded whole.
-STREAMED = frozenset({"pack_shards"})
 # stem -> {input name: the phase(s) whose commit it must be, or None for a dataset}; from the registry.
 STEPS: dict[str, dict[str, str | None]] = {p.stem: p.inputs for p in PHASES}
 
@@ -90,10 +88,10 @@ def run_step(
     check_placement(uris, out, getattr(getattr(config, "trainer", None), "checkpoint_uri", ""))
     with ExitStack() as stack:
         stack.enter_context(scratch.step_root(stem))  # every temporary file of the step, removed after it
-        in_place = BY_STEM[stem].in_place  # reads the dataset where it is: no copy
-        inputs = {
+        phase = BY_STEM[stem]
+        inputs = {  # a dataset read in place and a streamed commit are never copied; the rest is staged
             name: uris[name]
-            if (producer is None and in_place) or producer in STREAMED
+            if phase.by_uri(name)
             else stack.enter_context(
                 local_dataset(uris[name]) if producer is None else store.staged_step(uris[name], producer)
             )

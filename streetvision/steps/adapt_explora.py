@@ -30,7 +30,13 @@ from streetvision.io import store
 from streetvision.io.manifests import Manifest, sha256_json
 from streetvision.io.outputs import StepOutputs
 from streetvision.steps import commit, start
-from streetvision.steps.train_baseline import EXPLORA_WEIGHTS, MAX_BATCH, MAX_WORKERS, check_trainer
+from streetvision.steps.train_baseline import (
+    EXPLORA_WEIGHTS,
+    MAX_BATCH,
+    MAX_WORKERS,
+    check_trainer,
+    unplaced_trainer,
+)
 
 STEP = "adapt_explora"
 WEIGHTS = EXPLORA_WEIGHTS  # what train_baseline reads of this step's output
@@ -80,9 +86,11 @@ class TrainerConfig:
     max_epochs: int = 10
     accelerator: str = "auto"
     devices: str = "auto"
+    num_nodes: int = 0  # 0: torchrun's node count when launched by it, else 1 (as train_baseline)
     strategy: str = "auto"
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     checkpoint_uri: str = ""  # a checkpoint after every epoch, resumed from on rerun (as train_baseline)
+    checkpoint_every_n_steps: int = 0  # also one every n optimizer steps, mid-epoch (0: at epoch ends only)
 
 
 @dataclass
@@ -178,7 +186,7 @@ def run(
                               cache_bytes=d.cache_bytes)  # fmt: skip
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         identity = sha256_json({
-            "config": to_dict(dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))),
+            "config": to_dict(dataclasses.replace(config, trainer=unplaced_trainer(config.trainer))),
             "shards": pack.manifest.self_sha256, "extra": extra,
         })  # fmt: skip
         trainer = build_trainer(config.trainer, [RandomState()], log_dir, identity, monitor=None,

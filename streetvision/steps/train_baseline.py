@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import re
 import tempfile
 import warnings
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streetvision.config import require, to_dict
+from streetvision.config import ConfigError, require, to_dict
 from streetvision.data.dataset import CLASS_NAMES
 from streetvision.errors import StreetVisionError
 from streetvision.eval.sweep import SELECTION_THRESHOLD, metrics_at, probabilities
@@ -58,6 +59,15 @@ def check_trainer(t) -> None:
     require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "at least 1")
     require(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
     require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
+    nodes = getattr(t, "num_nodes", 0)
+    require(0 <= nodes <= 65536, "trainer.num_nodes", nodes, "0 (torchrun's, or 1) or a node count")
+    if nodes > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # nothing would start the other nodes: a hang
+        raise ConfigError(f"trainer.num_nodes={nodes}: more than one node needs torchrun on each of them "
+                          "(a Kubeflow Trainer TrainJob's pods run it)")  # fmt: skip
+    every = getattr(t, "checkpoint_every_n_steps", 0)
+    require(
+        0 <= every <= 10**9, "trainer.checkpoint_every_n_steps", every, "0 (epoch ends only) or a step count"
+    )
     require(
         DEVICES.fullmatch(t.devices.strip()) is not None,
         "trainer.devices",
@@ -103,11 +113,15 @@ class TrainerConfig:
     max_epochs: int = 10
     patience: int = 3  # epochs without a better val_select MCC before stopping
     accelerator: str = "auto"
-    devices: str = "auto"  # "auto", a count ("2"), or a list ("[0,1]")
+    devices: str = (
+        "auto"  # "auto", a count ("2"), or a list ("[0,1]"); under torchrun: its processes per node
+    )
+    num_nodes: int = 0  # 0: torchrun's node count when launched by it (a TrainJob's pods are), else 1
     strategy: str = "auto"  # e.g. "ddp"
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     cache_features: bool = True  # when the backbone is frozen and augmentation is off
     checkpoint_uri: str = ""  # folder or s3:// prefix: a checkpoint after every epoch, resumed from on rerun
+    checkpoint_every_n_steps: int = 0  # also one every n optimizer steps, mid-epoch (0: at epoch ends only)
 
 
 @dataclass
@@ -198,10 +212,16 @@ def run(
     return _train(config, shards=shards, out=out, explora=explora, sources=sources, run_id=run_id, task=task)
 
 
+def unplaced_trainer(t):
+    """The trainer section without where and how often checkpoints are written, which change nothing a
+    checkpoint holds: what a checkpoint's identity covers."""
+    return dataclasses.replace(t, checkpoint_uri="", checkpoint_every_n_steps=0)
+
+
 def _identity(config: Config, pack, explora_manifest: Manifest | None) -> str:
     """What a checkpoint must belong to before it is resumed: this config (wherever checkpoints are
     written) and these inputs."""
-    unplaced = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, checkpoint_uri=""))
+    unplaced = dataclasses.replace(config, trainer=unplaced_trainer(config.trainer))
     return sha256_json({
         "config": to_dict(unplaced),
         "shards": pack.manifest.self_sha256,
@@ -302,8 +322,9 @@ def _train(
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-logs-")))
         best = BestWeights()
         identity = _identity(config, pack, inputs.manifests.get("explora"))
-        trainer = build_trainer(config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity,
-                                workers=d.num_workers)
+        trainer = build_trainer(
+            config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity, workers=d.num_workers
+        )
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)

@@ -146,8 +146,15 @@ def run(
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-gate-logs-")))
         best = BestWeights(MONITOR, mode="min")
         identity = sha256_json({"config": to_dict(config), "baseline": p1.self_sha256})
-        trainer = build_trainer(config.trainer, [best], log_dir, identity, monitor=MONITOR, mode="min",
-                                workers=config.data.num_workers)
+        trainer = build_trainer(
+            config.trainer,
+            [best],
+            log_dir,
+            identity,
+            monitor=MONITOR,
+            mode="min",
+            workers=config.data.num_workers,
+        )
         device, precision = trainer.strategy.root_device, str(trainer.precision)
         net = load_network(info["backbone"], dropout=info["dropout"], arch=info["architecture"],
                            weights=baseline / "model.safetensors").to(device)  # fmt: skip
