@@ -335,9 +335,10 @@ def test_ddp_on_two_cpu_processes_commits_once_with_the_centre_and_teacher_in_st
 def test_streetvision_run_runs_phase_4_before_phase_1_when_named(tmp_path):
     from streetvision.pipeline import run_local
 
-    settings = ["demo.n=120", "demo.size=64", "model.backbone=test_vit", "model.pretrained=false",
-                "data.image_size=64", "data.batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-                "trainer.devices=1", "data.local_crops=2", "explora.prototypes=256", "eval.challenge_views=1",
+    settings = ["demo.n=64", "demo.size=32", "model.backbone=test_vit", "model.pretrained=false",
+                "data.image_size=32", "data.batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                "trainer.devices=1", "data.local_crops=1", "explora.prototypes=64", "explora.head_hidden=32",
+                "explora.bottleneck=16", "eval.challenge_views=1", "data.augment=none",
                 "adapt_explora.trainer.max_epochs=2"]  # fmt: skip
     phases = "pipeline.phases=[make_splits,pack_shards,adapt_explora,train_baseline,sweep_thresholds,export_bundle]"
     summary = run_local(str(tmp_path / "run"), overrides=[*settings, phases])

@@ -54,10 +54,11 @@ def test_sigkill_at_random_moments_leaves_no_manifest_or_a_verified_one_and_the_
         assert forkcli.wait(forkcli.start([*argv, "--out", tmp_path / "timing" / stem])) == 0
         durations[stem] = time.time() - t0
     trials = 0
-    for trial in range(105):
-        stem = rng.choice(sorted(commands))
+    # Every step kind four times, at random moments: twice a first commit, twice a replacement of one.
+    schedule = [(stem, had_commit) for stem in sorted(commands) for had_commit in (False, True, False, True)]
+    rng.shuffle(schedule)
+    for trial, (stem, had_commit) in enumerate(schedule):
         out = tmp_path / f"k{trial}" / stem
-        had_commit = trial % 2 == 1  # half the kills hit a replacement of an earlier commit
         if had_commit:
             assert forkcli.wait(forkcli.start([*commands[stem], "--out", out])) == 0
         child = forkcli.start([*commands[stem], "--out", out])
@@ -70,7 +71,7 @@ def test_sigkill_at_random_moments_leaves_no_manifest_or_a_verified_one_and_the_
         assert not [p.name for p in out.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
         assert left_behind(scratch) == [], "the rerun left the killed step's temporary folders"
         trials += 1
-    print(f"\nSIGKILL trials (make_splits, sweep_thresholds, export_bundle): {trials}/{trials} clean; "
+    print(f"\nSIGKILL trials ({', '.join(sorted(commands))}): {trials}/{trials} clean; "
           f"runtimes {', '.join(f'{k} {v:.2f}s' for k, v in durations.items())}")  # fmt: skip
 
 

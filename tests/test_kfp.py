@@ -36,15 +36,14 @@ def without_sdk_version(text):
 
 @pytest.fixture(scope="module")
 def recompiled(tmp_path_factory):
+    """Every variant compiled in this process, as ``make compile`` does (its command line is run by
+    test_options_never_overwrite_the_committed_files)."""
+    from pipelines.compile import compile_all
+
     out = tmp_path_factory.mktemp("compiled")
     (out / "components").mkdir()
     for name in VARIANTS:
-        r = subprocess.run(
-            [sys.executable, "-m", "pipelines.compile", "--variant", name, "--output", str(out / f"{name}.yaml"),
-             "--components-dir", str(out / "components")],
-            cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr
+        compile_all(out / f"{name}.yaml", out / "components", variant=name)
     return out
 
 

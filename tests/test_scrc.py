@@ -76,21 +76,15 @@ def test_calibrate_scrc_does_not_import_torch(tmp_path):
 def test_streetvision_run_runs_phase_5_when_named(tmp_path):
     from streetvision.pipeline import run_local
 
-    summary = run_local(
-        str(tmp_path / "run"),
-        overrides=[
-            "demo.n=240",
-            "trainer.max_epochs=1",
-            "pipeline.phases=[make_splits,pack_shards,train_baseline,calibrate_scrc]",
-            "scrc.alpha=0.3",
-        ],
-    )
+    settings = ["demo.n=160", "demo.size=48", "data.image_size=48", "data.augment=none", "eval.challenge_views=2",
+                "trainer.max_epochs=1", "pipeline.phases=[make_splits,pack_shards,train_baseline,calibrate_scrc]",
+                "scrc.alpha=0.3"]  # fmt: skip
+    summary = run_local(str(tmp_path / "run"), overrides=settings)
     assert (
         summary["steps"]["calibrate_scrc"].startswith("ran") and summary["steps"]["export_bundle"] == "absent"
     )
     verify_dir(tmp_path / "run" / "calibrate_scrc", "calibrate_scrc")
-    again = run_local(str(tmp_path / "run"), overrides=["demo.n=240", "trainer.max_epochs=1",
-                                                        "pipeline.phases=[make_splits,pack_shards,train_baseline,calibrate_scrc]", "scrc.alpha=0.3"])  # fmt: skip
+    again = run_local(str(tmp_path / "run"), overrides=settings)
     assert again["steps"]["calibrate_scrc"] == "up to date, skipped"
 
 
