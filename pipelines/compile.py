@@ -6,7 +6,8 @@ an ``--output`` compiles one.
 
 Platform options (off by default): ``--gpus N``, ``--node-selector key=value``, ``--toleration
 key=value:effect``, ``--s3-secret NAME``, ``--scratch-class STORAGECLASS``, ``--train-cpu``/``--train-memory``/``--step-cpu``/``--step-memory``
-(requests; memory limits equal them), ``--legacy-platform-spec`` (for KFP backends older than the SDK).
+(requests; memory limits equal them), ``--trainjob NODESxGPUS`` (the training phases as Kubeflow Trainer
+TrainJobs: ``pipelines/trainjob.py``), ``--legacy-platform-spec`` (for KFP backends older than the SDK).
 Image references come from components/images.py (environment overrides ``STREETVISION_REGISTRY``,
 ``STREETVISION_TAG``, or digests in ``STREETVISION_BASE_IMAGE`` / ``STREETVISION_TRAIN_IMAGE``).
 
@@ -24,6 +25,7 @@ from kfp import compiler
 from components import images
 from components.dataset_fingerprint import dataset_fingerprint
 from pipelines.streetvision import VARIANTS, PlatformOptions, build_pipeline, component
+from pipelines.trainjob import TrainJobOptions
 from streetvision.phases import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,15 +111,31 @@ def main(argv: list[str] | None = None) -> int:
             f"--{name.replace('_', '-')}", default=getattr(d, name), help=f"default {getattr(d, name)}"
         )
     p.add_argument("--legacy-platform-spec", action="store_true", help="for KFP backends older than 2.17")
+    p.add_argument("--trainjob", default=None, metavar="NODESxGPUS",
+                   help="run train_baseline and adapt_explora as Kubeflow Trainer TrainJobs of NODES nodes with "
+                   "GPUS GPUs each (2x4; 2x0: CPU nodes), each launched by a small task on the base image")  # fmt: skip
+    p.add_argument("--trainjob-deadline-s", type=int, default=None, help="a TrainJob's activeDeadlineSeconds")
     p.add_argument("--variant", choices=sorted(VARIANTS), default=None,
                    help="compile this variant alone (default: every shipped variant into pipelines/)")  # fmt: skip
     a = p.parse_args(argv)
+    tolerations = [_toleration(t) for t in a.toleration]
+    trainjob = None
+    if a.trainjob:
+        try:
+            trainjob = TrainJobOptions.parse(
+                a.trainjob, cpu=a.train_cpu, memory=a.train_memory, node_selector=dict(s.split("=", 1) for s in a.node_selector),
+                tolerations=tolerations, secret=a.s3_secret,
+                **({"deadline_s": a.trainjob_deadline_s} if a.trainjob_deadline_s else {}),
+            )  # fmt: skip
+        except ValueError as e:
+            p.error(str(e))
     options = PlatformOptions(
         s3_secret=a.s3_secret,
         scratch_class=a.scratch_class,
         gpus=a.gpus,
         node_selector=dict(s.split("=", 1) for s in a.node_selector),
-        tolerations=[_toleration(t) for t in a.toleration],
+        tolerations=tolerations,
+        trainjob=trainjob,
         train_cpu=a.train_cpu,
         train_memory=a.train_memory,
         step_cpu=a.step_cpu,

@@ -5,7 +5,8 @@ that they belong together:
 
 - every Secret key the pipeline's steps read exists in the Secret of that name;
 - the service account runs use exists, and a RoleBinding gives it a Role that may read that Secret and
-  the ``kfp-launcher`` ConfigMap;
+  the ``kfp-launcher`` ConfigMap, and, for a ``--trainjob`` pipeline, create, watch and delete TrainJobs
+  and read pods and their logs;
 - the ``kfp-launcher`` ConfigMap has an ``s3://`` pipeline root, and its S3 endpoint and the steps'
   ``AWS_ENDPOINT_URL_S3`` name the same host and port; where that host is an in-cluster Service, the render
   holds that Service with that port in that namespace; the launcher's credentials Secret has its keys.
@@ -46,6 +47,21 @@ def secret_reads(package: Path) -> dict[str, set[str]]:
             for entry in config.get("secretAsEnv", []):
                 reads.setdefault(entry["secretName"], set()).update(k["secretKey"] for k in entry["keyToEnv"])
     return reads
+
+
+# What a --trainjob pipeline's launcher does through the Kubernetes API (streetvision/trainjob.py).
+LAUNCHER_NEEDS = (
+    ("trainer.kubeflow.org", "trainjobs", ("create", "get", "list", "watch", "delete")),
+    ("", "pods", ("get", "list", "watch")),
+    ("", "pods/log", ("get",)),
+)
+
+
+def launches_trainjobs(package: Path) -> bool:
+    """Whether a task of the compiled pipeline runs the TrainJob launcher."""
+    docs = list(yaml.safe_load_all(package.read_text()))
+    executors = docs[0].get("deploymentSpec", {}).get("executors", {})
+    return any("launch-trainjob" in e.get("container", {}).get("command", []) for e in executors.values())
 
 
 def _secret_data(secret: dict) -> dict[str, str]:
@@ -93,6 +109,13 @@ def check(objects: list[dict], package: Path, service_account: str) -> list[str]
     for resource, name in [("configmaps", "kfp-launcher"), *(("secrets", s) for s in secret_reads(package))]:
         if not may_get(resource, name):
             problems.append(f"ServiceAccount {service_account!r} may not get {resource}/{name}")
+    if launches_trainjobs(package):
+        for group, resource, verbs in LAUNCHER_NEEDS:
+            granted = {v for r in rules if group in r.get("apiGroups", []) and resource in r.get("resources", [])
+                       and not r.get("resourceNames") for v in r.get("verbs", [])}  # fmt: skip
+            if missing := [] if "*" in granted else sorted(set(verbs) - granted):
+                problems.append(f"ServiceAccount {service_account!r} may not {', '.join(missing)} {resource} "
+                                f"({group or 'core'}): the TrainJob launcher needs it")  # fmt: skip
 
     launcher = find.get(("ConfigMap", "kfp-launcher"))
     if launcher is None:

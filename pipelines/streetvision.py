@@ -25,6 +25,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import placeholders
 
 from components.dataset_fingerprint import dataset_fingerprint
+from pipelines.trainjob import TrainJobOptions, as_trainjob
 from streetvision.phases import BY_STEM, PARAMETERS, SWITCHES, producers
 from streetvision.pipeline import plan, reach
 
@@ -53,6 +54,8 @@ class PlatformOptions:
     # the phase's size as its limit; a StorageClass name ("default": the cluster's) a generic ephemeral
     # volume, a per-pod claim of that size the scheduler and the provisioner honour.
     scratch_class: str = ""
+    # --trainjob NODESxGPUS: the training phases run as Kubeflow Trainer TrainJobs, each task a launcher.
+    trainjob: TrainJobOptions | None = None
     train_cpu: str = "4"
     train_memory: str = "16G"
     step_cpu: str = "1"
@@ -208,6 +211,15 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
     p = compile_plan(variant)
     signature, args_doc = _signature(p)
 
+    def make(stem: str, phase, **kwargs):
+        """The phase's task: its component, or with --trainjob a training phase's launcher of it."""
+        if options.trainjob is not None and phase.checkpoints:
+            task = as_trainjob(component(stem), phase.artifact, options.trainjob)(**kwargs)
+            kubernetes.use_field_path_as_env(task, "POD_NAMESPACE", "metadata.namespace")
+            _with_credentials(task, options)  # it verifies the commit on the object store
+            return _with_resources(task, options.step_cpu, options.step_memory)
+        return place(component(stem)(**kwargs), phase)
+
     def place(task, phase=None):
         """Credentials for every step; a training step gets GPU, placement and bigger requests; a step
         that streams or packs gets an emptyDir of its scratch size as its temporary folder."""
@@ -249,7 +261,7 @@ def build_pipeline(options: PlatformOptions | None = None, variant: Variant | No
             kwargs.update(p.constants[stem])
             kwargs.update({arg: values[name] for name, targets in p.parameters.items()
                            for s, arg in targets if s == stem})  # fmt: skip
-            task = place(component(stem)(**kwargs), phase)
+            task = make(stem, phase, **kwargs)
             if phase.checkpoints:
                 # Only training is retried: a preempted GPU node is worth another try, and it resumes
                 # from its checkpoints. Bad input and the release gate fail the same way every time (exit

@@ -77,6 +77,36 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _common(p)
 
+    p = sub.add_parser(
+        "launch-trainjob", help="run a training step as a Kubeflow Trainer TrainJob and wait for it"
+    )
+    p.add_argument("--step", required=True, choices=[ph.command for ph in PHASES if ph.checkpoints],
+                   help="the training step its pods run under torchrun")  # fmt: skip
+    p.add_argument("--out", required=True, help="the s3:// URI rank 0 commits the step to")
+    p.add_argument("--image", required=True, help="the training image, by digest")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--procs-per-node", type=int, default=1, help="torchrun processes per node (one per GPU)")
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--gpu-resource", default="nvidia.com/gpu")
+    p.add_argument("--cpu", default="4", help="CPU request per node")
+    p.add_argument("--memory", default="16G", help="memory request and limit per node")
+    p.add_argument("--ephemeral-storage", default="10Gi", help="local disk per node (the stream cache)")
+    p.add_argument(
+        "--secret", default="streetvision-s3", help="the object-store Secret, as the AWS_* variables"
+    )
+    p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
+    p.add_argument("--runtime", default="torch-distributed", help="the ClusterTrainingRuntime")
+    p.add_argument(
+        "--deadline-s", type=int, default=7 * 24 * 3600, help="the TrainJob's activeDeadlineSeconds"
+    )
+    p.add_argument("--poll-s", type=float, default=5.0)
+    p.add_argument("--executor-input", default=None, metavar="JSON")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("step_args", nargs=argparse.REMAINDER, metavar="-- STEP_ARGS",
+                   help="the step's own arguments (inputs, overrides), after --")  # fmt: skip
+
     p = sub.add_parser("clean", help="remove what killed steps left: temporary folders, partial outputs")
     p.add_argument("outputs", nargs="*", metavar="OUT", help="also these outputs (folders or s3:// prefixes)")
     p.add_argument("--tmp", default=None, help="the temporary folder the steps used (default: the system's)")
@@ -168,6 +198,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             description=args.description,
         )
         print(f"wrote {args.out}: push it with huggingface-cli upload <user>/<repo> {args.out}")
+        return 0
+    if cmd == "launch-trainjob":
+        from streetvision.trainjob import launch, launch_spec, namespace
+
+        step_args = args.step_args[1:] if args.step_args[:1] == ["--"] else args.step_args
+        launch(args.step, [*step_args, "--out", args.out, "--run-id", args.run_id, "--task", args.task],
+               spec=launch_spec(args), namespace=namespace(), run_id=args.run_id, task=args.task, out=args.out,
+               executor_input=args.executor_input, poll_s=args.poll_s)  # fmt: skip
         return 0
     if cmd == "run":
         from streetvision.pipeline import run_local

@@ -1,0 +1,205 @@
+"""The Kubeflow Trainer v2 launcher (#23): the TrainJobs it writes against the vendored v2.3.0 CRD, and its
+lifecycle (create, adopt, fail, deadline, stop) against a fake API server that refuses what the real one
+would (Strict field validation, the CRD's schema and name rule)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_k8s import FakeCluster, cel_errors, schema_errors
+
+from streetvision import trainjob
+from streetvision.trainjob import JobSpec, LaunchError, job_name, manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENDORED = ROOT / "manifests" / "trainer" / "v2.3.0"
+IMAGE = "registry.example/streetvision-train@sha256:" + "0" * 64
+LABELS = {"app.kubernetes.io/managed-by": "streetvision"}
+
+
+def job(spec: JobSpec | None = None, name: str = "sv-train-baseline-0123456789ab") -> dict:
+    return manifest(
+        name,
+        "team",
+        spec or JobSpec(image=IMAGE),
+        "train-baseline",
+        ["--shards", "s3://b/shards", "--out", "s3://b/o"],
+        LABELS,
+    )
+
+
+def test_vendored_files_are_the_upstream_v2_3_0_files():
+    table = (VENDORED / "SOURCE.md").read_text()
+    for path in sorted(VENDORED.glob("*.yaml")):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in table, path.name
+    runtime = yaml.safe_load((VENDORED / "torch_distributed.yaml").read_text())
+    assert runtime["metadata"]["name"] == trainjob.RUNTIME
+    jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert trainjob.NODE_JOB in {j["name"] for j in jobs}
+
+
+@pytest.mark.parametrize("spec", [
+    JobSpec(image=IMAGE),
+    JobSpec(image=IMAGE, nodes=2, procs_per_node=4, gpus_per_node=4),
+    JobSpec(image=IMAGE, nodes=2, node_selector={"pool": "gpu"},
+            tolerations=({"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},)),
+], ids=["1x1-cpu", "2x4-gpu", "placement"])  # fmt: skip
+def test_trainjobs_validate_against_the_crd(spec):
+    j = job(spec)
+    assert schema_errors(j) == [] and cel_errors(j) == []
+    trainjob.check(j)
+    t = j["spec"]["trainer"]
+    assert (t["numNodes"], t["numProcPerNode"]) == (spec.nodes, spec.procs_per_node)
+    assert t["command"] == ["torchrun", "-m", "streetvision", "train-baseline"]
+    if spec.gpus_per_node:
+        assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(spec.gpus_per_node)
+    assert not any("value" in e for e in t["env"])  # credentials only by Secret reference
+
+
+def test_the_schema_check_refuses_what_the_api_server_refuses():
+    j = job()
+    j["spec"]["trainer"]["numProcsPerNode"] = 2  # a typo: Strict refuses unknown fields
+    assert schema_errors(j)
+    j = job()
+    j["spec"]["trainer"]["numNodes"] = "2"
+    assert schema_errors(j)
+
+
+@pytest.mark.parametrize("name", ["sv-" + "a" * 61, "SV-Upper", "sv_underscore", "1-leading-digit"])
+def test_bad_names_fail_the_crd_rule_and_check(name):
+    j = job(name=name)
+    assert cel_errors(j)
+    with pytest.raises(LaunchError, match="RFC 1035"):
+        trainjob.check(j)
+
+
+def test_torchrun_variables_in_env_are_refused():
+    j = job()
+    j["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
+    with pytest.raises(LaunchError, match="PET_NNODES"):
+        trainjob.check(j)
+
+
+def test_job_names_are_stable_valid_and_distinct():
+    long = job_name("run-1", "train-baseline-" + "x" * 80)
+    assert len(long) <= 63 and trainjob.NAME.match(long)
+    assert job_name("run-1", "train-baseline") == job_name("run-1", "train-baseline")
+    assert job_name("run-1", "train-baseline") != job_name("run-2", "train-baseline")
+
+
+# The launcher against the fake API server.
+
+
+def _launch(cluster, out, poll_s=0.02, deadline_s=3600, **kw):
+    spec = JobSpec(image=IMAGE, nodes=2, deadline_s=deadline_s)
+    trainjob.launch("train-baseline", ["--shards", "s3://b/shards", "--out", out], spec=spec, namespace="team",
+                    run_id="run-1", task="train-baseline", out=out, executor_input=None, poll_s=poll_s,
+                    api_client=cluster.api_client(), **kw)  # fmt: skip
+
+
+def _finish(kind, log="", commit=None):
+    """A controller that runs the job in the background: pods, rank 0's log, then the condition."""
+
+    def controller(cluster, j):
+        name = j["metadata"]["name"]
+
+        def run():
+            pod = cluster.add_pod("team", name, 0, log)
+            cluster.add_pod("team", name, 1, "rank 1\n")
+            if commit:
+                commit()
+            cluster.append_log("team", pod, "done\n")
+            cluster.set_condition("team", name, kind, f"{kind} by the fake controller")
+
+        threading.Thread(target=run, daemon=True).start()
+
+    return controller
+
+
+def test_a_completed_job_is_verified_at_its_output(trained, s3):
+    from streetvision.io import store
+
+    out = store.join(s3, "train_baseline")
+    with FakeCluster(
+        _finish("Complete", "epoch 0\n", lambda: store.upload_dir(trained["baseline"], out))
+    ) as c:
+        _launch(c, out)
+        assert c.creates() == 1 and c.deletes() == 0
+        (created,) = c.jobs.values()
+        assert schema_errors(created) == []
+
+
+def test_complete_without_a_commit_is_an_error(s3):
+    from streetvision.io import store
+
+    with FakeCluster(_finish("Complete")) as c, pytest.raises(Exception, match="manifest|commit|no "):
+        _launch(c, store.join(s3, "nothing"))
+
+
+def test_a_failed_job_reports_rank_zeros_error_and_is_deleted(s3):
+    log = "epoch 0\nstreetvision train-baseline: error: trainer.num_nodes 3: torchrun started 2 nodes\n"
+    with FakeCluster(_finish("Failed", log)) as c:
+        with pytest.raises(LaunchError, match="num_nodes 3: torchrun started 2 nodes"):
+            _launch(c, "s3://b/o")
+        assert c.deletes() == 1
+
+
+def test_the_deadline_deletes_the_job(s3):
+    with FakeCluster() as c:  # no controller: the job never finishes
+        with pytest.raises(LaunchError, match="deadline"):
+            _launch(c, "s3://b/o", poll_s=0.2, deadline_s=1)
+        assert c.creates() == 1 and c.deletes() == 1
+
+
+def test_a_retry_adopts_the_running_job_and_replaces_a_failed_one(trained, s3):
+    from streetvision.io import store
+
+    out = store.join(s3, "train_baseline")
+    with FakeCluster() as c:
+        j = job(JobSpec(image=IMAGE, nodes=2), name=job_name("run-1", "train-baseline"))
+        j["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "streetvision", "streetvision.io/run-id": "run-1",
+                                   "streetvision.io/task": "train-baseline"}  # fmt: skip
+        j["metadata"]["namespace"] = "team"
+        c.jobs[("team", j["metadata"]["name"])] = j  # a launcher killed earlier left it running
+        store.upload_dir(trained["baseline"], out)
+        c.set_condition("team", j["metadata"]["name"], "Complete")
+        _launch(c, out)
+        assert c.creates() == 1 and c.deletes() == 0  # the one POST got 409 and the job was adopted
+
+        c.jobs[("team", j["metadata"]["name"])]["status"]["conditions"] = [
+            {"type": "Failed", "status": "True", "reason": "Failed", "message": "earlier attempt"}
+        ]
+        c.controller = _finish("Complete")
+        _launch(c, out)
+        assert c.deletes() == 1 and c.creates() == 3  # 409, deleted, created again
+
+
+def test_the_cli_refuses_a_local_out():
+    from streetvision.cli import main
+
+    assert main(["launch-trainjob", "--step", "train-baseline", "--out", "/tmp/x", "--image", IMAGE,
+                 "--run-id", "r", "--task", "t"]) != 0  # fmt: skip
+
+
+def test_compiled_trainjob_pipeline_launches_by_uri(tmp_path):
+    from pipelines import compile as compile_
+
+    package = tmp_path / "p.yaml"
+    compile_.main(["--trainjob", "2x4", "--output", str(package)])
+    docs = list(yaml.safe_load_all(package.read_text()))
+    executors = docs[0]["deploymentSpec"]["executors"]
+    launched = [
+        e["container"] for e in executors.values() if "launch-trainjob" in e["container"].get("command", [])
+    ]
+    assert launched
+    for container in launched:
+        cmd = container["command"] + container.get("args", [])
+        assert "--nodes" in cmd and cmd[cmd.index("--nodes") + 1] == "2"
+        assert "--procs-per-node" in cmd and cmd[cmd.index("--procs-per-node") + 1] == "4"
+        assert not any(
+            "{{$.inputs.artifacts" in a and ".path}}" in a for a in cmd
+        )  # by URI, never a pod path
