@@ -80,12 +80,14 @@ def test_base_image_has_no_torch_and_train_image_has_the_stack(images):
     assert base.stdout.strip() == "[]" and train.stdout.strip() == "['torch', 'timm', 'lightning']"
 
 
-def test_base_image_stays_under_600_mb(images):
+def test_base_image_stays_under_650_mb(images):
     """571 MB measured: pyarrow (170 MB installed), for Hugging Face parquet datasets, moved it past the
-    500 MB it held before; the limit keeps the next addition from passing unnoticed."""
+    500 MB it held before. The TrainJob launcher's Kubernetes client (#23) adds about 50 MB installed
+    (kubernetes 31 MB, google-auth 13 MB, the rest small; du of the dev venv), not yet measured in the
+    image; the limit keeps the next addition from passing unnoticed."""
     size = int(docker("image", "inspect", "--format", "{{.Size}}", images["base"]).stdout)
     print(f"base image {size / 1e6:.0f} MB")
-    assert size < 600e6
+    assert size < 650e6
 
 
 def test_a_phase_runs_with_docker_run_on_a_mounted_folder(images, shared):
