@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_line
 from fake_k8s import FakeCluster, cel_errors, schema_errors
 
 from streetvision import trainjob
@@ -94,11 +95,11 @@ def test_job_names_are_stable_valid_and_distinct():
 # The launcher against the fake API server.
 
 
-def _launch(cluster, out, poll_s=0.02, deadline_s=3600, **kw):
+def _launch(cluster, out, poll_s=0.02, deadline_s=3600, executor_input=None):
     spec = JobSpec(image=IMAGE, nodes=2, deadline_s=deadline_s)
     trainjob.launch("train-baseline", ["--shards", "s3://b/shards", "--out", out], spec=spec, namespace="team",
-                    run_id="run-1", task="train-baseline", out=out, executor_input=None, poll_s=poll_s,
-                    api_client=cluster.api_client(), **kw)  # fmt: skip
+                    run_id="run-1", task="train-baseline", out=out, executor_input=executor_input,
+                    poll_s=poll_s, api_client=cluster.api_client())  # fmt: skip
 
 
 def _finish(kind, log="", commit=None):
@@ -120,17 +121,25 @@ def _finish(kind, log="", commit=None):
     return controller
 
 
-def test_a_completed_job_is_verified_at_its_output(trained, s3):
+def test_a_completed_job_is_verified_and_its_executor_output_written(trained, s3, tmp_path):
+    import json
+
     from streetvision.io import store
 
     out = store.join(s3, "train_baseline")
-    with FakeCluster(
-        _finish("Complete", "epoch 0\n", lambda: store.upload_dir(trained["baseline"], out))
-    ) as c:
-        _launch(c, out)
+    ei = {"inputs": {}, "outputs": {
+        "artifacts": {"baseline": {"artifacts": [{"name": "baseline", "type": {"schemaTitle": "system.Model"},
+                                                  "uri": out}]}},
+        "outputFile": str(tmp_path / "executor_output.json")}}  # fmt: skip
+    commit = lambda: store.upload_dir(trained["baseline"], out)  # noqa: E731
+    with FakeCluster(_finish("Complete", "epoch 0\n", commit)) as c:
+        _launch(c, out, executor_input=json.dumps(ei))
         assert c.creates() == 1 and c.deletes() == 0
         (created,) = c.jobs.values()
         assert schema_errors(created) == []
+    written = json.loads((tmp_path / "executor_output.json").read_text())
+    (artifact,) = written["artifacts"]["baseline"]["artifacts"]
+    assert artifact["uri"] == out and artifact["metadata"]
 
 
 def test_complete_without_a_commit_is_an_error(s3):
@@ -203,3 +212,126 @@ def test_compiled_trainjob_pipeline_launches_by_uri(tmp_path):
         assert not any(
             "{{$.inputs.artifacts" in a and ".path}}" in a for a in cmd
         )  # by URI, never a pod path
+
+
+# What a TrainJob's pods run: torchrun with only the PET_* variables the torch runtime sets.
+
+
+def _start(shards, out, tmp_path, nodes, *overrides):
+    """``nodes`` torchrun invocations of one process each, as the TrainJob's nodes, on loopback (gloo);
+    each in its own session (a node is killed whole), its stderr in a file."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY_TRAIN
+    from seaweed import free_port
+
+    port = str(free_port())
+    procs = []
+    for node in range(nodes):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PET_NNODES": str(nodes),
+               "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node), "PET_MASTER_ADDR": "127.0.0.1",
+               "PET_MASTER_PORT": port}  # fmt: skip
+        argv = [sys.executable, "-m", "torch.distributed.run", "-m", "streetvision", "train-baseline",
+                "--shards", shards, "--out", out, *TINY_TRAIN, "trainer.devices=auto", *overrides]  # fmt: skip
+        err = open(tmp_path / f"node{node}-{port}.err", "w+")  # noqa: SIM115 - read back in _wait
+        procs.append((subprocess.Popen(argv, env=env, stdout=err, stderr=err,
+                                       start_new_session=True), err))  # fmt: skip
+    return procs
+
+
+def _wait(procs, timeout=600):
+    import os
+    import signal
+    import subprocess
+
+    done = []
+    for p, err in procs:
+        try:
+            code = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            code = p.wait()
+        err.seek(0)
+        done.append((code, err.read()))
+        err.close()
+    return done
+
+
+def _nodes(shards, out, tmp_path, nodes, *overrides):
+    return _wait(_start(shards, out, tmp_path, nodes, *overrides))
+
+
+@pytest.mark.slow
+def test_two_trainjob_nodes_train_once_and_a_wrong_num_nodes_fails_in_one_line(demo_pack, s3, tmp_path):
+    from streetvision.io import store
+
+    shards = store.join(s3, "pack_shards")
+    store.upload_dir(demo_pack, shards)
+    out = store.join(s3, "train_baseline")
+    ranks = _nodes(shards, out, tmp_path, 2)
+    assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]
+    m = store.committed_manifest(out, "train_baseline")
+    assert m.extra["world_size"] == 2 and m.extra["num_nodes"] == 2
+    assert m.extra["cluster_environment"] == "TorchElasticEnvironment"  # Lightning found torchrun's world
+
+    bad = _nodes(shards, store.join(s3, "wrong"), tmp_path, 2, "trainer.num_nodes=3")
+    assert all(code != 0 for code, _ in bad)
+    errors = [
+        line
+        for _, err in bad
+        for line in err.splitlines()
+        if line.startswith("streetvision train-baseline: error:")
+    ]
+    assert errors and "num_nodes" in errors[0], bad[0][1][:3000]
+    assert not store.exists(store.join(s3, "wrong", "manifest.json"))
+
+
+def test_sigterm_deletes_the_job_and_a_launcher_killed_outright_is_adopted_by_its_retry(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def launcher(cluster):
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(cluster.kubeconfig(tmp_path / "kubeconfig")),
+            "POD_NAMESPACE": "team",
+        }
+        argv = [sys.executable, "-m", "streetvision", "launch-trainjob", "--step", "train-baseline", "--out",
+                "s3://b/train_baseline", "--image", IMAGE, "--run-id", "run-9", "--task", "train-baseline",
+                "--poll-s", "0.1", "--", "--shards", "s3://b/shards"]  # fmt: skip
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def until_created(cluster, p):
+        deadline = time.time() + 60
+        while not cluster.jobs and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # in its wait loop
+        assert cluster.jobs, p.stderr.read() if p.poll() is not None else "no TrainJob created"
+
+    with FakeCluster() as c:
+        p = launcher(c)
+        until_created(c, p)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode != 0 and "stopped (SIGTERM); deleted" in err and one_line(err), err
+        assert c.deletes() == 1 and not c.jobs
+
+        p = launcher(c)
+        until_created(c, p)
+        p.kill()  # no chance to clean up: the TrainJob stays
+        p.wait()
+        (name,) = (n for _, n in c.jobs)
+        p = launcher(c)
+        deadline = time.time() + 60
+        while c.creates() < 3 and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        c.set_condition("team", name, "Failed", "rank 1 lost")
+        p.communicate(timeout=60)
+        assert (
+            c.creates() == 3 and c.deletes() == 2
+        )  # the retry adopted the job (409), then deleted it on Failed

@@ -58,12 +58,18 @@ def build_trainer(
     on_gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
     nodes, per_node, strategy = getattr(t, "num_nodes", 0) or 1, devices(t.devices), t.strategy
     if (elastic := launched_by_torchrun()) is not None:
-        # torchrun's world: nodes and processes per node unless set (a mismatch fails in one line below);
+        # torchrun's world: nodes and processes per node unless set (a mismatch fails in one line);
         # litdata counts nodes by GPUs per node, which a CPU node has none of.
         nodes = getattr(t, "num_nodes", 0) or elastic[0]
         per_node = elastic[1] if t.devices.strip() == "auto" else per_node
         strategy = "ddp" if strategy == "auto" and elastic[0] * elastic[1] > 1 else strategy
         os.environ.setdefault("NNODES", str(elastic[0]))
+        if isinstance(per_node, int) and nodes * per_node != elastic[0] * elastic[1]:
+            # Lightning checks this only once fit has started, as a traceback on every rank
+            raise StreetVisionError(
+                f"trainer.num_nodes={nodes} trainer.devices={t.devices}: {nodes} x {per_node} processes, but "
+                f"torchrun started {elastic[0]} node(s) x {elastic[1]} (world size {elastic[0] * elastic[1]})"
+            )
     if workers and not on_gpu:
         torch.set_num_threads(max(1, torch.get_num_threads() - workers))
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")

@@ -360,7 +360,9 @@ def _train(
                 outputs.copy(f"tensorboard/{event.name}", event)
             outputs.write_json("metrics.json", per_split)
             extra = {"feature_cache": cached, "precision": str(trainer.precision), "world_size": trainer.world_size,
-                     "resumed": resume is not None}  # fmt: skip
+                     "num_nodes": trainer.num_nodes, "resumed": resume is not None,
+                     "cluster_environment": type(trainer.strategy.cluster_environment).__name__
+                     if getattr(trainer.strategy, "cluster_environment", None) is not None else None}  # fmt: skip
             return commit(
                 outputs,
                 config,
