@@ -27,6 +27,7 @@ from components.dataset_fingerprint import dataset_fingerprint
 from pipelines.streetvision import VARIANTS, PlatformOptions, build_pipeline, component
 from pipelines.trainjob import TrainJobOptions
 from streetvision.phases import PHASES
+from streetvision.trainjob import toleration
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = ROOT / "pipelines"
@@ -48,17 +49,6 @@ def compile_all(
     if components_dir is not None:
         for stem, comp in COMPONENTS.items():
             compiler.Compiler().compile(comp, str(components_dir / f"{stem}.yaml"))
-
-
-def _toleration(spec: str) -> dict[str, str]:
-    kv, _, effect = spec.partition(":")
-    key, _, value = kv.partition("=")
-    return {
-        "key": key,
-        "operator": "Equal" if value else "Exists",
-        "value": value or None,
-        "effect": effect or None,
-    }
 
 
 # What a KFP backend older than the SDK's knows of the Kubernetes platform spec (kfp-kubernetes 1.x): newer
@@ -118,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", choices=sorted(VARIANTS), default=None,
                    help="compile this variant alone (default: every shipped variant into pipelines/)")  # fmt: skip
     a = p.parse_args(argv)
-    tolerations = [_toleration(t) for t in a.toleration]
+    tolerations = [toleration(t) for t in a.toleration]
+    node_selector = dict(s.split("=", 1) for s in a.node_selector)
     trainjob = None
     if a.trainjob:
         try:
             trainjob = TrainJobOptions.parse(
-                a.trainjob, cpu=a.train_cpu, memory=a.train_memory, node_selector=dict(s.split("=", 1) for s in a.node_selector),
+                a.trainjob, cpu=a.train_cpu, memory=a.train_memory, node_selector=node_selector,
                 tolerations=tolerations, secret=a.s3_secret,
                 **({"deadline_s": a.trainjob_deadline_s} if a.trainjob_deadline_s else {}),
             )  # fmt: skip
@@ -133,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         s3_secret=a.s3_secret,
         scratch_class=a.scratch_class,
         gpus=a.gpus,
-        node_selector=dict(s.split("=", 1) for s in a.node_selector),
+        node_selector=node_selector,
         tolerations=tolerations,
         trainjob=trainjob,
         train_cpu=a.train_cpu,

@@ -17,7 +17,7 @@ from kfp import dsl
 from kfp.dsl import placeholders
 
 from components.images import BASE_IMAGE, ENTRYPOINT, TRAIN_IMAGE
-from streetvision.trainjob import JobSpec
+from streetvision.trainjob import JobSpec, toleration_flag
 
 # The arguments a step component passes that the launcher takes for itself (KFP_RUN, and the output).
 _OWN = {"--executor-input", "--run-id", "--task", "--out"}
@@ -30,14 +30,14 @@ class TrainJobOptions:
 
     nodes: int
     gpus_per_node: int
-    gpu_resource: str = "nvidia.com/gpu"
-    cpu: str = "4"
-    memory: str = "16G"
-    ephemeral_storage: str = "10Gi"
+    gpu_resource: str = JobSpec.gpu_resource
+    cpu: str = JobSpec.cpu
+    memory: str = JobSpec.memory
+    ephemeral_storage: str = JobSpec.ephemeral_storage
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
-    secret: str = "streetvision-s3"  # noqa: S105 - the Secret's name
-    deadline_s: int = JobSpec("").deadline_s
+    secret: str = JobSpec.secret
+    deadline_s: int = JobSpec.deadline_s
 
     @classmethod
     def parse(cls, shape: str, **kwargs) -> TrainJobOptions:
@@ -56,12 +56,7 @@ class TrainJobOptions:
         for key, value in self.node_selector.items():
             flags += ["--node-selector", f"{key}={value}"]
         for t in self.tolerations:
-            spec = (
-                t["key"]
-                + (f"={t['value']}" if t.get("value") else "")
-                + (f":{t['effect']}" if t.get("effect") else "")
-            )
-            flags += ["--toleration", spec]
+            flags += ["--toleration", toleration_flag(t)]
         return flags
 
 

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _common(p)
 
+    from streetvision.trainjob import JobSpec  # no third-party import: the client is loaded by launch()
+
     p = sub.add_parser(
         "launch-trainjob", help="run a training step as a Kubeflow Trainer TrainJob and wait for it"
     )
@@ -87,18 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--procs-per-node", type=int, default=1, help="torchrun processes per node (one per GPU)")
     p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--gpu-resource", default="nvidia.com/gpu")
-    p.add_argument("--cpu", default="4", help="CPU request per node")
-    p.add_argument("--memory", default="16G", help="memory request and limit per node")
-    p.add_argument("--ephemeral-storage", default="10Gi", help="local disk per node (the stream cache)")
+    p.add_argument("--gpu-resource", default=JobSpec.gpu_resource)
+    p.add_argument("--cpu", default=JobSpec.cpu, help="CPU request per node")
+    p.add_argument("--memory", default=JobSpec.memory, help="memory request and limit per node")
     p.add_argument(
-        "--secret", default="streetvision-s3", help="the object-store Secret, as the AWS_* variables"
+        "--ephemeral-storage",
+        default=JobSpec.ephemeral_storage,
+        help="local disk per node (the stream cache)",
     )
+    p.add_argument("--secret", default=JobSpec.secret, help="the object-store Secret, as the AWS_* variables")
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
-    p.add_argument("--runtime", default="torch-distributed", help="the ClusterTrainingRuntime")
+    p.add_argument("--runtime", default=JobSpec.runtime, help="the ClusterTrainingRuntime")
     p.add_argument(
-        "--deadline-s", type=int, default=7 * 24 * 3600, help="the TrainJob's activeDeadlineSeconds"
+        "--deadline-s", type=int, default=JobSpec.deadline_s, help="the TrainJob's activeDeadlineSeconds"
     )
     p.add_argument("--poll-s", type=float, default=5.0)
     p.add_argument("--executor-input", default=None, metavar="JSON")

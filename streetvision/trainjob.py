@@ -279,11 +279,9 @@ def launch(step: str, step_args: list[str], *, spec: JobSpec, namespace: str, ru
         config.load_config()  # in-cluster: the pod's service account; else $KUBECONFIG
     launcher = Launcher(namespace, name, api_client, poll_s)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    finished = False
     try:
         launcher.create(job)
         launcher.wait(time.time() + spec.deadline_s)
-        finished = True
     except (_Stopped, LaunchError, KeyboardInterrupt) as e:
         launcher.delete()
         if isinstance(e, _Stopped):
@@ -291,7 +289,6 @@ def launch(step: str, step_args: list[str], *, spec: JobSpec, namespace: str, ru
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert finished
     manifest_ = store.committed_manifest(out, step.replace("-", "_"))
     print(f"trainjob: {name} complete; {out} verified ({len(manifest_.outputs)} files)", flush=True)
     if executor_input:
@@ -305,14 +302,25 @@ def launch(step: str, step_args: list[str], *, spec: JobSpec, namespace: str, ru
             write_executor_output(executor_input, local, manifest_)
 
 
+def toleration(spec: str) -> dict[str, str]:
+    """``KEY[=VALUE][:EFFECT]`` (``--toleration``, of the compiler and of the launcher) as a Toleration."""
+    kv, _, effect = spec.partition(":")
+    key, _, value = kv.partition("=")
+    return {"key": key, "operator": "Equal" if value else "Exists", **({"value": value} if value else {}),
+            **({"effect": effect} if effect else {})}  # fmt: skip
+
+
+def toleration_flag(t: dict[str, str]) -> str:
+    """A Toleration as its ``--toleration`` flag: the inverse of :func:`toleration`."""
+    return (
+        t["key"]
+        + (f"={t['value']}" if t.get("value") else "")
+        + (f":{t['effect']}" if t.get("effect") else "")
+    )
+
+
 def launch_spec(args) -> JobSpec:
     """The JobSpec of ``launch-trainjob``'s flags."""
-    tolerations = []
-    for t in args.toleration:
-        kv, _, effect = t.partition(":")
-        key, _, value = kv.partition("=")
-        tolerations.append({"key": key, "operator": "Equal" if value else "Exists", **({"value": value} if value else {}),
-                            **({"effect": effect} if effect else {})})  # fmt: skip
     for name, value in (("--nodes", args.nodes), ("--procs-per-node", args.procs_per_node),
                         ("--deadline-s", args.deadline_s)):  # fmt: skip
         if value < 1:
@@ -320,7 +328,7 @@ def launch_spec(args) -> JobSpec:
     return JobSpec(image=args.image, nodes=args.nodes, procs_per_node=args.procs_per_node,
                    gpus_per_node=args.gpus_per_node, gpu_resource=args.gpu_resource, cpu=args.cpu,
                    memory=args.memory, ephemeral_storage=args.ephemeral_storage, secret=args.secret,
-                   node_selector=dict(s.split("=", 1) for s in args.node_selector), tolerations=tuple(tolerations),
+                   node_selector=dict(s.split("=", 1) for s in args.node_selector), tolerations=tuple(toleration(t) for t in args.toleration),
                    runtime=args.runtime, deadline_s=args.deadline_s)  # fmt: skip
 
 
