@@ -313,6 +313,11 @@ def test_sigterm_deletes_the_job_and_a_launcher_killed_outright_is_adopted_by_it
         time.sleep(0.3)  # in its wait loop
         assert cluster.jobs, p.stderr.read() if p.poll() is not None else "no TrainJob created"
 
+    def adopted(cluster):
+        """The third launcher got its 409 and is polling the job's pods: it waits on the job it adopted."""
+        posts = [i for i, (method, _) in enumerate(cluster.requests) if method == "POST"]
+        return len(posts) >= 3 and any("/pods" in path for _, path in cluster.requests[posts[2] :])
+
     with FakeCluster() as c:
         p = launcher(c)
         until_created(c, p)
@@ -328,8 +333,8 @@ def test_sigterm_deletes_the_job_and_a_launcher_killed_outright_is_adopted_by_it
         (name,) = (n for _, n in c.jobs)
         p = launcher(c)
         deadline = time.time() + 60
-        while c.creates() < 3 and p.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        while not adopted(c) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # Failed before it adopted the job would make it replace the job instead
         c.set_condition("team", name, "Failed", "rank 1 lost")
         p.communicate(timeout=60)
         assert (
