@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,11 +403,15 @@ def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
     assert lrs == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_training_killed_mid_epoch_resumes_from_its_checkpoint_to_identical_weights(
-    demo_dataset, demo_splits, demo_pack, tmp_path
+    demo_dataset, demo_splits, demo_pack, tmp_path, request, where
 ):
     """Preemption: SIGKILL while a mid-epoch checkpoint is the last one (the streamed loader's position is
-    in it), rerun the same command, get the uninterrupted result bit for bit."""
+    in it), rerun the same command, get the uninterrupted result bit for bit. The interrupted run streams
+    the pack from a folder or from the object store, its checkpoints beside it (litdata's saved position
+    named the killed process's temporary cache folder, and every resume from an s3:// pack was refused);
+    the uninterrupted one reads the folder, so both places also stream the same epochs."""
     import csv
     import signal
     import time
@@ -418,19 +423,32 @@ def test_a_training_killed_mid_epoch_resumes_from_its_checkpoint_to_identical_we
     steps = 12  # 48 train images in batches of 4; a checkpoint every 5 steps: most of them mid-epoch
     settings = [*TINY, "trainer.max_epochs=4", "trainer.patience=10", "data.batch_size=4",
                 "trainer.checkpoint_every_n_steps=5"]  # fmt: skip
-    ckpt = tmp_path / "ck"
+    shards, ckpt = str(demo_pack), str(tmp_path / "ck")
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        shards, ckpt = store.join(s3, "pack_shards"), store.join(s3, "ck")
+        store.upload_dir(demo_pack, shards)
 
-    def argv(out, ckpt):
-        return [sys.executable, "-m", "streetvision", "train-baseline", "--shards", str(demo_pack),
+    def argv(out, ckpt, shards=shards):
+        return [sys.executable, "-m", "streetvision", "train-baseline", "--shards", shards,
                 "--out", str(out), *settings, f"trainer.checkpoint_uri={ckpt}"]  # fmt: skip
 
-    def mid_epoch() -> bool:
-        if not (ckpt / CHECKPOINT).exists():
-            return False
-        c = load(ckpt / CHECKPOINT)
-        return c["epoch"] >= 1 and c["global_step"] % steps != 0
+    def last() -> dict | None:
+        if store.is_s3(ckpt):
+            if not store.exists(store.join(ckpt, CHECKPOINT)):
+                return None
+            return load(
+                store.download_file(store.join(ckpt, CHECKPOINT), tmp_path / "last" / CHECKPOINT).path
+            )
+        return load(Path(ckpt, CHECKPOINT)) if Path(ckpt, CHECKPOINT).exists() else None
 
-    whole = subprocess.run(argv(tmp_path / "whole", tmp_path / "ck-whole"), capture_output=True, text=True)
+    def mid_epoch() -> bool:
+        c = last()
+        return c is not None and c["epoch"] >= 1 and c["global_step"] % steps != 0
+
+    whole = subprocess.run(
+        argv(tmp_path / "whole", tmp_path / "ck-whole", str(demo_pack)), capture_output=True, text=True
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # what the killed process cannot clean stays here
     (tmp_path / "tmp").mkdir()
@@ -449,7 +467,7 @@ def test_a_training_killed_mid_epoch_resumes_from_its_checkpoint_to_identical_we
     proc.kill()
     proc.wait()
     assert not (tmp_path / "resumed" / MANIFEST).exists()
-    killed = load(ckpt / CHECKPOINT)
+    killed = last()
     resumed = subprocess.run(argv(tmp_path / "resumed", ckpt), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = verify_dir(tmp_path / "whole"), verify_dir(tmp_path / "resumed")
@@ -464,7 +482,7 @@ def test_a_training_killed_mid_epoch_resumes_from_its_checkpoint_to_identical_we
     )
     # The last epoch's weights and optimizer state too (the best epoch may come before the kill), and a
     # history without a gap: every epoch's training loss, bit for bit.
-    last_a, last_b = load(tmp_path / "ck-whole" / CHECKPOINT), load(ckpt / CHECKPOINT)
+    last_a, last_b = load(tmp_path / "ck-whole" / CHECKPOINT), last()
     assert last_a["epoch"] == last_b["epoch"] == 3
     for key, tensor in last_a["state_dict"].items():
         assert torch.equal(tensor, last_b["state_dict"][key]), key

@@ -259,20 +259,67 @@ def _wait(procs, timeout=600):
     return done
 
 
+def _signal_node(agent: int, signum: int) -> None:
+    """``signum`` to a node's processes: the torchrun agent's group and its workers, which torchrun starts
+    each in a session of its own (a pod's processes, all of them, as a node failure takes them)."""
+    import os
+    from pathlib import Path
+
+    def parent(stat: Path) -> int:
+        try:
+            return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return -1
+
+    workers = [int(s.parent.name) for s in Path("/proc").glob("[0-9]*/stat") if parent(s) == agent]
+    for group in (agent, *workers):
+        os.killpg(group, signum)
+
+
 def _nodes(shards, out, tmp_path, nodes, *overrides):
     return _wait(_start(shards, out, tmp_path, nodes, *overrides))
 
 
 @pytest.mark.slow
-def test_two_trainjob_nodes_train_once_and_a_wrong_num_nodes_fails_in_one_line(demo_pack, s3, tmp_path):
+def test_two_trainjob_nodes_survive_a_killed_node_train_once_and_a_wrong_num_nodes_fails_in_one_line(
+    demo_pack, s3, tmp_path
+):
+    """A TrainJob whose second node is SIGKILLed mid-epoch fails cleanly (rank 0 exits != 0 on the broken
+    collective, nothing committed); the rerun of the same job resumes from the checkpoint on the object
+    store and commits once, as two nodes of one process under TorchElasticEnvironment."""
+    import signal
+    import time
+
     from streetvision.io import store
+    from streetvision.models.checkpoint import CHECKPOINT, load
 
     shards = store.join(s3, "pack_shards")
     store.upload_dir(demo_pack, shards)
-    out = store.join(s3, "train_baseline")
-    ranks = _nodes(shards, out, tmp_path, 2)
+    out, ckpt = store.join(s3, "train_baseline"), store.join(s3, "checkpoints")
+    # 48 train images over 2 ranks in batches of 4: 6 optimizer steps an epoch, a checkpoint every 2
+    settings = ["trainer.max_epochs=4", "trainer.patience=10", "data.batch_size=4",
+                "trainer.checkpoint_every_n_steps=2", f"trainer.checkpoint_uri={ckpt}"]  # fmt: skip
+    nodes = _start(shards, out, tmp_path, 2, *settings)
+    deadline = time.time() + 300
+    while not store.exists(store.join(ckpt, CHECKPOINT)):  # the first checkpoint: step 2 of epoch 0
+        assert time.time() < deadline and all(p.poll() is None for p, _ in nodes), "no checkpoint was written"
+        time.sleep(0.01)
+    for p, _ in nodes:
+        _signal_node(p.pid, signal.SIGSTOP)
+    _signal_node(nodes[1][0].pid, signal.SIGKILL)  # node 1 dies whole: its torchrun agent and its rank
+    _signal_node(nodes[0][0].pid, signal.SIGCONT)
+    (code, log), _ = _wait(nodes, timeout=300)
+    assert code not in (0, -signal.SIGKILL), log[-3000:]  # failed by itself: neither committed nor hung
+    assert not store.exists(store.join(out, "manifest.json"))
+    last = load(store.download_file(store.join(ckpt, CHECKPOINT), tmp_path / "last.safetensors").path)
+    assert last["global_step"] % 6 != 0, last["global_step"]  # the last checkpoint is a mid-epoch one
+
+    ranks = _nodes(shards, out, tmp_path, 2, *settings)
     assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]
+    said = f"resuming from the checkpoint at {ckpt} (epoch {last['epoch']}, optimizer step {last['global_step']})"
+    assert all(said in log for _, log in ranks)  # every rank resumed the same checkpoint
     m = store.committed_manifest(out, "train_baseline")
+    assert m.extra["resumed"] and m.metrics["epochs_run"] == 4
     assert m.extra["world_size"] == 2 and m.extra["num_nodes"] == 2
     assert m.extra["cluster_environment"] == "TorchElasticEnvironment"  # Lightning found torchrun's world
 

@@ -42,6 +42,17 @@ class EpochLoader(StreamingDataLoader):
         self._resuming = False
 
     def load_state_dict(self, obj: dict) -> None:
+        saved, dataset = obj.get("dataset"), self.dataset
+        if (
+            isinstance(saved, dict)
+            and dataset.input_dir.url
+            and saved.get("input_dir_url") == dataset.input_dir.url
+        ):
+            # Streamed from the object store, litdata's saved position names the local cache folder it
+            # read through, a temporary one of the killed process: litdata refused every resume of an
+            # s3:// pack. The source (the URL, still checked by litdata) is what must match.
+            obj = {**obj, "dataset": {**saved, "input_dir_path": dataset.input_dir.path,
+                                      "cache_dir_path": dataset.cache_dir.path}}  # fmt: skip
         super().load_state_dict(obj)
         self._resuming = True  # the next epoch continues the saved one; those after it start afresh
 
