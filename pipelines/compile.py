@@ -27,7 +27,7 @@ from components.dataset_fingerprint import dataset_fingerprint
 from pipelines.streetvision import VARIANTS, PlatformOptions, build_pipeline, component
 from pipelines.trainjob import TrainJobOptions
 from streetvision.phases import PHASES
-from streetvision.trainjob import toleration
+from streetvision.trainjob import DIGEST, toleration
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = ROOT / "pipelines"
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         except ValueError as e:
             p.error(str(e))
+        if not DIGEST.search(images.TRAIN_IMAGE):
+            p.error(f"--trainjob: the training image {images.TRAIN_IMAGE} is a tag; every node of a TrainJob "
+                    "pulls it, so give it by digest (TRAIN_REF=<image>@sha256:..., as `make push` prints it)")  # fmt: skip
     options = PlatformOptions(
         s3_secret=a.s3_secret,
         scratch_class=a.scratch_class,

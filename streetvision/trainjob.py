@@ -38,6 +38,7 @@ RESERVED_ENV = frozenset(
 )
 MANAGER = "streetvision.io/launcher"  # the runtime patch's owner
 NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # the CRD's rule for metadata.name (RFC 1035), <= 63
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")  # an image reference pinned to one image
 
 
 class LaunchError(StreetVisionError):
@@ -116,10 +117,17 @@ def manifest(name: str, namespace: str, spec: JobSpec, step: str, step_args: lis
 
 def check(job: dict) -> None:
     """The rules the CRD states in CEL and the torch runtime's webhook enforces, which an OpenAPI schema
-    check does not run: the name, and no torchrun variable in the trainer's env."""
+    check does not run: the name, and no torchrun variable in the trainer's env; and ours: the training
+    image by digest, so that every node runs the same one."""
     name = job["metadata"]["name"]
     if len(name) > 63 or not NAME.match(name):
         raise LaunchError(f"TrainJob name {name!r}: an RFC 1035 label of at most 63 characters")
+    image = job["spec"]["trainer"]["image"]
+    if not DIGEST.search(image):
+        raise LaunchError(
+            f"TrainJob {name}: image {image} is not pinned by digest (name@sha256:...): each node pulls it, "
+            "and a tag can move between the pulls"
+        )
     reserved = sorted({e["name"] for e in job["spec"]["trainer"].get("env", [])} & RESERVED_ENV)
     if reserved:
         raise LaunchError(

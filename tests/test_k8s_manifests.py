@@ -223,3 +223,29 @@ def test_deploy_check_names_a_service_account_that_does_not_exist():
         pytest.skip("kubectl (with kustomize) is not installed")
     r = _deploy_check(ROOT / "overlays" / "example", "--service-account", "default-editor")
     assert r.returncode == 1 and "no ServiceAccount 'default-editor'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("verbs", "message"),
+    [
+        (None, None),
+        ('"create", "get", "list", "watch"]', "may not delete trainjobs (trainer.kubeflow.org)"),
+    ],
+)
+def test_deploy_check_of_a_trainjob_package_needs_the_launchers_role(tmp_path, verbs, message):
+    """A ``--trainjob`` package (test_trainjob's golden file) deploys only where the runner may create and
+    delete TrainJobs; the pipeline without it never needed that Role."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    shutil.copytree(ROOT, tmp_path / "manifests")
+    if verbs:
+        f = tmp_path / "manifests" / "base" / "trainjob-launcher.yaml"
+        old = '"create", "get", "list", "watch", "delete"]'
+        assert old in f.read_text(), "the edit no longer applies to base/trainjob-launcher.yaml"
+        f.write_text(f.read_text().replace(old, verbs))
+    package = REPO / "tests" / "golden" / "streetvision-trainjob-2x4.yaml"
+    r = _deploy_check(tmp_path / "manifests" / "overlays" / "example", "--package", str(package))
+    if message is None:
+        assert r.returncode == 0 and "fit together" in r.stdout, r.stderr
+    else:
+        assert r.returncode == 1 and message in r.stderr, r.stderr

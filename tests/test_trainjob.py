@@ -85,6 +85,12 @@ def test_torchrun_variables_in_env_are_refused():
         trainjob.check(j)
 
 
+def test_a_training_image_by_tag_is_refused():
+    j = job(JobSpec(image="registry.example/streetvision-train:0.1.0"))
+    with pytest.raises(LaunchError, match="not pinned by digest"):
+        trainjob.check(j)
+
+
 def test_job_names_are_stable_valid_and_distinct():
     long = job_name("run-1", "train-baseline-" + "x" * 80)
     assert len(long) <= 63 and trainjob.NAME.match(long)
@@ -194,11 +200,33 @@ def test_the_cli_refuses_a_local_out():
                  "--run-id", "r", "--task", "t"]) != 0  # fmt: skip
 
 
-def test_compiled_trainjob_pipeline_launches_by_uri(tmp_path):
+GOLDEN = Path(__file__).parent / "golden" / "streetvision-trainjob-2x4.yaml"
+PINNED = {"STREETVISION_BASE_IMAGE": "ghcr.io/streetvision/streetvision-base@sha256:" + "1" * 64,
+          "STREETVISION_TRAIN_IMAGE": "ghcr.io/streetvision/streetvision-train@sha256:" + "2" * 64}  # fmt: skip
+
+
+def test_compiled_trainjob_pipeline_is_the_golden_file_launches_by_uri_and_pins_the_image(tmp_path, capsys):
+    """``make compile COMPILE_ARGS="--trainjob 2x4" BASE_REF=... TRAIN_REF=...``, as the README says; the
+    golden file is that command's output (regenerate: the same with ``--output tests/golden/...``)."""
+    import os
+    import subprocess
+    import sys
+
     from pipelines import compile as compile_
 
+    with pytest.raises(SystemExit):  # a tag: the nodes could pull different images
+        compile_.main(["--trainjob", "2x4", "--output", str(tmp_path / "tagged.yaml")])
+    assert "is a tag; every node of a TrainJob pulls it" in capsys.readouterr().err
     package = tmp_path / "p.yaml"
-    compile_.main(["--trainjob", "2x4", "--output", str(package)])
+    subprocess.run([sys.executable, "-m", "pipelines.compile", "--trainjob", "2x4", "--output", str(package)],
+                   env={**os.environ, **PINNED}, cwd=GOLDEN.parent.parent.parent, check=True)  # fmt: skip
+
+    def spec(text):
+        return "\n".join(line for line in text.splitlines() if not line.startswith("sdkVersion:"))
+
+    assert spec(package.read_text()) == spec(GOLDEN.read_text()), (
+        "tests/golden/streetvision-trainjob-2x4.yaml is stale: regenerate it with the compile command above, --components-dir build/components"
+    )
     docs = list(yaml.safe_load_all(package.read_text()))
     executors = docs[0]["deploymentSpec"]["executors"]
     launched = [
@@ -209,6 +237,8 @@ def test_compiled_trainjob_pipeline_launches_by_uri(tmp_path):
         cmd = container["command"] + container.get("args", [])
         assert "--nodes" in cmd and cmd[cmd.index("--nodes") + 1] == "2"
         assert "--procs-per-node" in cmd and cmd[cmd.index("--procs-per-node") + 1] == "4"
+        assert cmd[cmd.index("--image") + 1] == PINNED["STREETVISION_TRAIN_IMAGE"]
+        assert container["image"] == PINNED["STREETVISION_BASE_IMAGE"]
         assert not any(
             "{{$.inputs.artifacts" in a and ".path}}" in a for a in cmd
         )  # by URI, never a pod path
