@@ -16,6 +16,7 @@ from litdata import StreamingDataLoader
 from torch.utils.data import ChainDataset, DataLoader, Dataset
 
 from streetvision.data import challenge
+from streetvision.errors import StreetVisionError
 from streetvision.models.data import (
     ChallengeAugment,
     ExtraImages,
@@ -28,6 +29,18 @@ from streetvision.models.data import (
 from streetvision.models.network import create_transform
 
 CACHED = ("train", "val_select")
+
+
+def check_whole_batches(samples: int, world: int, batch_size: int, split: str = "train") -> None:
+    """Under DDP litdata gives every rank the same number of whole batches of the streamed split
+    (``drop_last``): a split that leaves a rank less than one batch trained nothing at all, silently
+    (Lightning ran epochs of no step, and train_baseline then had no best epoch to keep)."""
+    if world > 1 and samples // world < batch_size:
+        raise StreetVisionError(
+            f"data.batch_size={batch_size}: the {split} split's {samples} samples give each of the {world} ranks "
+            f"{samples // world}, less than one batch (under DDP every rank takes whole batches only); lower "
+            "data.batch_size or run fewer ranks"
+        )
 
 
 class EpochLoader(StreamingDataLoader):

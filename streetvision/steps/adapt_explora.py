@@ -163,7 +163,7 @@ def run(
     from streetvision.data.packed import open_pack
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
     from streetvision.models.data import MultiCrop
-    from streetvision.models.datamodule import UnlabelledData
+    from streetvision.models.datamodule import UnlabelledData, check_whole_batches
     from streetvision.models.trainer import build_trainer
 
     inputs = start(STEP, config, {"shards": shards}, sources)
@@ -191,6 +191,8 @@ def run(
         })  # fmt: skip
         trainer = build_trainer(config.trainer, [RandomState()], log_dir, identity, monitor=None,
                                 clip_grad=e.clip_grad or None, workers=config.data.num_workers)  # fmt: skip
+        if not extra_files:  # with extra images, one loader batches the stream and them together
+            check_whole_batches(len(pack.ids("train")), trainer.world_size, d.batch_size)
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(a.module, datamodule=data, ckpt_path=resume[0] if resume else None)

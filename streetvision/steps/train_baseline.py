@@ -293,7 +293,7 @@ def _train(
 
     from streetvision.data.packed import open_pack
     from streetvision.models.checkpoint import RandomState, joined_history, resume_from
-    from streetvision.models.datamodule import FeatureCache, RoadworkData
+    from streetvision.models.datamodule import FeatureCache, RoadworkData, check_whole_batches
     from streetvision.models.lightning import BestWeights, RoadworkModule
     from streetvision.models.network import decode_side
     from streetvision.models.trainer import build_trainer
@@ -325,6 +325,8 @@ def _train(
         trainer = build_trainer(
             config.trainer, [best, FeatureCache(), RandomState()], log_dir, identity, workers=d.num_workers
         )
+        if not cached:  # cached features: a plain DataLoader, partial batches kept
+            check_whole_batches(len(pack.ids("train")), trainer.world_size, d.batch_size)
         resume = resume_from(config.trainer.checkpoint_uri, identity, Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="sv-resume-"))))  # fmt: skip
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
