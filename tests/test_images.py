@@ -260,3 +260,57 @@ def test_the_explora_variant_of_the_compiled_pipeline_runs_in_containers(images,
         b["lineage"]["baseline"]["manifest_sha256"] == input_record(made["train_baseline"])["manifest_sha256"]
     )
     verify_path(str(made["export_bundle"]))
+
+
+def test_the_trainjob_launcher_task_runs_in_the_base_image_against_a_fake_kubernetes_api(
+    images, trained, s3, s3_server, shared
+):
+    """The ``--trainjob`` package's train-baseline task (test_trainjob's golden file) as Kubeflow's driver
+    starts it, its compiled command line with the placeholders substituted, in the base image: the
+    Kubernetes client is there, the TrainJob it creates passes the vendored CRD's schema, and after the job
+    completes it verifies the commit on the object store and writes the executor output. kfp.local cannot
+    run this task: its pipeline root is a local folder, and a TrainJob's pods write to the object store."""
+    import yaml
+    from fake_k8s import FakeCluster, schema_errors
+    from kfp_launcher import command_line
+    from test_trainjob import GOLDEN, PINNED, _finish
+
+    spec = next(yaml.safe_load_all(GOLDEN.read_text()))
+    task = {"spec": spec["components"]["comp-train-baseline"],
+            "container": spec["deploymentSpec"]["executors"]["exec-train-baseline"]["container"]}  # fmt: skip
+    out = store.join(s3, "train_baseline")
+    argv, _ = command_line(task, {}, shared / "outputs", {"shards_uri": store.join(s3, "pack_shards")},
+                           task="train-baseline", output_uris={"baseline": out})  # fmt: skip
+    assert argv[:4] == ["python", "-m", "streetvision", "launch-trainjob"]
+    (shared / "outputs").chmod(0o777)
+
+    def commit():  # what rank 0 of the job would commit
+        store.upload_dir(trained["baseline"], out)
+
+    with FakeCluster(_finish("Complete", "epoch 0\n", commit)) as cluster:
+        kubeconfig = cluster.kubeconfig(shared / "kubeconfig")
+        kubeconfig.chmod(0o644)
+        flags = [
+            "--rm",
+            *HOST,
+            "-v",
+            f"{shared}:{shared}",
+            "--entrypoint",
+            argv[0],
+            "-e",
+            f"KUBECONFIG={kubeconfig}",
+            "-e",
+            "POD_NAMESPACE=team",  # the pipeline sets it from the pod's metadata
+        ]
+        for k, v in s3_server.env().items():
+            flags += ["-e", f"{k}={v}"]
+        r = docker("run", *flags, images["base"], *argv[1:])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        (created,) = cluster.jobs.values()
+        assert schema_errors(created) == [] and cluster.creates() == 1 and cluster.deletes() == 0
+        assert created["spec"]["trainer"]["image"] == PINNED["STREETVISION_TRAIN_IMAGE"]
+        assert "epoch 0" in r.stdout + r.stderr  # rank 0's log, in the task's
+    written = json.loads((shared / "outputs" / "executor_output.json").read_text())
+    (artifact,) = written["artifacts"]["baseline"]["artifacts"]
+    assert artifact["uri"] == out and artifact["metadata"]
+    assert s3_server.secret_key not in r.stdout + r.stderr
