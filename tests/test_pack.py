@@ -57,6 +57,10 @@ def test_packed_images_are_bounded_and_decoded_once(tmp_path):
     with Image.open(io.BytesIO(stored)) as im:
         assert im.size == (512, 683)  # portrait, shorter side 512
     assert packed.prepare((buf.getvalue(), 0, 95))[1] == buf.getvalue()
+    square = io.BytesIO()  # the JPEG draft halves it to exactly max_side: still stored at max_side
+    Image.new("RGB", (1024, 1024), (9, 90, 200)).save(square, "JPEG", quality=95)
+    with Image.open(io.BytesIO(packed.prepare((square.getvalue(), 512, 95))[1])) as im:
+        assert im.size == (512, 512)
     small = io.BytesIO()
     Image.new("RGB", (120, 90), (1, 2, 3)).save(small, "PNG")  # nothing to save: kept as it is served
     assert packed.prepare((small.getvalue(), 512, 95))[1] == small.getvalue()

@@ -50,9 +50,13 @@ def prepare(job: tuple[bytes, int, int]) -> tuple[str, bytes | None, float]:
     sha = hashlib.sha256(data).hexdigest()
     started = time.perf_counter()
     try:
+        with Image.open(io.BytesIO(data)) as probe:  # the header: the original size, before any draft
+            original = min(probe.size)
         image = load_rgb(io.BytesIO(data), max_side or 64)
         w, h = image.size
-        if not max_side or min(w, h) <= max_side:  # nothing to save: the original bytes, decoded as served
+        # Nothing to save: the original bytes, decoded as served. (By the drafted size, a JPEG that the
+        # draft halved exactly to max_side, a 1024 px one at 512, was stored whole.)
+        if not max_side or original <= max_side:
             return sha, data, time.perf_counter() - started
         scale = max_side / min(w, h)
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
