@@ -100,6 +100,36 @@ def test_download_file_commits_atomically_and_hashes_what_it_wrote(s3, tmp_path)
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["w.bin"]  # no temp file left behind
 
 
+PARENT_CLIENT = []  # the client a test made before forking; held so that no new one can take its address
+
+
+def _download_in_a_fork(job):
+    worker, uris, digests, root = job
+    bad = [u for _ in range(10) for u, d in zip(uris, digests)
+           if store.download_file(u, f"{root}/{worker}/x").sha256 != d]  # fmt: skip
+    return store.client() is PARENT_CLIENT[0], bad
+
+
+def test_forked_workers_make_their_own_client_and_get_the_bytes_they_asked_for(s3, tmp_path):
+    """DataLoader workers are forks: the parent's pooled keep-alive connections would be one socket in two
+    processes, each reading the other's responses (measured: 1 download in 240 came back with another's
+    bytes, caught only by the pack's SHA-256)."""
+    import multiprocessing
+
+    blobs = {f"{s3}/o/{i}": os.urandom(300_000 + i) for i in range(8)}
+    for uri, data in blobs.items():
+        (tmp_path / "b").write_bytes(data)
+        store.upload_file(tmp_path / "b", uri)
+    PARENT_CLIENT[:] = [store.client()]
+    uris = list(blobs)
+    digests = [hashlib.sha256(blobs[u]).hexdigest() for u in uris]
+    jobs = [(w, uris[w::2], digests[w::2], tmp_path) for w in range(2)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_download_in_a_fork, jobs)
+    assert [inherited for inherited, _ in results] == [False, False]
+    assert [bad for _, bad in results] == [[], []]
+
+
 @pytest.mark.parametrize("endpoint", ["not a url", "http://[::1"])
 def test_an_endpoint_that_is_not_a_url_is_one_line_naming_the_variable(monkeypatch, capsys, endpoint):
     from conftest import run_cli

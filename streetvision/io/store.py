@@ -127,6 +127,16 @@ def arrow_fs():
     )
 
 
+def _forget_clients() -> None:
+    """A forked process (a DataLoader worker) makes its own clients: the parent's pooled keep-alive
+    connections are shared sockets after a fork, and two processes reading one get each other's bytes."""
+    client.cache_clear()
+    arrow_fs.cache_clear()
+
+
+os.register_at_fork(after_in_child=_forget_clients)
+
+
 def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 
