@@ -105,7 +105,7 @@ PARENT_CLIENT = []  # the client a test made before forking; held so that no new
 
 def _download_in_a_fork(job):
     worker, uris, digests, root = job
-    bad = [u for _ in range(10) for u, d in zip(uris, digests)
+    bad = [u for _ in range(10) for u, d in zip(uris, digests, strict=True)
            if store.download_file(u, f"{root}/{worker}/x").sha256 != d]  # fmt: skip
     return store.client() is PARENT_CLIENT[0], bad
 
