@@ -91,7 +91,7 @@ def bench_store_transfer() -> None:
     server = seaweed.start(tmp / "weed")
     try:
         os.environ.update(server.env())
-        store.client.cache_clear()
+        store.reset_clients()
         src = StepOutputs(tmp / "step", "bench")
         block = os.urandom(64 * MiB)
         for i in range(8):  # 512 MiB in eight 64 MiB files

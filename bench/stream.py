@@ -132,7 +132,7 @@ def bench_stream_throughput() -> None:
     server = seaweed.start(tmp / "weed")
     try:
         os.environ.update(server.env())
-        store.client.cache_clear()
+        store.reset_clients()
         data = write_demo_dataset(tmp / "data", n=1500, seed=0, size=256)
         splits = _splits(data, tmp / "splits")
         uri = f"s3://{server.bucket}/pack"
@@ -215,7 +215,7 @@ def bench_stream_at_scale() -> None:
         os.environ.update(server.env())
         from streetvision.io import store
 
-        store.client.cache_clear()
+        store.reset_clients()
         data, rng = tmp / "data", np.random.default_rng(0)
         (data / "images").mkdir(parents=True)
         rows = ["image,label"]

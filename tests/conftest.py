@@ -43,11 +43,9 @@ def s3(s3_server, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
-    store.client.cache_clear()
-    store.arrow_fs.cache_clear()
+    store.reset_clients()
     yield f"s3://{s3_server.bucket}/t-{uuid.uuid4().hex[:10]}"
-    store.client.cache_clear()
-    store.arrow_fs.cache_clear()
+    store.reset_clients()
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,7 @@ def _child(argv: list[str], env: dict[str, str], tmp: str | None, pause: float) 
         from streetvision.cli import main
         from streetvision.io import store
 
-        store.client.cache_clear()
+        store.reset_clients()
         if pause:
             real = store._manager
 

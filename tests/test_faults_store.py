@@ -47,7 +47,7 @@ def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_reru
         for trial in range(3):
             for k, v in server.env().items():
                 monkeypatch.setenv(k, v)
-            store.client.cache_clear()
+            store.reset_clients()
             uri = f"s3://{server.bucket}/run{trial}/train_baseline"
             if trial % 2:
                 store.upload_dir(tmp_path / "small", uri)  # an earlier commit at the same place
@@ -69,7 +69,7 @@ def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_reru
             server = server.restart()
             for k, v in server.env().items():
                 monkeypatch.setenv(k, v)
-            store.client.cache_clear()
+            store.reset_clients()
             with pytest.raises(ManifestError):
                 store.verified(uri, "train_baseline")
             code, _, err = run_cli(capsys, ["verify", uri])
@@ -84,7 +84,7 @@ def test_object_store_killed_mid_upload_leaves_the_step_uncommitted_and_the_reru
             trials += 1
     finally:
         server.stop()
-        store.client.cache_clear()
+        store.reset_clients()
     print(f"\nobject store SIGKILLed mid-upload: {trials}/{trials} left no commit and the rerun completed")
 
 

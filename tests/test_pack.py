@@ -182,7 +182,7 @@ def test_a_chunk_changed_on_the_object_store_is_refused_as_it_streams_in(big_pac
 def store_sizes(uri: str, env: dict) -> dict[str, int]:
     keep = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    store.client.cache_clear()
+    store.reset_clients()
     try:
         return {name: size for name, (size, _) in store.list_objects(uri).items()}
     finally:
@@ -191,7 +191,7 @@ def store_sizes(uri: str, env: dict) -> dict[str, int]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        store.client.cache_clear()
+        store.reset_clients()
 
 
 def free_port() -> int:

@@ -67,7 +67,7 @@ def test_tampered_object_fails_verification_after_download(s3, tmp_path):
 
 def test_wrong_credentials_give_a_clear_error_without_the_secret(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-do-not-print")
-    store.client.cache_clear()
+    store.reset_clients()
     src = make_step(tmp_path / "src")
     with pytest.raises(store.StoreError) as err:
         store.upload_dir(src, s3)
@@ -137,11 +137,11 @@ def test_an_endpoint_that_is_not_a_url_is_one_line_naming_the_variable(monkeypat
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    store.client.cache_clear()
+    store.reset_clients()
     try:
         code, _, err = run_cli(capsys, ["verify", "s3://bucket/x"])
     finally:
-        store.client.cache_clear()
+        store.reset_clients()
     assert code == 2 and "AWS_ENDPOINT_URL_S3" in err and err.count("\n") == 1 and "Traceback" not in err
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -84,9 +85,16 @@ def join(uri: str, *parts: str) -> str:
 
 
 @cache
-def client():
-    """An S3 client from the environment, with botocore's standard retry mode for transient errors."""
+def _session():
+    """One boto3 session a process tree: it holds botocore's loaded service model (about 0.2 s of JSON to
+    parse, up to a second in a fresh DataLoader worker competing for the CPU) and no connection."""
     import boto3
+
+    return boto3.session.Session()
+
+
+@cache
+def _client():
     from botocore.config import Config
 
     config = Config(
@@ -99,12 +107,30 @@ def client():
         response_checksum_validation="when_required",
     )
     try:
-        return boto3.session.Session().client("s3", config=config)
+        return _session().client("s3", config=config)
     except ValueError as e:  # botocore's "Invalid endpoint: <value>": the variables are named, not the value
         raise StoreError(
             f"the object store's endpoint is not a URL ({str(e).split(':')[0]}); check AWS_ENDPOINT_URL_S3 "
             "and AWS_ENDPOINT_URL (e.g. http://host:8333)"
         ) from None
+
+
+_CLIENT_LOCK = threading.Lock()
+
+
+def client():
+    """This process's S3 client from the environment, with botocore's standard retry mode for transient
+    errors; made once, however many threads (litdata's downloaders) ask at the same time."""
+    with _CLIENT_LOCK:
+        return _client()
+
+
+def reset_clients() -> None:
+    """Forget the session and clients, to read the ``AWS_*`` variables again (they changed)."""
+    with _CLIENT_LOCK:
+        _session.cache_clear()
+        _client.cache_clear()
+        arrow_fs.cache_clear()
 
 
 @cache
@@ -129,8 +155,11 @@ def arrow_fs():
 
 def _forget_clients() -> None:
     """A forked process (a DataLoader worker) makes its own clients: the parent's pooled keep-alive
-    connections are shared sockets after a fork, and two processes reading one get each other's bytes."""
-    client.cache_clear()
+    connections are shared sockets after a fork, and two processes reading one get each other's bytes.
+    The session, which holds no connection, is kept."""
+    global _CLIENT_LOCK
+    _CLIENT_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _client.cache_clear()
     arrow_fs.cache_clear()
 
 
