@@ -17,6 +17,7 @@ import numpy as np
 from bench.common import WORK, report
 
 BATCH, WORKERS = 32, 2
+ROUNDS = 4  # epochs of each loader in bench_stream_throughput; the first is the cold one
 
 
 def _phone_jpegs(root: Path, n: int) -> Path:
@@ -133,7 +134,7 @@ def bench_stream_throughput() -> None:
     try:
         os.environ.update(server.env())
         store.reset_clients()
-        data = write_demo_dataset(tmp / "data", n=1500, seed=0, size=256)
+        data = write_demo_dataset(tmp / "data", n=4500, seed=0, size=256)
         splits = _splits(data, tmp / "splits")
         uri = f"s3://{server.bucket}/pack"
         _pack(data, splits, uri, "pack.chunk_bytes=1048576", env=dict(os.environ))
@@ -151,30 +152,36 @@ def bench_stream_throughput() -> None:
             path.write_bytes(item["image"])
         train_bytes = sum(o["size"] for n, o in pack.manifest.outputs.items() if n.startswith("train/chunk-"))
 
-        def epochs(loader) -> list[float]:
-            rates = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                count = sum(len(batch[2]) for batch in loader)
-                rates.append(count / (time.perf_counter() - t0))
-            return rates
-
         files = [f"{k:06d}.jpg" for k in range(len(ids))]
         images = ImageDataset(folder, files, np.zeros(len(ids)), transform, 224)
-        folder_rates = epochs(DataLoader(images, batch_size=BATCH, num_workers=WORKERS, shuffle=True,
-                                         persistent_workers=True))  # fmt: skip
         stream = packed.streamed(pack, "train", packed.Decode(transform, 224), cache_dir=tmp / "cache",
                                  cache_bytes=train_bytes // 3, shuffle=True, seed=0)  # fmt: skip
         from litdata import StreamingDataLoader
 
-        stream_rates = epochs(StreamingDataLoader(stream, batch_size=BATCH, num_workers=WORKERS))
+        loaders = {
+            "folder": DataLoader(
+                images, batch_size=BATCH, num_workers=WORKERS, shuffle=True, persistent_workers=True
+            ),
+            "fresh": DataLoader(images, batch_size=BATCH, num_workers=WORKERS, shuffle=True),
+            "stream": StreamingDataLoader(stream, batch_size=BATCH, num_workers=WORKERS),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in loaders}
+        for _ in range(ROUNDS):  # one epoch of each a round, interleaved: this machine's drift hits all alike
+            for name, loader in loaders.items():
+                t0 = time.perf_counter()
+                count = sum(len(batch[2]) for batch in loader)
+                rates[name].append(count / (time.perf_counter() - t0))
+        stream_rates, folder_rates, fresh_rates = rates["stream"], rates["folder"], rates["fresh"]
         steady_stream, steady_folder = float(np.mean(stream_rates[1:])), float(np.mean(folder_rates[1:]))
         print(f"stream: {len(ids)} train images at 224 px, batch {BATCH}, {WORKERS} workers; cache "
               f"{train_bytes // 3} of {train_bytes} bytes; images/s per epoch streamed {np.round(stream_rates, 1)}, "
-              f"folder {np.round(folder_rates, 1)}", flush=True)  # fmt: skip
+              f"folder {np.round(folder_rates, 1)}, folder with fresh workers every epoch (as litdata's) "
+              f"{np.round(fresh_rates, 1)}", flush=True)  # fmt: skip
         report("stream: training images/s at steady state, streamed from S3 vs local folder (time per image)",
                1 / steady_stream, 1 / steady_folder, "throughput >= 0.9 (ratio <= 1.11)",
                steady_stream >= 0.9 * steady_folder)  # fmt: skip
+        report("stream: a local folder's loader with fresh workers every epoch vs persistent ones (time per image)",
+               1 / float(np.mean(fresh_rates[1:])), 1 / steady_folder, "reported", True)  # fmt: skip
         report("stream: the first (cold) epoch, streamed vs local folder (time per image)", 1 / stream_rates[0],
                1 / folder_rates[0], "reported", True)  # fmt: skip
     finally:
@@ -283,9 +290,10 @@ def bench_stream_at_scale() -> None:
 
 
 def bench_packed_vs_originals_mcc() -> None:
-    """Validator-view MCC on val_test of the same training (same seed, make run's demo profile) from a pack at
-    the default max_side (512) and from one keeping the original bytes, on 1024 px demo images: the paired
-    difference with its standard error (a bootstrap over val_test's images, their views resampled together)."""
+    """Validator-view MCC on val_test of the same trainings (make run's demo profile, seeds 0-2) from a pack
+    at the default max_side (512) and from one keeping the original bytes, on 1024 px demo images: the mean
+    paired difference (same seed) with its standard error, from the seeds' spread (training noise) and a
+    bootstrap over val_test's images, their views resampled together (test-set noise)."""
     from streetvision.eval.metrics import compute_mcc
     from streetvision.eval.sweep import probabilities
 
@@ -299,33 +307,45 @@ def bench_packed_vs_originals_mcc() -> None:
     train = ["model.backbone=test_efficientnet", "model.pretrained=false", "model.freeze_backbone=false",
              "model.lr=0.003", "data.image_size=96", "data.num_workers=1", "trainer.max_epochs=10",
              "trainer.patience=4", "trainer.accelerator=cpu", "trainer.devices=1"]  # fmt: skip
-    scores = {}
-    for label, max_side in (("max_side 512 (default)", "512"), ("original bytes", "0")):
-        pack, out = root / f"pack-{max_side}", root / f"train-{max_side}"
+    seeds = (0, 1, 2)
+    settings = (("max_side 512 (default)", "512"), ("original bytes", "0"))
+    views, predicted = {}, {}  # seed -> (image of each view, label); (max_side, seed) -> predictions at 0.5
+    for label, max_side in settings:
+        pack = root / f"pack-{max_side}"
         shutil.rmtree(pack, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
         _pack(data, splits, str(pack), f"pack.max_side={max_side}")
-        subprocess.run([sys.executable, "-m", "streetvision", "train-baseline", "--shards", str(pack),
-                        "--out", str(out), *train], check=True, capture_output=True)  # fmt: skip
-        rows = np.load(out / "views_val_test_challenge.npy")[:, 0]
-        p = probabilities(np.load(out / "logits_val_test_challenge.npy"))
-        labels = np.load(out / "labels_val_test.npy").astype(int)[rows]
-        scores[label] = (rows, (p >= 0.5).astype(int), labels)
-        print(f"maxside: {label}: packed {json_metric(pack, 'bytes_per_image') / 1e3:.0f} kB an image; val_test "
-              f"challenge-view MCC {compute_mcc(labels, scores[label][1]):.3f}", flush=True)  # fmt: skip
-    (rows, a, y), (_, b, _) = scores.values()
-    diff = compute_mcc(y, a) - compute_mcc(y, b)
-    images = np.unique(rows)
-    by_image = [np.flatnonzero(rows == i) for i in images]
-    rng, boot = np.random.default_rng(0), []
-    for _ in range(1000):
-        take = np.concatenate([by_image[k] for k in rng.integers(0, len(images), len(images))])
-        boot.append(compute_mcc(y[take], a[take]) - compute_mcc(y[take], b[take]))
-    se = float(np.std(boot))
-    print(f"maxside: MCC difference (512 - original) {diff:+.3f}, standard error {se:.3f} over "
-          f"{len(images)} val_test images x {len(rows) // len(images)} views", flush=True)  # fmt: skip
-    report("maxside: |MCC difference| vs 2 standard errors (within noise)", abs(diff), 2 * se, "<= 1",
-           abs(diff) <= 2 * se, unit="")  # fmt: skip
+        for seed in seeds:
+            out = root / f"train-{max_side}-{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "streetvision", "train-baseline", "--shards", str(pack),
+                            "--out", str(out), *train, f"seed={seed}"], check=True, capture_output=True)  # fmt: skip
+            rows = np.load(out / "views_val_test_challenge.npy")[:, 0]
+            views[seed] = rows, np.load(out / "labels_val_test.npy").astype(int)[rows]
+            predicted[max_side, seed] = probabilities(np.load(out / "logits_val_test_challenge.npy")) >= 0.5
+            mcc = compute_mcc(views[seed][1], predicted[max_side, seed])
+            print(f"maxside: {label}, seed {seed}: packed {json_metric(pack, 'bytes_per_image') / 1e3:.0f} kB "
+                  f"an image; val_test challenge-view MCC {mcc:.3f}", flush=True)  # fmt: skip
+    images = np.unique(views[seeds[0]][0])
+    by_image = {s: {i: np.flatnonzero(views[s][0] == i) for i in images} for s in seeds}
+
+    def differences(drawn: np.ndarray) -> np.ndarray:
+        out = []
+        for s in seeds:
+            take = np.concatenate([by_image[s][i] for i in drawn])
+            y = views[s][1][take]
+            out.append(compute_mcc(y, predicted["512", s][take]) - compute_mcc(y, predicted["0", s][take]))
+        return np.array(out)
+
+    diffs = differences(images)
+    rng = np.random.default_rng(0)
+    boot = [differences(rng.choice(images, len(images))).mean() for _ in range(300)]
+    se_seeds, se_test = float(np.std(diffs, ddof=1) / np.sqrt(len(seeds))), float(np.std(boot))
+    se = float(np.hypot(se_seeds, se_test))
+    print(f"maxside: MCC difference (512 - original) per seed {np.round(diffs, 3)}, mean {diffs.mean():+.3f}, "
+          f"standard error {se:.3f} (seeds {se_seeds:.3f}, test images {se_test:.3f}) over {len(images)} "
+          f"val_test images x {len(views[seeds[0]][0]) // len(images)} views", flush=True)  # fmt: skip
+    report("maxside: |mean MCC difference| vs 2 standard errors (within noise)", abs(float(diffs.mean())), 2 * se,
+           "<= 1", abs(float(diffs.mean())) <= 2 * se, unit="")  # fmt: skip
 
 
 def json_metric(step: Path, key: str) -> float:
