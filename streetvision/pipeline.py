@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +85,26 @@ def _flatten(prefix: str, value: Any) -> list[str]:
     return [f"{prefix}={json.dumps(value)}"]
 
 
+@cache
+def _defaults(stem: str):
+    """A phase's default config, read only: the routing asks for it some 200 times a compile."""
+    return step_config(stem)
+
+
+@cache
 def _owners() -> dict[str, str]:
     """Top-level config key -> the owner that reads it (a step stem, or the runner): the default
     pipeline's phases first (``model.lr`` is train_baseline's), then the optional ones."""
     owners = {f.name: "runner" for f in dataclasses.fields(RunnerConfig)}
     for stem in sorted(ORDER, key=lambda s: BY_STEM[s].optional):
-        for f in dataclasses.fields(step_config(stem)):
+        for f in dataclasses.fields(_defaults(stem)):
             owners.setdefault(f.name, stem)
     return owners
 
 
 def _has(stem: str, key: str) -> bool:
     """Whether ``stem``'s config has the dotted ``key``."""
-    node: Any = step_config(stem)
+    node: Any = _defaults(stem)
     for part in key.split("."):
         if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
             return False
